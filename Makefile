@@ -1,0 +1,30 @@
+# `make demo`: create .venv, build the demo data set and run the main job on it.
+# `make test`: create .venv and run the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first and pinned: on the project's machines this is a local CPU build, while a bare
+# `torch` requirement pulls a multi-GB CUDA build. Override it for a GPU machine, e.g. TORCH_SPEC="torch==2.13.0".
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo_data
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py --data-dir $(DEMO_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)

@@ -1,0 +1,71 @@
+"""Datalist JSON files: ``{"training": [...], "test": [...]}`` with entries ``{"image", "brainmask"?, "label"?}``.
+
+Paths in the file are relative to the file's folder (or absolute). :func:`load_datalist` resolves and checks them
+and reports every problem at once; :func:`write_datalist` writes paths relative to the file, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pipeline.data.validation import InputError
+from pipeline.io import atomic_write_json
+
+__all__ = ["PATH_KEYS", "load_datalist", "write_datalist"]
+
+PATH_KEYS = ("image", "brainmask", "label")
+
+
+def load_datalist(path: str | os.PathLike, key: str, required: Sequence[str] = ("image",)) -> list[dict]:
+    """Entries under ``key`` with absolute paths; raises :class:`InputError` listing every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"datalist {path} does not exist; create it with scripts/prepare_datalist.py or "
+                         "scripts/make_demo_data.py.")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"datalist {path} is not valid JSON ({err}); fix the file.") from err
+    if not isinstance(content, dict) or key not in content:
+        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise InputError(f"datalist {path} has no list '{key}' (it has {keys}); add it or choose another key.")
+    entries = content[key]
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"datalist {path}: '{key}' must be a non-empty list of entries.")
+    problems, resolved = [], []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            problems.append(f"entry {i} is not an object")
+            continue
+        missing_keys = [k for k in required if k not in entry]
+        if missing_keys:
+            problems.append(f"entry {i} lacks {missing_keys}")
+            continue
+        item = dict(entry)
+        for k in PATH_KEYS:
+            if item.get(k) is None:
+                continue
+            file = Path(item[k]) if os.path.isabs(item[k]) else path.parent / item[k]
+            if not file.is_file():
+                problems.append(f"entry {i} '{k}': {file} does not exist")
+            item[k] = str(file)
+        resolved.append(item)
+    if problems:
+        listed = "\n  ".join(problems)
+        raise InputError(f"datalist {path} ('{key}') has {len(problems)} problem(s):\n  {listed}\n"
+                         "Fix the paths or regenerate the datalist.")
+    return resolved
+
+
+def write_datalist(datalist: Mapping[str, Sequence[dict]], path: str | os.PathLike) -> Path:
+    """Write ``datalist`` to ``path`` (atomically), with file paths relative to its folder."""
+    base = Path(path).resolve().parent
+    out = {
+        key: [{k: (os.path.relpath(Path(v).resolve(), base) if k in PATH_KEYS and v is not None else v)
+               for k, v in entry.items()} for entry in entries]
+        for key, entries in datalist.items()
+    }
+    return atomic_write_json(out, path)

@@ -1,0 +1,88 @@
+"""The volume chain: skull-stripped brain volume on disk -> normalised volume of square axial slices.
+
+Output of :func:`brain_volume_transform` for a data dict ``{"image": path, "brainmask": path?, "label": path?}``:
+
+* ``image``: ``(1, S, S, D)`` float32, RAS, cropped to the brain bounding box (+ ``margin``), padded to a square
+  in-plane and resized in-plane to ``S = image_size``; the slice axis (last, axial) keeps its voxels. Brain
+  voxels are normalised (:class:`~pipeline.data.transforms.BrainIntensityNormalize`), background is exactly 0.
+* ``brainmask``: ``(1, S, S, D)`` float32 0/1: the given mask (``> 0``, so label maps work) or, without one, the
+  image foreground (:class:`~pipeline.data.transforms.ForegroundMask`).
+* ``label``: ``(1, S, S, D)`` float32 0/1 (``label > 0``), through the same spatial chain with nearest-neighbour
+  interpolation.
+
+Every spatial step is a MONAI invertible transform, so outputs can be mapped back to the input's geometry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    Orientationd,
+    Resized,
+    Spacingd,
+)
+
+from pipeline.data.transforms import Binarized, BrainIntensityNormalized, ForegroundMaskd, SquarePadd
+from pipeline.data.validation import CheckVolumesd
+
+__all__ = ["brain_volume_transform"]
+
+
+def brain_volume_transform(
+    image_size: int = 64,
+    pixdim: Sequence[float] | None = None,
+    margin: int = 2,
+    normalization: str = "percentile",
+    lower_percentile: float = 0.5,
+    upper_percentile: float = 99.5,
+    background: float | str = "corner",
+    image_key: str = "image",
+    mask_key: str = "brainmask",
+    label_key: str = "label",
+    load: bool = True,
+) -> Compose:
+    """Build the volume chain (see the module docstring).
+
+    Args:
+        image_size: in-plane output side ``S`` (64 as in the paper; 128, 192, 256 work too).
+        pixdim: optional target spacing in mm (e.g. ``(1, 1, 1)``) applied after reorientation.
+        margin: voxels kept around the brain bounding box before padding.
+        normalization: ``"percentile"`` (clip to the brain's percentiles, scale to [0, 1]) or ``"zscore"``.
+        lower_percentile, upper_percentile: the percentiles for ``"percentile"``.
+        background: background value used to derive a mask when none is given, or ``"corner"``.
+        load: False if the dict already holds channel-first tensors (skips loading).
+    """
+    keys = [image_key, mask_key, label_key]
+    spatial_modes = ("trilinear", "nearest", "nearest")
+    steps = []
+    if load:
+        steps += [
+            LoadImaged(keys, image_only=True, allow_missing_keys=True),
+            EnsureChannelFirstd(keys, allow_missing_keys=True),
+        ]
+    steps += [
+        CheckVolumesd(keys),
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+    ]
+    if pixdim is not None:
+        steps.append(Spacingd(keys, pixdim=tuple(pixdim), mode=("bilinear", "nearest", "nearest"),
+                              allow_missing_keys=True))
+    steps += [
+        ForegroundMaskd(image_key, mask_key=mask_key, background=background),
+        Binarized(label_key, allow_missing_keys=True),
+        CropForegroundd(keys, source_key=mask_key, margin=margin, allow_smaller=True, allow_missing_keys=True),
+        SquarePadd(keys, allow_missing_keys=True),
+        Resized(keys, spatial_size=(image_size, image_size, -1), mode=spatial_modes, anti_aliasing=(True, False, False),
+                allow_missing_keys=True),
+        Binarized([mask_key, label_key], threshold=0.5, allow_missing_keys=True),
+        BrainIntensityNormalized(image_key, mask_key=mask_key, mode=normalization,
+                                 lower=lower_percentile, upper=upper_percentile),
+        EnsureTyped(keys, dtype="float32", allow_missing_keys=True),
+    ]
+    return Compose(steps)

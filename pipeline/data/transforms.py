@@ -1,0 +1,222 @@
+"""Custom MONAI transforms of the brain-slice chain (array transform + dictionary twin).
+
+Shapes follow MONAI: channel first, ``(C, H, W[, D])``. Everything MONAI already provides (loading,
+reorientation, resampling, cropping, resizing, masking) is used from MONAI in
+:mod:`pipeline.data.preprocessing`; this module holds only what MONAI lacks:
+
+* :class:`Binarize` - ``x > threshold`` as float (label maps -> masks, lesion labels -> 0/1).
+* :class:`ForegroundMask` - brain mask of an already skull-stripped image (non-background voxels).
+* :class:`BrainIntensityNormalize` - percentile clipping + [0, 1] scaling, or z-score, computed on brain
+  voxels only; background is set to exactly 0.
+* :class:`SquarePad` - pad the first two spatial axes to a square (invertible, like MONAI's pads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Pad, Padd, Transform
+from monai.utils import PytorchPadMode, TransformBackends, convert_to_dst_type
+
+from pipeline.data.validation import InputError, source_of
+
+__all__ = [
+    "Binarize",
+    "Binarized",
+    "BrainIntensityNormalize",
+    "BrainIntensityNormalized",
+    "ForegroundMask",
+    "ForegroundMaskd",
+    "SquarePad",
+    "SquarePadd",
+]
+
+
+class Binarize(Transform):
+    """``img > threshold`` as ``float32`` (same shape, metadata kept).
+
+    Lesion labels such as BraTS's 0-4 classes and parcellations such as IXI's DLMUSE labels become 0/1 masks.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(self, threshold: float = 0.0) -> None:
+        self.threshold = threshold
+
+    def __call__(self, img: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        out = img > self.threshold
+        return convert_to_dst_type(out, img, dtype=torch.float32 if isinstance(img, torch.Tensor) else np.float32)[0]
+
+
+class Binarized(MapTransform):
+    """Dictionary twin of :class:`Binarize`."""
+
+    backend = Binarize.backend
+
+    def __init__(self, keys: KeysCollection, threshold: float = 0.0, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.binarize = Binarize(threshold)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.binarize(d[key])
+        return d
+
+
+class ForegroundMask(Transform):
+    """Brain mask of a skull-stripped image: every voxel that differs from the background value.
+
+    Args:
+        background: the background value, or ``"corner"`` (default) to read it from the image's corner voxels.
+            ``"corner"`` handles both zero backgrounds and the constant negative background of images that were
+            z-scored after skull stripping (e.g. the BraTS2013 ``*_subtrMeanDivStd`` files).
+
+    Input ``(C, *spatial)``; output ``(1, *spatial)`` float32 with 1 where any channel is foreground.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, background: float | str = "corner") -> None:
+        if not (background == "corner" or isinstance(background, (int, float))):
+            raise ValueError(f"background must be a number or 'corner', got {background!r}.")
+        self.background = background
+
+    def background_value(self, img: torch.Tensor) -> float:
+        if self.background != "corner":
+            return float(self.background)
+        spatial = img.shape[1:]
+        corners = [img[(slice(None), *(0 if bit == "0" else s - 1 for bit, s in zip(code, spatial)))]
+                   for code in (format(i, f"0{len(spatial)}b") for i in range(2 ** len(spatial)))]
+        values, counts = torch.unique(torch.cat([c.reshape(-1) for c in corners]), return_counts=True)
+        return float(values[counts.argmax()])
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        img_t = torch.as_tensor(img)
+        mask = (img_t != self.background_value(img_t)).any(dim=0, keepdim=True)
+        return convert_to_dst_type(mask, img, dtype=torch.float32)[0]
+
+
+class ForegroundMaskd(MapTransform):
+    """Write ``mask_key`` from the foreground of ``keys`` (one image key), unless the data already has a mask.
+
+    A given mask (e.g. a label map or a brain mask file) is binarised with ``> 0`` instead, so that every source
+    ends with a 0/1 mask under ``mask_key``.
+    """
+
+    backend = ForegroundMask.backend
+
+    def __init__(self, keys: KeysCollection, mask_key: str = "brainmask", background: float | str = "corner") -> None:
+        super().__init__(keys)
+        if len(self.keys) != 1:
+            raise ValueError("ForegroundMaskd takes exactly one image key.")
+        self.mask_key = mask_key
+        self.foreground = ForegroundMask(background)
+        self.binarize = Binarize(0.0)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if d.get(self.mask_key) is not None:
+            d[self.mask_key] = self.binarize(d[self.mask_key])
+        else:
+            d[self.mask_key] = self.foreground(d[self.keys[0]])
+        if not bool(torch.as_tensor(d[self.mask_key]).any()):
+            raise InputError(f"{source_of(d[self.mask_key])}: the brain mask is empty; check the mask file, or for "
+                             "an image without a mask that it is skull-stripped with a constant background.")
+        return d
+
+
+class BrainIntensityNormalize(Transform):
+    """Normalise intensities using brain voxels only; background becomes exactly 0.
+
+    Args:
+        mode: ``"percentile"``: clip to the ``[lower, upper]`` percentiles of the brain voxels, then scale that
+            range to ``[0, 1]``. ``"zscore"``: subtract the brain mean and divide by the brain standard deviation.
+        lower, upper: percentiles (0-100) for ``"percentile"``.
+
+    ``img`` is ``(C, *spatial)``, ``mask`` is ``(1, *spatial)``; statistics are per channel over ``mask > 0``.
+    Raises ``ValueError`` for an empty mask.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, mode: str = "percentile", lower: float = 0.5, upper: float = 99.5) -> None:
+        if mode not in ("percentile", "zscore"):
+            raise ValueError(f"mode must be 'percentile' or 'zscore', got {mode!r}.")
+        if not 0.0 <= lower < upper <= 100.0:
+            raise ValueError(f"need 0 <= lower < upper <= 100, got lower={lower}, upper={upper}.")
+        self.mode, self.lower, self.upper = mode, lower, upper
+
+    def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        img_t = torch.as_tensor(img, dtype=torch.float32)
+        brain = torch.as_tensor(mask)[0] > 0
+        if not bool(brain.any()):
+            raise ValueError("the brain mask is empty: nothing to normalise (check the mask file or the image).")
+        out = torch.zeros_like(img_t)
+        for c in range(img_t.shape[0]):
+            voxels = img_t[c][brain].double()
+            if self.mode == "percentile":
+                q = torch.quantile(voxels, torch.tensor([self.lower, self.upper], dtype=voxels.dtype) / 100.0)
+                lo, hi = float(q[0]), float(q[1])
+                scaled = (img_t[c].double().clamp(lo, hi) - lo) / max(hi - lo, 1e-8)
+            else:
+                scaled = (img_t[c].double() - float(voxels.mean())) / max(float(voxels.std()), 1e-8)
+            out[c] = torch.where(brain, scaled, torch.zeros_like(scaled)).float()
+        return convert_to_dst_type(out, img, dtype=torch.float32)[0]
+
+
+class BrainIntensityNormalized(MapTransform):
+    """Dictionary twin of :class:`BrainIntensityNormalize`; the mask is read from ``mask_key``."""
+
+    backend = BrainIntensityNormalize.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_key: str = "brainmask",
+        mode: str = "percentile",
+        lower: float = 0.5,
+        upper: float = 99.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.normalize = BrainIntensityNormalize(mode, lower, upper)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                d[key] = self.normalize(d[key], d[self.mask_key])
+            except ValueError as err:
+                raise InputError(f"{source_of(d[key])}: {err}") from err
+        return d
+
+
+class SquarePad(Pad):
+    """Pad the first two spatial axes (in-plane) to a square, centred; further axes are kept.
+
+    ``(C, H, W[, D])`` -> ``(C, S, S[, D])`` with ``S = max(H, W)``. Invertible like every MONAI pad.
+    """
+
+    def compute_pad_width(self, spatial_shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        side = max(spatial_shape[:2])
+        in_plane = tuple(((side - s) // 2, side - s - (side - s) // 2) for s in spatial_shape[:2])
+        return ((0, 0), *in_plane, *((0, 0) for _ in spatial_shape[2:]))
+
+
+class SquarePadd(Padd):
+    """Dictionary twin of :class:`SquarePad`."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mode: str = PytorchPadMode.CONSTANT,
+        allow_missing_keys: bool = False,
+        lazy: bool = False,
+    ) -> None:
+        super().__init__(keys, padder=SquarePad(lazy=lazy), mode=mode, allow_missing_keys=allow_missing_keys, lazy=lazy)
+

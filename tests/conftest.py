@@ -1,0 +1,59 @@
+"""Shared fixtures: synthetic NIfTI volumes and the real scans in ../shared/data (skipped when absent)."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def script_main(name: str):
+    """The ``main(argv)`` function of ``scripts/<name>.py``, loaded in-process (scripts/ is not a package)."""
+    return runpy.run_path(str(REPO / "scripts" / f"{name}.py"), run_name=f"scripts_{name}")["main"]
+
+
+def brain_phantom(shape=(48, 56, 40), seed=0, lesion=True):
+    """A skull-stripped ellipsoid 'brain' with smooth structure and an optional bright lesion, in RAS voxel order.
+
+    Returns ``(image, brainmask, label)`` arrays (label all-zero when ``lesion`` is False).
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    brain = ((grid / np.array([0.8, 0.9, 0.85])[:, None, None, None]) ** 2).sum(0) <= 1
+    structure = 300 + 80 * np.sin(4 * grid[0]) * np.cos(3 * grid[1]) + 40 * grid[2] + rng.normal(0, 5, shape)
+    label = (((grid - np.array([0.3, 0.2, 0.1])[:, None, None, None]) / 0.18) ** 2).sum(0) <= 1
+    label &= brain & lesion
+    image = np.where(brain, structure + 400 * label, 0).astype(np.float32)
+    return image, brain.astype(np.uint8), label.astype(np.uint8)
+
+
+def save_nifti(array, path, affine=None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), path)
+    return str(path)
+
+
+@pytest.fixture
+def phantom_files(tmp_path):
+    """Files of one phantom subject in RAS: dict with image, brainmask, label paths."""
+    image, mask, label = brain_phantom()
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    return {
+        "image": save_nifti(image, tmp_path / "image.nii.gz", affine),
+        "brainmask": save_nifti(mask, tmp_path / "mask.nii.gz", affine),
+        "label": save_nifti(label, tmp_path / "label.nii.gz", affine),
+    }
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real scans not available at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,161 @@
+"""The volume chain and its custom transforms on synthetic volumes with known geometry and statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import brain_phantom, save_nifti
+from monai.data import MetaTensor
+
+from pipeline.data.preprocessing import brain_volume_transform
+from pipeline.data.slices import brain_slice_indices, slices_to_volume, volume_to_slices
+from pipeline.data.transforms import BrainIntensityNormalize, ForegroundMask, SquarePad, SquarePadd
+from pipeline.data.validation import InputError
+
+
+def lps_copy(array, spacing=2.0):
+    """The same volume stored in LPS voxel order, with the affine that keeps every voxel's world position."""
+    n0, n1 = array.shape[:2]
+    affine = np.diag([-spacing, -spacing, spacing, 1.0])
+    affine[:2, 3] = [spacing * (n0 - 1), spacing * (n1 - 1)]
+    return array[::-1, ::-1].copy(), affine
+
+
+def test_lps_and_ras_give_the_same_slices(tmp_path):
+    image, mask, label = brain_phantom()
+    ras = np.diag([2.0, 2.0, 2.0, 1.0])
+    files = {}
+    for name, (img, msk, lab, aff) in {
+        "ras": (image, mask, label, ras),
+        "lps": (lps_copy(image)[0], lps_copy(mask)[0], lps_copy(label)[0], lps_copy(image)[1]),
+    }.items():
+        files[name] = {k: save_nifti(v, tmp_path / f"{name}_{k}.nii.gz", aff)
+                       for k, v in {"image": img, "brainmask": msk, "label": lab}.items()}
+    chain = brain_volume_transform(image_size=64)
+    out_ras, out_lps = chain(files["ras"]), chain(files["lps"])
+    for key in ("image", "brainmask", "label"):
+        assert out_ras[key].shape == (1, 64, 64, out_ras[key].shape[-1])
+        torch.testing.assert_close(out_ras[key].as_tensor(), out_lps[key].as_tensor())
+
+
+def test_output_range_background_and_percentile_statistics(phantom_files):
+    out = brain_volume_transform(image_size=64)(phantom_files)
+    image, brain = out["image"].as_tensor(), out["brainmask"].as_tensor() > 0
+    assert image.dtype == torch.float32
+    assert float(image.min()) == 0.0 and float(image.max()) == 1.0
+    assert torch.all(image[~brain] == 0), "background must be exactly 0"
+    inside = image[brain]
+    # clipping at the 0.5 / 99.5 percentiles puts ~0.5 % of brain voxels at each bound
+    assert 0.002 < float((inside == 1.0).float().mean()) < 0.01
+    assert 0.002 < float((inside == 0.0).float().mean()) < 0.01
+
+
+def test_zscore_normalisation_statistics(phantom_files):
+    out = brain_volume_transform(image_size=64, normalization="zscore")(phantom_files)
+    image, brain = out["image"].as_tensor(), out["brainmask"].as_tensor() > 0
+    assert abs(float(image[brain].mean())) < 1e-4
+    assert abs(float(image[brain].std()) - 1.0) < 1e-3
+    assert torch.all(image[~brain] == 0)
+
+
+def test_labels_are_binary_and_aligned(phantom_files):
+    out = brain_volume_transform(image_size=64)(phantom_files)
+    image, brain, label = (out[k].as_tensor() for k in ("image", "brainmask", "label"))
+    assert set(torch.unique(label).tolist()) == {0.0, 1.0}
+    assert torch.all(label <= brain), "lesion voxels must lie inside the brain"
+    # the phantom's lesion is +400 brighter: aligned labels cover the bright voxels
+    assert float(image[label > 0].mean()) > float(image[(brain > 0) & (label == 0)].mean()) + 0.3
+
+
+def test_negative_background_without_mask_is_derived_from_corners(tmp_path):
+    image, mask, _ = brain_phantom(lesion=False)
+    zscored = np.where(mask > 0, (image - image[mask > 0].mean()) / image[mask > 0].std(), -3.7).astype(np.float32)
+    with_mask = {"image": save_nifti(zscored, tmp_path / "z.nii.gz"), "brainmask": save_nifti(mask, tmp_path / "m.nii.gz")}
+    without_mask = {"image": with_mask["image"]}
+    chain = brain_volume_transform(image_size=64)
+    a, b = chain(with_mask), chain(without_mask)
+    torch.testing.assert_close(a["brainmask"].as_tensor(), b["brainmask"].as_tensor())
+    torch.testing.assert_close(a["image"].as_tensor(), b["image"].as_tensor())
+    assert torch.all(b["image"].as_tensor()[b["brainmask"].as_tensor() == 0] == 0)
+
+
+@pytest.mark.parametrize("size", [64, 128, 192])
+def test_image_sizes_keep_the_slice_axis(phantom_files, size):
+    out = brain_volume_transform(image_size=size)(phantom_files)
+    depth = out["image"].shape[-1]
+    assert out["image"].shape == (1, size, size, depth)
+    assert out["label"].shape == (1, size, size, depth)
+    assert 30 <= depth <= 40  # brain extent of the 40-slice phantom plus the margin
+
+
+def test_foreground_mask_and_square_pad():
+    img = torch.zeros(1, 6, 4, 3)
+    img[0, 2:4, 1:3, 1] = 5.0
+    mask = ForegroundMask()(img)
+    assert mask.shape == (1, 6, 4, 3) and float(mask.sum()) == 4.0
+    padded = SquarePad()(MetaTensor(img))
+    assert padded.shape == (1, 6, 6, 3)
+    assert float(padded.sum()) == float(img.sum())
+    padder = SquarePadd("image")
+    restored = padder.inverse(padder({"image": MetaTensor(img)}))
+    torch.testing.assert_close(restored["image"].as_tensor(), img)
+
+
+def test_normalisation_rejects_an_empty_mask():
+    with pytest.raises(ValueError, match="brain mask is empty"):
+        BrainIntensityNormalize()(torch.rand(1, 4, 4, 4), torch.zeros(1, 4, 4, 4))
+
+
+def test_slice_helpers_round_trip_and_select_brain_slices():
+    vol = torch.rand(1, 8, 8, 5)
+    assert volume_to_slices(vol).shape == (5, 1, 8, 8)
+    torch.testing.assert_close(slices_to_volume(volume_to_slices(vol)), vol)
+    mask = torch.zeros(1, 10, 10, 7)
+    for z, side in enumerate([0, 2, 5, 8, 8, 5, 1]):  # brain fraction per slice: side^2 / 100
+        mask[0, :side, :side, z] = 1
+    assert brain_slice_indices(mask, min_brain_fraction=0.0) == [1, 2, 3, 4, 5, 6]
+    assert brain_slice_indices(mask, min_brain_fraction=0.25) == [2, 3, 4, 5]
+    assert brain_slice_indices(mask, min_brain_fraction=0.0, border_slices=2) == [3, 4]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("nan", "NaN or Inf"),
+        ("4d", "4D series"),
+        ("2d", "expected a 3D volume"),
+        ("zeros", "the image is empty"),
+        ("shape", "has shape"),
+        ("affine", "different affines"),
+        ("empty_mask", "brain mask is empty"),
+    ],
+)
+def test_bad_volumes_fail_with_the_file_named(tmp_path, case, message):
+    image, mask, _ = brain_phantom(lesion=False)
+    data = {"image": image, "brainmask": mask}
+    affines = {"image": np.eye(4), "brainmask": np.eye(4)}
+    if case == "nan":
+        data["image"] = image.copy()
+        data["image"][10, 10, 10] = np.nan
+    elif case == "4d":
+        data["image"] = np.stack([image, image], axis=-1)
+    elif case == "2d":
+        data = {"image": image[:, :, 20]}
+    elif case == "zeros":
+        data["image"] = np.zeros_like(image)
+    elif case == "shape":
+        data["brainmask"] = mask[:-2]
+    elif case == "affine":
+        affines["brainmask"] = np.diag([1.0, 1.0, 1.5, 1.0])
+    elif case == "empty_mask":
+        data["brainmask"] = np.zeros_like(mask)
+    files = {k: save_nifti(v, tmp_path / f"{case}_{k}.nii.gz", affines.get(k)) for k, v in data.items()}
+    with pytest.raises(Exception) as info:
+        brain_volume_transform()(files)
+    err = info.value
+    while not isinstance(err, InputError) and err.__cause__ is not None:  # MONAI wraps transform errors
+        err = err.__cause__
+    assert isinstance(err, InputError)
+    assert message in str(err)
+    assert f"{case}_" in str(err), "the message must name the file"
