@@ -57,3 +57,11 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real scans not available at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """A tiny demo data set (3 healthy training subjects, 4 test subjects, one of each lesion kind)."""
+    from pipeline.data.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("tiny_demo"), n_train=3, n_test=4, seed=0)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pipeline.data.validation import InputError
 from pipeline.io import atomic_write_json
 
-__all__ = ["PATH_KEYS", "load_datalist", "write_datalist"]
+__all__ = ["PATH_KEYS", "load_datalist", "split_subjects", "write_datalist"]
 
 PATH_KEYS = ("image", "brainmask", "label")
 
@@ -69,3 +70,16 @@ def write_datalist(datalist: Mapping[str, Sequence[dict]], path: str | os.PathLi
         for key, entries in datalist.items()
     }
     return atomic_write_json(out, path)
+
+
+def split_subjects(entries: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split entries (one per subject) into ``(rest, held_out)`` with ``round(fraction * n)`` held out (>= 1 if
+    ``fraction > 0`` and ``n >= 2``). Deterministic for a seed, independent of the order of ``entries``."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}.")
+    ordered = sorted(entries, key=lambda e: str(e["image"]))
+    n_held = min(max(round(fraction * len(ordered)), 1 if fraction > 0 else 0), len(ordered) - 1)
+    picked = set(random.Random(seed).sample(range(len(ordered)), n_held))
+    rest = [e for i, e in enumerate(ordered) if i not in picked]
+    held = [e for i, e in enumerate(ordered) if i in picked]
+    return rest, held

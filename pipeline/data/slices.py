@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from monai.data import Dataset
+from monai.data import Dataset, PersistentDataset
 from tqdm.auto import tqdm
 
 __all__ = ["BrainSliceDataset", "brain_slice_indices", "slices_to_volume", "volume_to_slices"]
@@ -56,6 +56,8 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         min_brain_fraction, border_slices: see :func:`brain_slice_indices`.
         keys: keys to keep.
         num_workers: processes for preprocessing.
+        cache_dir: if given, preprocessed volumes are also cached on disk there (MONAI ``PersistentDataset``), so
+            later runs on the same data skip NIfTI decoding and resampling.
     """
 
     def __init__(
@@ -68,10 +70,13 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         mask_key: str = "brainmask",
         num_workers: int = 0,
         progress: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         if len(data) == 0:
             raise ValueError("BrainSliceDataset got an empty data list; check the datalist and its key.")
-        loader = torch.utils.data.DataLoader(Dataset(list(data), transform), batch_size=None, num_workers=num_workers,
+        volumes = (Dataset(list(data), transform) if cache_dir is None
+                   else PersistentDataset(list(data), transform, cache_dir=cache_dir))
+        loader = torch.utils.data.DataLoader(volumes, batch_size=None, num_workers=num_workers,
                                              collate_fn=_unchanged)
         parts: dict[str, list[torch.Tensor]] = {}
         subject, slice_index = [], []

@@ -1,0 +1,103 @@
+"""Atomic checkpoints of a training run, and the RNG state that makes a resumed run continue exactly.
+
+MONAI's ``CheckpointSaver`` writes with ``atomic=False``; a crash during a save could leave a truncated
+``model.pt``. :class:`AtomicCheckpointSaver` writes every file under a temporary name and renames it
+(:func:`pipeline.io.atomic_path`), never saves non-finite weights, and keeps fixed names:
+
+* ``last.pt``: ``{"model", "optimizer", "trainer", "rng"}`` after every ``save_interval`` epochs (for ``--resume``
+  with MONAI's ``CheckpointLoader``, which loads with ``weights_only=True``);
+* ``model.pt``: ``{"model"}`` of the best validation epoch (the Model Zoo convention; the last epoch when
+  there is no validator).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+from pipeline.io import atomic_path
+
+__all__ = ["AtomicCheckpointSaver", "RNGState", "save_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+class RNGState:
+    """``state_dict``/``load_state_dict`` of torch's global RNGs (CPU and, where present, CUDA).
+
+    Every random draw of training (shuffling, reparameterisation, context-encoding noise) comes from them.
+    """
+
+    def state_dict(self) -> dict[str, object]:
+        state: dict[str, object] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(objects: Mapping[str, object], path: str | os.PathLike) -> Path:
+    """``torch.save({name: obj.state_dict()})`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({name: obj.state_dict() for name, obj in objects.items()}, tmp)
+    return Path(path)
+
+
+def _finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+class AtomicCheckpointSaver:
+    """Save ``last.pt`` and the best ``model.pt`` of a trainer (see the module docstring).
+
+    Args:
+        save_dir: checkpoint folder.
+        network, optimizer: what to save (``network`` may be DDP-wrapped; its inner module is saved).
+        validator: the evaluator whose key metric picks the best epoch (None: the last epoch is the best).
+        save_interval: epochs between ``last.pt`` saves.
+
+    Attach it to the trainer **after** the ``ValidationHandler`` so that the best epoch is known when it runs.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 validator: Engine | None = None, save_interval: int = 1, last_filename: str = "last.pt",
+                 best_filename: str = "model.pt") -> None:
+        self.save_dir = Path(save_dir)
+        self.network = getattr(network, "module", network)
+        self.optimizer = optimizer
+        self.validator = validator
+        self.save_interval = save_interval
+        self.last_path = self.save_dir / last_filename
+        self.best_path = self.save_dir / best_filename
+        self.last_saved_epoch: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.TERMINATE, self.terminated)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        if not _finite(self.network):
+            logger.error("epoch %d: weights are not finite; not saved (last good checkpoint: %s, epoch %s)",
+                         epoch, self.last_path, self.last_saved_epoch)
+            return
+        if self.validator is None or self.validator.state.best_metric_epoch == epoch:
+            save_checkpoint({"model": self.network}, self.best_path)
+        if epoch % self.save_interval == 0 or epoch == engine.state.max_epochs:
+            save_checkpoint({"model": self.network, "optimizer": self.optimizer, "trainer": engine,
+                             "rng": RNGState()}, self.last_path)
+            self.last_saved_epoch = epoch
+
+    def terminated(self, engine: Engine) -> None:
+        logger.error("training stopped early at epoch %d, iteration %d (non-finite loss?); the last good "
+                     "checkpoint is %s (epoch %s)", engine.state.epoch, engine.state.iteration, self.last_path,
+                     self.last_saved_epoch)

@@ -1,0 +1,125 @@
+"""Ignite trainer of the ceVAE: one iteration runs the VAE pass on ``x`` and the CE pass on ``x~``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents, default_prepare_batch
+from monai.utils import CommonKeys
+from torch.utils.data import DataLoader
+
+from pipeline.data.context_encoding import ContextEncodingNoise
+from pipeline.losses import CeVAELoss
+
+__all__ = ["CeVAETrainer"]
+
+
+class CeVAETrainer(Trainer):
+    """``monai.engines.Trainer`` for Eq. 1 of the paper.
+
+    Each iteration: ``x`` from the batch; if ``loss_function.ce_weight > 0``, ``x~ = context_encoding(x)`` on
+    the device, then one network call ``network(x, x~) -> (recon, mu, logvar, recon_ce)`` (see
+    :meth:`pipeline.networks.CeVAE.forward`); with ``ce_weight == 0`` (plain VAE) the CE pass is skipped entirely.
+    ``engine.state.output`` holds ``image``, ``pred`` and the detached loss terms ``loss``, ``loss_rec``,
+    ``loss_kl``, ``loss_ce`` (scalars) before ``MODEL_COMPLETED`` fires. AMP (``amp=True``) applies on CUDA only.
+
+    Args:
+        device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, iteration_update,
+        postprocessing, key_train_metric, additional_metrics, metric_cmp_fn, train_handlers, amp, event_names,
+        event_to_attr, to_kwargs, amp_kwargs: as for ``monai.engines.SupervisedTrainer``.
+        network: a :class:`~pipeline.networks.CeVAE` (optionally DDP-wrapped).
+        optimizer: its optimizer.
+        loss_function: a :class:`~pipeline.losses.CeVAELoss`.
+        context_encoding: the CE noise (:class:`~pipeline.data.context_encoding.ContextEncodingNoise`).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: CeVAELoss,
+        context_encoding: ContextEncodingNoise | None = None,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        iteration_update: Callable | None = None,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        device = torch.device(device)
+        extra = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            handlers=train_handlers,
+            amp=amp and device.type == "cuda",
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=False,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+            **extra,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.loss_function = loss_function
+        self.context_encoding = context_encoding or ContextEncodingNoise()
+
+    @property
+    def uses_context_encoding(self) -> bool:
+        return self.loss_function.ce_weight > 0
+
+    def _iteration(self, engine: CeVAETrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        x, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        x_ce = engine.context_encoding(x)[0] if engine.uses_context_encoding else None
+        engine.state.output = {CommonKeys.IMAGE: x}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+
+        def forward_and_loss() -> dict[str, torch.Tensor]:
+            recon, mu, logvar, recon_ce = engine.network(x, x_ce)
+            engine.state.output[CommonKeys.PRED] = recon
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            terms = engine.loss_function(x, recon.float(), mu.float(), logvar.float(),
+                                         None if recon_ce is None else recon_ce.float())
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            return terms
+
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                terms = forward_and_loss()
+            engine.scaler.scale(terms["loss"]).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            terms = forward_and_loss()
+            terms["loss"].backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.state.output.update({k: v.detach() for k, v in terms.items()})
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

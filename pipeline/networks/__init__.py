@@ -1,0 +1,3 @@
+from pipeline.networks.cevae import CeVAE, CeVAEReconstruction
+
+__all__ = ["CeVAE", "CeVAEReconstruction"]

@@ -1,0 +1,127 @@
+"""The ceVAE network (Zimmerer et al. 2019): a fully convolutional VAE with a vector latent.
+
+At 64x64 (the paper's setting) the encoder is five 2D convolutions, kernel 4: four with stride 2
+(64 -> 32 -> 16 -> 8 -> 4) and a last one whose kernel covers the remaining 4x4 map, giving the mean and log-variance
+of a vector latent ``z``; the decoder mirrors it with five transposed convolutions. LeakyReLU after every layer
+but the outputs, no normalisation by default, linear output. Larger inputs add stride-2 layers until the map is
+at most 7 pixels wide (128 and 256 -> 4, 192 -> 6), so the latent stays a vector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["CeVAE", "CeVAEReconstruction", "downsampling_layers"]
+
+NORMS = {
+    "batch": lambda c: nn.BatchNorm2d(c),
+    "instance": lambda c: nn.InstanceNorm2d(c, affine=True),
+    "group": lambda c: nn.GroupNorm(min(8, c), c),
+}
+
+
+def downsampling_layers(image_size: int) -> int:
+    """Number of stride-2 layers that bring ``image_size`` to the bottleneck map (4 to 7 pixels)."""
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}.")
+    n = int(math.floor(math.log2(image_size / 4)))
+    if image_size % (2**n):
+        raise ValueError(f"image_size {image_size} is not divisible by 2**{n}; use e.g. 64, 128, 192 or 256.")
+    return n
+
+
+def _block(conv: nn.Module, channels: int, norm: str | None, slope: float) -> list[nn.Module]:
+    layers = [conv]
+    if norm is not None:
+        layers.append(NORMS[norm](channels))
+    layers.append(nn.LeakyReLU(slope, inplace=True))
+    return layers
+
+
+class CeVAE(nn.Module):
+    """Convolutional VAE used by ceVAE.
+
+    Args:
+        image_size: input side ``S`` (square inputs ``(B, in_channels, S, S)``).
+        in_channels: image channels.
+        channels: widths of the stride-2 layers, one per layer (default ``(16, 32, 64, 256)`` at 64x64, the
+            authors' reference; extra leading layers of width 16 for larger inputs).
+        z_dim: latent size.
+        negative_slope: LeakyReLU slope.
+        norm: None (paper), ``"batch"``, ``"instance"`` or ``"group"``.
+
+    ``forward(x, x_ce=None)`` is the training pass (see its docstring); ``encode(x)`` returns ``(mu, logvar)`` of shape ``(B, z_dim)``; ``decode(z)`` returns ``(B, in_channels, S, S)``.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        in_channels: int = 1,
+        channels: Sequence[int] | None = None,
+        z_dim: int = 256,
+        negative_slope: float = 0.01,
+        norm: str | None = None,
+    ) -> None:
+        super().__init__()
+        n_down = downsampling_layers(image_size)
+        if channels is None:
+            channels = (16,) * max(n_down - 3, 1) + (32, 64, 256)[-min(n_down - 1, 3):]
+        channels = tuple(int(c) for c in channels)
+        if len(channels) != n_down:
+            raise ValueError(f"image_size {image_size} needs {n_down} channel widths, got {len(channels)}: {channels}.")
+        if norm is not None and norm not in NORMS:
+            raise ValueError(f"norm must be None or one of {sorted(NORMS)}, got {norm!r}.")
+        self.image_size, self.in_channels, self.z_dim = image_size, in_channels, z_dim
+        bottleneck = image_size // 2**n_down
+
+        enc: list[nn.Module] = []
+        widths = (in_channels, *channels)
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            enc += _block(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm is None), c_out, norm, negative_slope)
+        enc.append(nn.Conv2d(channels[-1], 2 * z_dim, bottleneck))
+        self.encoder = nn.Sequential(*enc)
+
+        dec = _block(nn.ConvTranspose2d(z_dim, channels[-1], bottleneck, bias=norm is None), channels[-1], norm,
+                     negative_slope)
+        rev = channels[::-1]
+        for c_in, c_out in zip(rev[:-1], rev[1:]):
+            dec += _block(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=norm is None), c_out, norm, negative_slope)
+        dec.append(nn.ConvTranspose2d(rev[-1], in_channels, 4, 2, 1))
+        self.decoder = nn.Sequential(*dec)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x).flatten(1)
+        return h[:, : self.z_dim], h[:, self.z_dim :]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z[:, :, None, None])
+
+    def forward(self, x: torch.Tensor, x_ce: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Training pass: ``(recon, mu, logvar, recon_ce)``.
+
+        ``recon`` decodes ``z ~ q(z|x)`` (reparameterised); if the context-encoded input ``x_ce`` is given,
+        ``recon_ce`` decodes the encoder **mean** of ``x_ce`` (else None). Both inputs go through the encoder and
+        decoder as one batch, so a ceVAE step costs one (double-sized) pass and works under DDP.
+        """
+        b = x.shape[0]
+        mu_all, logvar_all = self.encode(x if x_ce is None else torch.cat([x, x_ce]))
+        mu, logvar = mu_all[:b], logvar_all[:b]
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        recon_all = self.decode(z if x_ce is None else torch.cat([z, mu_all[b:]]))
+        return recon_all[:b], mu, logvar, (None if x_ce is None else recon_all[b:])
+
+
+class CeVAEReconstruction(CeVAE):
+    """Inference view with the same ``state_dict``: ``forward(x)`` is the reconstruction from the mean, a tensor.
+
+    Scriptable with TorchScript (no ``super().forward()``), as ``verify_net_in_out`` and ``ckpt_export`` need.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        mu, _ = self.encode(x)
+        return self.decode(mu)

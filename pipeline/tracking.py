@@ -1,0 +1,175 @@
+"""MLflow tracking of training runs: where runs go, what is logged, and the run's artifacts.
+
+Every run is tracked without extra flags: ``MLFLOW_TRACKING_URI`` if set, else the ``tracking_uri`` config
+value, else a SQLite store ``<output_dir>/mlruns.db`` (MLflow 3 rejects the plain file store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+from monai.utils import path_to_sqlite_uri
+
+from pipeline.data.context_encoding import ContextEncodingNoise
+from pipeline.io import atomic_path, atomic_write_json
+
+__all__ = [
+    "MLflowRunHandler",
+    "ReconstructionFigure",
+    "datalist_fingerprint",
+    "resolve_tracking_uri",
+    "run_params",
+    "save_executed_config",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike) -> str:
+    """``MLFLOW_TRACKING_URI``, else ``uri``, else ``sqlite:///<output_dir>/mlruns.db``."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if uri:
+        return uri
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return path_to_sqlite_uri(str(Path(output_dir).resolve() / "mlruns.db"))
+
+
+def datalist_fingerprint(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the SHA-256 of the datalist file: runs on the same list share it."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def run_params(hyper_parameters: Mapping[str, object], datalist: str | os.PathLike) -> dict[str, object]:
+    """Parameters of a run: the hyper-parameters plus data set, datalist fingerprint, versions and git commit."""
+    import ignite
+    import mlflow
+    import monai
+
+    datalist = Path(datalist)
+    return {
+        **{k: ("None" if v is None else v) for k, v in hyper_parameters.items()},
+        "dataset": datalist.parent.name,
+        "datalist": str(datalist),
+        "datalist_sha256": datalist_fingerprint(datalist),
+        "version_monai": monai.__version__,
+        "version_torch": torch.__version__,
+        "version_ignite": ignite.__version__,
+        "version_mlflow": mlflow.__version__,
+        "git_commit": _git_commit(),
+    }
+
+
+def save_executed_config(path: str | os.PathLike) -> str:
+    """Write the configuration being executed (all files merged, command-line overrides applied) as JSON.
+
+    Called from a bundle config's ``initialize``; it finds the ``ConfigParser`` that is resolving the config
+    on the call stack. Returns the path (for MLflow's artifacts).
+    """
+    from monai.bundle import ConfigParser
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, ConfigParser):
+            atomic_write_json(candidate.get(), path)
+            return str(path)
+        frame = frame.f_back
+    raise RuntimeError("save_executed_config must be called while a MONAI bundle config is being parsed.")
+
+
+class MLflowRunHandler(MLFlowHandler):
+    """MONAI's ``MLFlowHandler`` that starts a **new** run, or with ``resume`` continues the newest unfinished run
+    of the same name (the one a killed training left open; a new run if there is none).
+
+    The parent class reuses *any* unfinished run of the same name, so a fresh run would log into a run that an
+    earlier, killed process left open.
+    """
+
+    def __init__(self, *args, resume: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume = resume
+
+    def start(self, engine: Engine) -> None:
+        if not self.cur_run:
+            self._set_experiment()
+            open_runs = []
+            if self.resume:
+                open_runs = self.client.search_runs(
+                    [self.experiment.experiment_id],
+                    filter_string=f"attributes.run_name = '{self.run_name}' and attributes.status = 'RUNNING'",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=1,
+                )
+            self.cur_run = open_runs[0] if open_runs else self.client.create_run(
+                experiment_id=self.experiment.experiment_id, run_name=self.run_name)
+        super().start(engine)
+
+
+class ReconstructionFigure:
+    """At the end of training, save a figure of input, reconstruction, CE-masked input and its reconstruction.
+
+    Args:
+        path: PNG to write (atomically).
+        network: the trained :class:`~pipeline.networks.CeVAE`.
+        dataset: slices to show from (items with ``image`` ``(1, H, W)``), e.g. the validation slices.
+        context_encoding: the CE noise used in training.
+        n_slices: slices shown (evenly spaced through ``dataset``).
+        seed: seed of the CE noise drawn for the figure.
+    """
+
+    def __init__(self, path: str | os.PathLike, network: torch.nn.Module, dataset: Sequence[dict],
+                 context_encoding: ContextEncodingNoise | None = None, n_slices: int = 4, seed: int = 0) -> None:
+        self.path, self.network, self.dataset = Path(path), network, dataset
+        self.context_encoding = context_encoding or ContextEncodingNoise()
+        self.n_slices, self.seed = n_slices, seed
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    @torch.no_grad()
+    def __call__(self, engine: Engine) -> None:
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        net = getattr(self.network, "module", self.network)
+        device = next(net.parameters()).device
+        picks = torch.linspace(0, len(self.dataset) - 1, self.n_slices).round().long().unique().tolist()
+        x = torch.stack([self.dataset[i]["image"] for i in picks]).to(device)
+        x_ce, _ = self.context_encoding(x.cpu(), torch.Generator().manual_seed(self.seed))
+        was_training = net.training
+        net.eval()
+        rows = {"input": x, "reconstruction": net.decode(net.encode(x)[0]), "CE input": x_ce.to(device)}
+        rows["CE reconstruction"] = net.decode(net.encode(rows["CE input"])[0])
+        net.train(was_training)
+        fig, axes = plt.subplots(len(rows), len(picks), figsize=(2 * len(picks), 2 * len(rows)), squeeze=False)
+        for r, (name, images) in enumerate(rows.items()):
+            for c in range(len(picks)):
+                axes[r, c].imshow(images[c, 0].float().cpu().T, cmap="gray", vmin=0, vmax=1, origin="lower")
+                axes[r, c].set_xticks([])
+                axes[r, c].set_yticks([])
+            axes[r, 0].set_ylabel(name)
+        fig.suptitle(f"epoch {engine.state.epoch}")
+        fig.tight_layout()
+        with atomic_path(self.path, ".png") as tmp:
+            fig.savefig(tmp)
+        plt.close(fig)

@@ -1,0 +1,39 @@
+"""Running the cevae bundle in-process from tests, as model-zoo's unit tests do (``ConfigWorkflow``)."""
+
+from __future__ import annotations
+
+from monai.bundle import ConfigWorkflow
+
+from conftest import REPO
+
+BUNDLE = REPO / "bundles" / "cevae"
+CONFIGS = BUNDLE / "configs"
+
+TINY = {  # small enough for CI: ~100 slices of 64x64, a narrow net
+    "batch_size": 16,
+    "z_dim": 16,
+    "channels": [8, 16, 32, 64],
+    "lr": 1e-3,
+    "val_fraction": 0.34,
+    "min_brain_fraction": 0.3,
+    "progress_bar": False,
+}
+
+
+def initialized_workflow(output_dir, datalist, config_files=("train.json",), **overrides) -> ConfigWorkflow:
+    """The bundle's training workflow with the tiny settings plus ``overrides``, initialised."""
+    files = [str(CONFIGS / f) for f in config_files]
+    settings = {**TINY, "output_dir": str(output_dir), "datalist": str(datalist), **overrides}
+    workflow = ConfigWorkflow(config_file=files if len(files) > 1 else files[0], workflow_type="train",
+                              meta_file=str(CONFIGS / "metadata.json"), logging_file=str(CONFIGS / "logging.conf"),
+                              **settings)
+    workflow.initialize()
+    return workflow
+
+
+def run_bundle(output_dir, datalist, config_files=("train.json",), **overrides) -> ConfigWorkflow:
+    """Initialise, run and finalise the bundle's training workflow; returns it."""
+    workflow = initialized_workflow(output_dir, datalist, config_files, **overrides)
+    workflow.run()
+    workflow.finalize()
+    return workflow

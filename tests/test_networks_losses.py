@@ -1,0 +1,91 @@
+"""The ceVAE network and the paper's loss (Eq. 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.losses import CeVAELoss, kl_divergence, reconstruction_error
+from pipeline.networks import CeVAE, CeVAEReconstruction
+
+
+@pytest.mark.parametrize("size, n_convs", [(64, 5), (128, 6), (192, 6), (256, 7)])
+def test_shapes_and_vector_latent(size, n_convs):
+    net = CeVAE(image_size=size, z_dim=32)
+    x = torch.rand(2, 1, size, size)
+    recon, mu, logvar, recon_ce = net(x)
+    assert recon.shape == x.shape and mu.shape == logvar.shape == (2, 32) and recon_ce is None
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in net.encoder) == n_convs
+    assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in net.decoder) == n_convs
+
+
+def test_paper_architecture_at_64():
+    net = CeVAE()
+    convs = [m for m in net.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(4, 4)] * 5
+    assert [c.stride for c in convs] == [(2, 2)] * 4 + [(1, 1)]
+    assert [c.out_channels for c in convs] == [16, 32, 64, 256, 512]  # last: mean and log-variance of z (256)
+    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in net.encoder) == 4
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) for m in net.modules())
+    assert isinstance(net.decoder[-1], torch.nn.ConvTranspose2d), "linear output"
+
+
+def test_ce_branch_decodes_the_mean_of_the_masked_input():
+    torch.manual_seed(0)
+    net = CeVAE(z_dim=16).eval()
+    x, x_ce = torch.rand(3, 1, 64, 64), torch.rand(3, 1, 64, 64)
+    recon, mu, logvar, recon_ce = net(x, x_ce)
+    torch.testing.assert_close(recon_ce, net.decode(net.encode(x_ce)[0]))
+    torch.testing.assert_close(mu, net.encode(x)[0])
+    assert not torch.allclose(recon, net.decode(mu)), "the VAE branch decodes a sampled z"
+
+
+def test_inference_view_shares_weights_and_scripts():
+    net = CeVAE(z_dim=16)
+    view = CeVAEReconstruction(z_dim=16)
+    view.load_state_dict(net.state_dict())
+    x = torch.rand(2, 1, 64, 64)
+    scripted = torch.jit.script(view)
+    torch.testing.assert_close(scripted(x), net.decode(net.encode(x)[0]))
+
+
+def test_invalid_network_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        CeVAE(image_size=100)
+    with pytest.raises(ValueError, match="channel widths"):
+        CeVAE(image_size=64, channels=(16, 32))
+    with pytest.raises(ValueError, match="norm"):
+        CeVAE(norm="layer")
+
+
+def test_loss_terms_match_their_definitions():
+    x, recon, recon_ce = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+    mu, logvar = torch.randn(4, 5), torch.randn(4, 5)
+    terms = CeVAELoss(ce_weight=0.3, kl_weight=2.0)(x, recon, mu, logvar, recon_ce)
+    rec = ((x - recon) ** 2).sum(dim=(1, 2, 3)).mean()
+    kl = (0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(1)).mean()
+    ce = ((x - recon_ce) ** 2).sum(dim=(1, 2, 3)).mean()
+    torch.testing.assert_close(terms["loss_rec"], rec)
+    torch.testing.assert_close(terms["loss_kl"], kl)
+    torch.testing.assert_close(terms["loss_ce"], ce)
+    torch.testing.assert_close(terms["loss"], 0.7 * (2.0 * kl + rec) + 0.3 * ce)
+
+
+def test_ce_term_compares_with_the_clean_input():
+    x = torch.rand(2, 1, 8, 8)
+    terms = CeVAELoss()(x, torch.zeros_like(x), torch.zeros(2, 3), torch.zeros(2, 3), recon_ce=x.clone())
+    assert float(terms["loss_ce"]) == 0.0
+
+
+def test_plain_vae_and_reconstruction_kinds():
+    x, recon = torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5)
+    vae = CeVAELoss(ce_weight=0.0)
+    terms = vae(x, recon, torch.zeros(1, 3), torch.zeros(1, 3))
+    assert float(terms["loss"]) == pytest.approx(1.0) and float(terms["loss_ce"]) == 0.0
+    assert float(reconstruction_error(x, recon, "l1")) == pytest.approx(2.0)
+    assert float(reconstruction_error(x, recon, "gaussian")) == pytest.approx(4 * (0.125 + 0.9189385), rel=1e-5)
+    assert float(kl_divergence(torch.zeros(1, 3), torch.zeros(1, 3))) == 0.0
+    with pytest.raises(ValueError, match="recon_ce"):
+        CeVAELoss(ce_weight=0.5)(x, recon, torch.zeros(1, 3), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="reconstruction"):
+        CeVAELoss(reconstruction="huber")

@@ -1,0 +1,174 @@
+"""Training through the bundle: loss goes down, checkpoints, VAE skips the CE pass, resume, MLflow, CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from bundle_helpers import initialized_workflow, run_bundle
+from conftest import REPO
+from mlflow import MlflowClient
+
+from pipeline.data.context_encoding import ContextEncodingNoise
+from pipeline.engines import CeVAETrainer
+from pipeline.engines.checkpoint import AtomicCheckpointSaver
+from pipeline.engines.handlers import StopOnNonFiniteLoss
+from pipeline.losses import CeVAELoss
+from pipeline.networks import CeVAE
+
+
+def epoch_metric(output_dir, name):
+    client = MlflowClient(f"sqlite:///{output_dir}/mlruns.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+
+
+def encoder_samples(network):
+    """Count training-mode encoder calls and the samples they carry (validation runs in eval mode)."""
+    counter = {"samples": 0, "calls": 0}
+
+    def hook(module, inputs, _output):
+        if module.training:
+            counter["samples"] += inputs[0].shape[0]
+            counter["calls"] += 1
+
+    network.encoder.register_forward_hook(hook)
+    return counter
+
+
+@pytest.fixture(scope="module")
+def cevae_run(tiny_demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cevae_run")
+    return run_bundle(out, tiny_demo, epochs=3), out
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints(cevae_run):
+    _, out = cevae_run
+    losses = epoch_metric(out, "train_loss")
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    for name in ("model.pt", "last.pt"):
+        assert (out / "checkpoints" / name).is_file()
+    best = torch.load(out / "checkpoints" / "model.pt", weights_only=True)
+    assert set(best) == {"model"}
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert set(last) == {"model", "optimizer", "trainer", "rng"}
+    assert last["trainer"]["iteration"] == 3 * last["trainer"]["epoch_length"]
+    assert not list(out.glob("checkpoints/.*tmp*")), "no temporary files left behind"
+
+
+def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
+    _, out = cevae_run
+    client = MlflowClient(f"sqlite:///{out}/mlruns.db")
+    experiment = client.get_experiment_by_name("cevae")
+    (run,) = client.search_runs(experiment.experiment_id)
+    assert run.info.run_name == "cevae" and run.info.status == "FINISHED"
+    hyper = {"model_variant", "seed", "epochs", "batch_size", "lr", "ce_weight", "kl_weight", "reconstruction",
+             "z_dim", "image_size", "channels", "norm", "ce_n_squares", "ce_square_size", "ce_fill",
+             "normalization", "min_brain_fraction", "border_slices", "val_fraction"}
+    extra = {"dataset", "datalist", "datalist_sha256", "version_monai", "version_torch", "version_ignite",
+             "version_mlflow", "git_commit", "max_epochs", "epoch_length"}
+    assert set(run.data.params) == hyper | extra
+    assert run.data.params["model_variant"] == "cevae" and run.data.params["ce_weight"] == "0.5"
+    metrics = {"train_loss", "train_loss_rec", "train_loss_kl", "train_loss_ce", "val_neg_elbo", "val_rec", "val_kl",
+               "lr"}
+    assert set(run.data.metrics) == metrics
+    assert len(client.get_metric_history(run.info.run_id, "val_neg_elbo")) == 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert artifacts == {"config.json", "model.pt", "reconstructions.png"}
+
+
+def test_vae_runs_one_forward_pass_per_step(tiny_demo, tmp_path):
+    counts = {}
+    for variant, files in (("cevae", ("train.json",)), ("vae", ("train.json", "vae.json"))):
+        workflow = initialized_workflow(tmp_path / variant, tiny_demo, files, epochs=1)
+        counter = encoder_samples(workflow.parser.get_parsed_content("network"))
+        workflow.run()
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        counts[variant] = (counter, len(workflow.parser.get_parsed_content("train#dataset")), trainer.state.iteration)
+        workflow.finalize()
+    for variant, per_slice in (("vae", 1), ("cevae", 2)):
+        counter, slices, steps = counts[variant]
+        assert counter["calls"] == steps, f"{variant}: one network pass per step"
+        assert counter["samples"] == per_slice * slices, f"{variant}: {per_slice} encoded input(s) per slice"
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_path):
+    run_bundle(tmp_path / "straight", tiny_demo, epochs=2)
+    run_bundle(tmp_path / "resumed", tiny_demo, epochs=1)
+    run_bundle(tmp_path / "resumed", tiny_demo, epochs=2, resume=True)
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["trainer"]["iteration"] == 2 * resumed["trainer"]["epoch_length"]
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0)
+
+
+def test_resume_without_checkpoint_says_what_to_do(tiny_demo, tmp_path):
+    with pytest.raises(Exception) as info:
+        run_bundle(tmp_path / "none", tiny_demo, epochs=1, resume=True)
+    err = info.value
+    while err.__cause__ is not None and not isinstance(err, FileNotFoundError):
+        err = err.__cause__
+    assert isinstance(err, FileNotFoundError) and "run training without --resume first" in str(err)
+
+
+class NaNAfter(CeVAELoss):
+    """A loss that turns NaN from the given iteration on (counts calls)."""
+
+    def __init__(self, bad_call: int) -> None:
+        super().__init__()
+        self.calls, self.bad_call = 0, bad_call
+
+    def forward(self, *args, **kwargs):
+        terms = super().forward(*args, **kwargs)
+        self.calls += 1
+        if self.calls >= self.bad_call:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    data = [{"image": torch.rand(1, 64, 64)} for _ in range(8)]
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    net = CeVAE(z_dim=8, channels=(4, 8, 8, 8))
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    saver = AtomicCheckpointSaver(tmp_path, net, optimizer)
+    trainer = CeVAETrainer("cpu", 5, loader, net, optimizer, NaNAfter(bad_call=4), ContextEncodingNoise(),
+                           train_handlers=[saver, StopOnNonFiniteLoss()])
+    trainer.run()
+    assert trainer.state.epoch == 2 and trainer.state.iteration == 4, "stopped at the first NaN"
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == 2, "saved after epoch 1 (2 iterations), not after the NaN"
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+@pytest.mark.slow
+def test_bundle_cli_from_the_repository_root(tiny_demo, tmp_path):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           "bundles/cevae/configs/train.json", "--datalist", str(tiny_demo), "--output_dir", str(tmp_path),
+           "--epochs", "1", "--batch_size", "16", "--z_dim", "16", "--progress_bar", "False"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
+    """torchrun with 2 CPU processes (gloo): DDP + DistributedSampler; only rank 0 saves and tracks."""
+    configs = "['bundles/cevae/configs/train.json','bundles/cevae/configs/multi_gpu_train.json']"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", "training", "--config_file", configs, "--datalist", str(tiny_demo), "--output_dir", str(tmp_path),
+           "--epochs", "2", "--batch_size", "8", "--z_dim", "16", "--progress_bar", "False"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = torch.load(tmp_path / "checkpoints" / "model.pt", weights_only=True)["model"]
+    net = CeVAE(z_dim=16)
+    net.load_state_dict(state)  # saved without the DDP "module." prefix
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
+    assert len(runs) == 1, "only rank 0 tracks"
+    assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
