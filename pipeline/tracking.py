@@ -24,6 +24,7 @@ from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.io import atomic_path, atomic_write_json
 
 __all__ = [
+    "RUN_INFO_FILENAME",
     "MLflowRunHandler",
     "ReconstructionFigure",
     "datalist_fingerprint",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+RUN_INFO_FILENAME = "mlflow_run.json"  # next to the checkpoints: which MLflow run trained them
 
 
 def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike) -> str:
@@ -102,12 +105,14 @@ class MLflowRunHandler(MLFlowHandler):
     of the same name (the one a killed training left open; a new run if there is none).
 
     The parent class reuses *any* unfinished run of the same name, so a fresh run would log into a run that an
-    earlier, killed process left open.
+    earlier, killed process left open. With ``run_info_path`` the tracking URI and run id are written there
+    (:data:`RUN_INFO_FILENAME` next to the checkpoints), so that evaluation logs into the run that trained them.
     """
 
-    def __init__(self, *args, resume: bool = False, **kwargs) -> None:
+    def __init__(self, *args, resume: bool = False, run_info_path: str | os.PathLike | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.resume = resume
+        self.run_info_path = run_info_path
 
     def start(self, engine: Engine) -> None:
         if not self.cur_run:
@@ -122,6 +127,9 @@ class MLflowRunHandler(MLFlowHandler):
                 )
             self.cur_run = open_runs[0] if open_runs else self.client.create_run(
                 experiment_id=self.experiment.experiment_id, run_name=self.run_name)
+            if self.run_info_path is not None:
+                atomic_write_json({"tracking_uri": self.client.tracking_uri, "run_id": self.cur_run.info.run_id,
+                                   "experiment_id": self.experiment.experiment_id}, self.run_info_path)
         super().start(engine)
 
 
