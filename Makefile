@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 # `torch` requirement pulls a multi-GB CUDA build. Override it for a GPU machine, e.g. TORCH_SPEC="torch==2.13.0".
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_data
+DEMO_EPOCHS ?= 30
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py --data-dir $(DEMO_DIR)
+	$(BIN)/python scripts/demo.py --data-dir $(DEMO_DIR) --epochs $(DEMO_EPOCHS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
