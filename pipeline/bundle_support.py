@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from monai.handlers import CheckpointLoader
 
 from pipeline.data.datalist import load_datalist, split_subjects
+from pipeline.data.validation import InputError
 from pipeline.data.demo import make_demo_dataset
 
-__all__ = ["resolve_datalist", "resume_if_requested", "train_val_split"]
+__all__ = ["active_config_parser", "check_config_keys", "resolve_datalist", "resume_if_requested", "train_val_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +60,53 @@ def resume_if_requested(resume: bool, checkpoint: str | os.PathLike, objects: Ma
     trainer = objects["trainer"]
     CheckpointLoader(load_path=str(checkpoint), load_dict=dict(objects), map_location=device)(trainer)
     logger.info("resumed from %s at epoch %d", checkpoint, trainer.state.epoch)
+
+
+def _active(kind: type) -> object:
+    """The instance of ``kind`` that is executing on the call stack (a config expression's caller)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, kind):
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError(f"no {kind.__name__} on the call stack: call this from a MONAI bundle config expression.")
+
+
+def active_config_parser():
+    """The ``monai.bundle.ConfigParser`` resolving the running bundle config (found on the call stack)."""
+    from monai.bundle import ConfigParser
+
+    return _active(ConfigParser)
+
+
+def _ids(node: object, prefix: str = "") -> Iterator[str]:
+    """Every ``a#b#c`` id of nested dicts (list items and their contents are not descended into)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            child = f"{prefix}#{key}" if prefix else str(key)
+            yield child
+            yield from _ids(value, child)
+
+
+def check_config_keys() -> None:
+    """Refuse config ids that no file of the bundle defines, e.g. the typo ``--epoch 5`` for ``--epochs``.
+
+    MONAI's parser adds unknown command-line keys silently, so a mistyped hyper-parameter would be ignored.
+    The known ids are those of every ``*.json`` in the folder of the first config file (the bundle's configs).
+    Called from the configs' ``initialize``; raises :class:`~pipeline.data.validation.InputError`.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    workflow = _active(ConfigWorkflow)
+    known = {"_meta_"}
+    for path in Path(workflow.config_root_path).glob("*.json"):
+        known.update(_ids(json.loads(path.read_text())))
+    unknown = sorted(i for i in _ids(active_config_parser().get()) if i not in known and not i.startswith("_meta_#"))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise InputError(f"unknown config key(s): {', '.join(hints)}; no config of {workflow.config_root_path} "
+                         "defines them. Fix the --key on the command line.")

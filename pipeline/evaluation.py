@@ -221,8 +221,10 @@ class AnomalyEvaluation:
         self._plot_curves(subjects)
         self._plot_panels(panels, results)
         thresholds = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
-        atomic_write_json({"default": {"postprocessing": next(iter(self.configs)), "score": "combined",
-                                       "threshold": results["dice_split"]["combined"]["threshold"]},
+        # inference's default: the combined score under the option set that calibrated best (calibration subjects only)
+        best = max(self.configs, key=lambda c: results[c]["dice_split"]["combined"]["calibration_dice"])
+        atomic_write_json({"default": {"postprocessing": best, "score": "combined",
+                                       "threshold": results[best]["dice_split"]["combined"]["threshold"]},
                            "thresholds": thresholds, "options": {c: o.to_dict() for c, o in self.configs.items()}},
                           self.checkpoint.parent / "threshold.json")
         self._log_to_mlflow(results)

@@ -7,10 +7,11 @@ value, else a SQLite store ``<output_dir>/mlruns.db`` (MLflow 3 rejects the plai
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pipeline.io import atomic_path, atomic_write_json
 
 __all__ = [
     "RUN_INFO_FILENAME",
+    "check_tracking_server",
     "MLflowRunHandler",
     "ReconstructionFigure",
     "datalist_fingerprint",
@@ -38,14 +40,31 @@ logger = logging.getLogger(__name__)
 RUN_INFO_FILENAME = "mlflow_run.json"  # next to the checkpoints: which MLflow run trained them
 
 
-def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike) -> str:
-    """``MLFLOW_TRACKING_URI``, else ``uri``, else ``sqlite:///<output_dir>/mlruns.db``."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if uri:
-        return uri
+def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike, timeout_s: float = 5.0) -> str:
+    """``MLFLOW_TRACKING_URI``, else ``uri``, else ``sqlite:///<output_dir>/mlruns.db``.
+
+    An HTTP(S) tracking server is contacted first (its ``/health`` endpoint, ``timeout_s``): an unreachable one
+    fails within seconds with a ``ConnectionError`` naming the URI, instead of MLflow's minutes of retries.
+    """
+    chosen = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    if chosen:
+        if chosen.startswith(("http://", "https://")):
+            check_tracking_server(chosen, timeout_s)
+        return chosen
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     return path_to_sqlite_uri(str(Path(output_dir).resolve() / "mlruns.db"))
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise ``ConnectionError`` (naming ``uri`` and the fix) unless the MLflow server answers within ``timeout_s``."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConnectionError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it, or fix --tracking_uri / "
+            "MLFLOW_TRACKING_URI, or unset both to track into the local store <output_dir>/mlruns.db.") from err
 
 
 def datalist_fingerprint(path: str | os.PathLike) -> str:
@@ -85,19 +104,12 @@ def run_params(hyper_parameters: Mapping[str, object], datalist: str | os.PathLi
 def save_executed_config(path: str | os.PathLike) -> str:
     """Write the configuration being executed (all files merged, command-line overrides applied) as JSON.
 
-    Called from a bundle config's ``initialize``; it finds the ``ConfigParser`` that is resolving the config
-    on the call stack. Returns the path (for MLflow's artifacts).
+    Called from a bundle config's ``initialize``. Returns the path (for MLflow's artifacts).
     """
-    from monai.bundle import ConfigParser
+    from pipeline.bundle_support import active_config_parser
 
-    frame = inspect.currentframe()
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, ConfigParser):
-            atomic_write_json(candidate.get(), path)
-            return str(path)
-        frame = frame.f_back
-    raise RuntimeError("save_executed_config must be called while a MONAI bundle config is being parsed.")
+    atomic_write_json(active_config_parser().get(), path)
+    return str(path)
 
 
 class MLflowRunHandler(MLFlowHandler):

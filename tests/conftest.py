@@ -65,3 +65,20 @@ def tiny_demo(tmp_path_factory):
     from pipeline.data.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("tiny_demo"), n_train=3, n_test=4, seed=0)
+
+
+TRAIN_EPOCHS = 8
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tiny_demo, tmp_path_factory):
+    """A tiny ceVAE trained ``TRAIN_EPOCHS`` epochs on ``tiny_demo`` and evaluated on its test subjects:
+    ``(output_dir, metrics)``; the checkpoint and its ``threshold.json`` are in ``output_dir/checkpoints``."""
+    import json
+
+    from bundle_helpers import run_bundle
+
+    out = tmp_path_factory.mktemp("evaluated")
+    run_bundle(out, tiny_demo, epochs=TRAIN_EPOCHS)
+    run_bundle(out, tiny_demo, ("train.json", "evaluate.json"))
+    return out, json.loads((out / "metrics.json").read_text())

@@ -172,3 +172,11 @@ def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
     runs = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
     assert len(runs) == 1, "only rank 0 tracks"
     assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
+
+
+def test_mistyped_override_is_refused(tiny_demo, tmp_path):
+    with pytest.raises(Exception) as info:
+        run_bundle(tmp_path, tiny_demo, epoch=1)
+    text = "".join(str(e) for e in (info.value, info.value.__cause__) if e is not None)
+    assert "unknown config key(s): 'epoch' (did you mean 'epochs'?)" in text
+    assert not (tmp_path / "checkpoints").exists(), "refused before anything ran"

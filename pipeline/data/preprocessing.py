@@ -59,7 +59,7 @@ def brain_volume_transform(
         load: False if the dict already holds channel-first tensors (skips loading).
     """
     keys = [image_key, mask_key, label_key]
-    spatial_modes = ("trilinear", "nearest", "nearest")
+    spatial_modes = ("trilinear", "nearest-exact", "nearest-exact")  # torch "nearest" shifts by half a voxel
     steps = []
     if load:
         steps += [
