@@ -13,6 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def input_error(exc: BaseException):
+    """The :class:`InputError` behind ``exc`` (MONAI wraps transform errors in ``RuntimeError``), or None."""
+    from pipeline.data.validation import InputError
+
+    while exc is not None and not isinstance(exc, InputError):
+        exc = exc.__cause__
+    return exc
+
+
 def script_main(name: str):
     """The ``main(argv)`` function of ``scripts/<name>.py``, loaded in-process (scripts/ is not a package)."""
     return runpy.run_path(str(REPO / "scripts" / f"{name}.py"), run_name=f"scripts_{name}")["main"]

@@ -51,7 +51,7 @@ def test_torchscript_export_gives_the_same_reconstruction(evaluated_run, tmp_pat
     torch.testing.assert_close(scripted(x), net(x))
 
 
-def test_self_contained_zip_runs_inference_without_the_repository(evaluated_run, tiny_demo, tmp_path):
+def test_self_contained_zip_runs_without_the_repository(evaluated_run, tiny_demo, tmp_path):
     out, _ = evaluated_run
     archive = tmp_path / "cevae_bundle.zip"
     assert script_main("export_bundle")(["--out", str(archive), "--checkpoint", str(out / "checkpoints" / "model.pt")]) == 0
@@ -71,6 +71,12 @@ def test_self_contained_zip_runs_inference_without_the_repository(evaluated_run,
     assert result.returncode == 0, result.stderr[-3000:]
     (written,) = (tmp_path / "pred").glob("*_anomaly.nii.gz")
     assert nib.load(written).shape == nib.load(image).shape
+    cmd = [sys.executable, "-c", launcher, "run", "training", "--config_file", "configs/train.json", "--datalist",
+           str(tiny_demo), "--output_dir", str(tmp_path / "train"), "--epochs", "1", "--progress_bar", "False",
+           "--batch_size", "16", *TINY_NET]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "train" / "checkpoints" / "model.pt").is_file()
 
 
 def test_export_requires_an_existing_checkpoint(tmp_path):

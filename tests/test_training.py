@@ -180,3 +180,34 @@ def test_mistyped_override_is_refused(tiny_demo, tmp_path):
     text = "".join(str(e) for e in (info.value, info.value.__cause__) if e is not None)
     assert "unknown config key(s): 'epoch' (did you mean 'epochs'?)" in text
     assert not (tmp_path / "checkpoints").exists(), "refused before anything ran"
+
+
+def test_same_seed_gives_identical_weights(tiny_demo, tmp_path):
+    for name in ("a", "b"):
+        run_bundle(tmp_path / name, tiny_demo, epochs=1, seed=3)
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+class RunsCode:
+    """An object whose unpickling would run code (creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_checkpoints_with_code_are_refused(tmp_path):
+    from pipeline.inference import AnomalyInference
+
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"model": RunsCode(marker)}, checkpoint)
+    infer = AnomalyInference(CeVAE(), checkpoint, lambda d: d, tmp_path, threshold=0.5)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        infer._prepare()
+    assert not marker.exists(), "no code ran while loading"

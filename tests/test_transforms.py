@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import brain_phantom, save_nifti
+from conftest import brain_phantom, input_error, save_nifti
 from monai.data import MetaTensor
 
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slices import brain_slice_indices, slices_to_volume, volume_to_slices
 from pipeline.data.transforms import BrainIntensityNormalize, ForegroundMask, SquarePad, SquarePadd
-from pipeline.data.validation import InputError
 
 
 def lps_copy(array, spacing=2.0):
@@ -153,9 +152,37 @@ def test_bad_volumes_fail_with_the_file_named(tmp_path, case, message):
     files = {k: save_nifti(v, tmp_path / f"{case}_{k}.nii.gz", affines.get(k)) for k, v in data.items()}
     with pytest.raises(Exception) as info:
         brain_volume_transform()(files)
-    err = info.value
-    while not isinstance(err, InputError) and err.__cause__ is not None:  # MONAI wraps transform errors
-        err = err.__cause__
-    assert isinstance(err, InputError)
-    assert message in str(err)
+    err = input_error(info.value)
+    assert err is not None and message in str(err)
     assert f"{case}_" in str(err), "the message must name the file"
+
+
+def write_oversized_header(path):
+    """A small .nii whose header claims 30000^3 voxels (patched int16 dim fields at byte 40)."""
+    save_nifti(np.zeros((4, 4, 4), np.float32), path)
+    raw = bytearray(path.read_bytes())
+    raw[42:48] = np.array([30000, 30000, 30000], "<i2").tobytes()
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "truncated or corrupt"),
+    ("not_nifti", "cannot be read as NIfTI"),
+    ("oversized", "over the limit"),
+    ("missing", "file not found"),
+])
+def test_unreadable_files_fail_with_the_file_named(tmp_path, case, message):
+    image, mask, _ = brain_phantom(lesion=False)
+    path = tmp_path / f"{case}.nii.gz"
+    if case == "truncated":
+        save_nifti(image, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif case == "not_nifti":
+        path.write_text("subject,age\n1,42\n")
+    elif case == "oversized":
+        path = tmp_path / f"{case}.nii"
+        write_oversized_header(path)
+    with pytest.raises(Exception) as info:
+        brain_volume_transform()({"image": str(path)})
+    err = input_error(info.value)
+    assert err is not None and message in str(err) and f"{case}.nii" in str(err)

@@ -27,10 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from pipeline.data.validation import InputError
+from pipeline.data.validation import InputError, check_nifti_header
 
 __all__ = ["LAYOUTS", "Layout", "check_entry", "prepare_entries"]
 
@@ -145,7 +144,7 @@ LAYOUTS: dict[str, Layout] = {
 
 
 def _header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
-    img = nib.load(path)
+    img = check_nifti_header(path)
     shape = tuple(int(s) for s in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -157,8 +156,8 @@ def check_entry(entry: dict, affine_atol: float = 1e-3) -> list[str]:
     problems = []
     try:
         shape, affine = _header(entry["image"])
-    except Exception as err:  # nibabel raises many types for bad files
-        return [f"{entry['image']}: cannot be read as NIfTI ({err})"]
+    except InputError as err:
+        return [str(err)]
     if len(shape) != 3:
         problems.append(f"{entry['image']}: expected a 3D volume, got shape {shape}")
     for key in ("brainmask", "label"):
@@ -166,8 +165,8 @@ def check_entry(entry: dict, affine_atol: float = 1e-3) -> list[str]:
             continue
         try:
             other_shape, other_affine = _header(entry[key])
-        except Exception as err:
-            problems.append(f"{entry[key]}: cannot be read as NIfTI ({err})")
+        except InputError as err:
+            problems.append(str(err))
             continue
         if other_shape != shape:
             problems.append(f"{entry[key]} ({key}): shape {other_shape} differs from the image's {shape}")

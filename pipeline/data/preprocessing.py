@@ -22,14 +22,13 @@ from monai.transforms import (
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     Orientationd,
     Resized,
     Spacingd,
 )
 
 from pipeline.data.transforms import Binarized, BrainIntensityNormalized, ForegroundMaskd, SquarePadd
-from pipeline.data.validation import CheckVolumesd
+from pipeline.data.validation import CheckVolumesd, LoadVolumed
 
 __all__ = ["brain_volume_transform"]
 
@@ -63,7 +62,7 @@ def brain_volume_transform(
     steps = []
     if load:
         steps += [
-            LoadImaged(keys, image_only=True, allow_missing_keys=True),
+            LoadVolumed(keys, image_only=True, allow_missing_keys=True),
             EnsureChannelFirstd(keys, allow_missing_keys=True),
         ]
     steps += [

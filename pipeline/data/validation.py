@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import LoadImaged, MapTransform
 
-__all__ = ["CheckVolumesd", "InputError", "source_of"]
+__all__ = ["MAX_VOXELS", "CheckVolumesd", "InputError", "LoadVolumed", "check_nifti_header", "source_of"]
+
+MAX_VOXELS = 2048**3 // 8  # ~1.07e9 voxels (4 GiB as float32): larger headers are refused before loading
 
 
 class InputError(ValueError):
@@ -71,3 +74,38 @@ def _check_finite(img: torch.Tensor, src: str) -> None:
     bad = int((~torch.isfinite(torch.as_tensor(img))).sum())
     if bad:
         raise InputError(f"{src}: {bad} voxels are NaN or Inf; fix or re-export the file.")
+
+
+def check_nifti_header(path: str, max_voxels: int = MAX_VOXELS) -> nib.spatialimages.SpatialImage:
+    """Read only the header of ``path``; return the (not yet loaded) image, or raise :class:`InputError` for a file
+    that is not
+    NIfTI (or is unreadable) and for a header declaring more than ``max_voxels`` voxels (refused before any
+    memory is allocated for the data)."""
+    try:
+        img = nib.load(path)
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: file not found; check the path in the datalist.") from err
+    except Exception as err:  # nibabel raises several types for foreign or broken headers
+        raise InputError(f"{path}: cannot be read as NIfTI ({err}); give a .nii/.nii.gz file, or re-export it.") from err
+    shape = tuple(int(s) for s in img.shape)
+    if int(np.prod(shape, dtype=np.int64)) > max_voxels:
+        raise InputError(f"{path}: the header declares shape {shape} ({np.prod(shape, dtype=np.int64):.3g} voxels), "
+                         f"over the limit of {max_voxels:.3g}; the file is corrupt or not a brain volume.")
+    return img
+
+
+class LoadVolumed(LoadImaged):
+    """MONAI's ``LoadImaged`` with errors that name the file: every path's header is checked first
+    (:func:`check_nifti_header`), and a failure while decoding the data (e.g. a truncated ``.nii.gz``) is re-raised
+    as :class:`InputError` naming the file."""
+
+    def __call__(self, data, reader=None):
+        for key in self.key_iterator(dict(data)):
+            if data[key] is not None:
+                check_nifti_header(str(data[key]))
+        try:
+            return super().__call__(data, reader)
+        except Exception as err:
+            files = ", ".join(str(data[k]) for k in self.key_iterator(dict(data)) if data[k] is not None)
+            raise InputError(f"cannot load {files} ({err}); the file is truncated or corrupt: re-export or "
+                             "re-download it.") from err
