@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -17,7 +18,14 @@ from pipeline.data.datalist import load_datalist, split_subjects
 from pipeline.data.validation import InputError
 from pipeline.data.demo import make_demo_dataset
 
-__all__ = ["active_config_parser", "check_config_keys", "resolve_datalist", "resume_if_requested", "train_val_split"]
+__all__ = [
+    "active_config_parser",
+    "check_config_keys",
+    "install_error_hook",
+    "resolve_datalist",
+    "resume_if_requested",
+    "train_val_split",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +118,35 @@ def check_config_keys() -> None:
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise InputError(f"unknown config key(s): {', '.join(hints)}; no config of {workflow.config_root_path} "
                          "defines them. Fix the --key on the command line.")
+
+
+USER_ERRORS = (InputError, FileNotFoundError, ConnectionError, PermissionError)
+
+
+def _user_error(exc: BaseException | None) -> BaseException | None:
+    """The first error in ``exc``'s cause chain that is the user's to fix (bad input, missing file, ...)."""
+    while exc is not None:
+        if isinstance(exc, USER_ERRORS):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def install_error_hook() -> None:
+    """Print user errors (bad input, missing files, unreachable tracking server) as one line, not a traceback.
+
+    MONAI's bundle runner wraps every error raised inside a config expression in ``RuntimeError`` chains; this
+    hook shows the original message with ``error:`` and exits with status 2. Other errors keep their traceback.
+    Set ``CEVAE_TRACEBACK=1`` to always see the full traceback.
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        cause = _user_error(value)
+        if cause is None or os.environ.get("CEVAE_TRACEBACK"):
+            previous(kind, value, tb)
+            return
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
+    sys.excepthook = hook

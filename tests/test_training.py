@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -211,3 +213,38 @@ def test_checkpoints_with_code_are_refused(tmp_path):
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         infer._prepare()
     assert not marker.exists(), "no code ran while loading"
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           "bundles/cevae/configs/train.json", "--datalist", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2
+    assert f"error: datalist {tmp_path / 'missing.json'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_demo, tmp_path):
+    settings = ["--datalist", str(tiny_demo), "--epochs", "4", "--batch_size", "4", "--z_dim", "16",
+                "--channels", "[8,16,32,64]", "--progress_bar", "False", "--min_brain_fraction", "0.3"]
+    base = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundles/cevae/configs/train.json"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(base + settings + ["--output_dir", str(tmp_path / "straight")], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(base + settings + ["--output_dir", str(killed)], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)  # in epoch 2, right after epoch 1's checkpoint
+    process.wait()
+    interrupted_at = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["trainer"]["iteration"]
+    subprocess.run(base + settings + ["--output_dir", str(killed), "--resume", "True"], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    resumed = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
+    assert interrupted_at < resumed["trainer"]["iteration"] == straight["trainer"]["iteration"]
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key

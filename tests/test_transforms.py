@@ -186,3 +186,13 @@ def test_unreadable_files_fail_with_the_file_named(tmp_path, case, message):
         brain_volume_transform()({"image": str(path)})
     err = input_error(info.value)
     assert err is not None and message in str(err) and f"{case}.nii" in str(err)
+
+
+def test_any_positive_label_value_is_lesion(tmp_path):
+    """Labels are binarised with ``label > 0``: multi-class (BraTS 0-4) and float labels both work."""
+    image, mask, label = brain_phantom()
+    graded = label.astype(np.float32) * np.where(np.arange(label.shape[0])[:, None, None] % 2, 0.2, 3.0)
+    files = {"image": save_nifti(image, tmp_path / "i.nii.gz"), "brainmask": save_nifti(mask, tmp_path / "m.nii.gz")}
+    binary = brain_volume_transform()({**files, "label": save_nifti(label, tmp_path / "l.nii.gz")})["label"]
+    graded_out = brain_volume_transform()({**files, "label": save_nifti(graded, tmp_path / "g.nii.gz")})["label"]
+    torch.testing.assert_close(graded_out.as_tensor(), binary.as_tensor())

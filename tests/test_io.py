@@ -1,0 +1,41 @@
+"""Atomic writers: a failed write leaves the earlier file intact and no temporary file behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.engines import checkpoint as checkpoint_module
+from pipeline.engines.checkpoint import save_checkpoint
+from pipeline.io import atomic_write_json
+
+
+def test_failed_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    net = torch.nn.Linear(2, 2)
+    path = save_checkpoint({"model": net}, tmp_path / "last.pt")
+    before = path.read_bytes()
+
+    def crash_mid_write(obj, file):
+        with open(file, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": torch.nn.Linear(2, 2)}, path)
+    assert path.read_bytes() == before, "the earlier checkpoint is intact"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temporary file left behind"
+
+
+def test_unwritable_output_folder_is_named(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="not_a_folder/out/metrics.json.*writable output folder"):
+        atomic_write_json({"a": 1}, blocker / "out" / "metrics.json")
+
+
+def test_json_is_complete_and_readable(tmp_path):
+    path = atomic_write_json({"values": list(range(5))}, tmp_path / "m.json")
+    assert json.loads(path.read_text()) == {"values": [0, 1, 2, 3, 4]}
