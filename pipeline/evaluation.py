@@ -295,21 +295,21 @@ class AnomalyEvaluation:
     def _log_to_mlflow(self, results: dict) -> None:
         from mlflow import MlflowClient
 
-        from pipeline.tracking import RUN_INFO_FILENAME, resolve_tracking_uri
+        from pipeline.tracking import RUN_INFO_FILENAME, resolve_tracking_uri, store_lock
 
         info_path = self.checkpoint.parent / RUN_INFO_FILENAME
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         uri = info.get("tracking_uri") or resolve_tracking_uri(self.tracking_uri, self.output_dir)
-        client = MlflowClient(uri)
         run_id = info.get("run_id")
-        if run_id is None:
-            experiment = client.get_experiment_by_name(self.experiment_name)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment_name)
-            run_id = client.create_run(experiment_id, run_name="evaluation",
-                                       tags={"evaluated_checkpoint": str(self.checkpoint)}).info.run_id
-            close = True
-        else:
-            close = False
+        with store_lock(uri):
+            client = MlflowClient(uri)
+            if run_id is None:
+                experiment = client.get_experiment_by_name(self.experiment_name)
+                experiment_id = (experiment.experiment_id if experiment
+                                 else client.create_experiment(self.experiment_name))
+                run_id = client.create_run(experiment_id, run_name="evaluation",
+                                           tags={"evaluated_checkpoint": str(self.checkpoint)}).info.run_id
+        close = info.get("run_id") is None
         for config in self.configs:
             for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auprc", "dice_best"):
                 for score, value in results[config][key].items():

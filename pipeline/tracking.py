@@ -6,6 +6,7 @@ value, else a SQLite store ``<output_dir>/mlruns.db`` (MLflow 3 rejects the plai
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -13,6 +14,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +28,7 @@ from pipeline.io import atomic_path, atomic_write_json
 
 __all__ = [
     "RUN_INFO_FILENAME",
+    "store_lock",
     "check_tracking_server",
     "MLflowRunHandler",
     "ReconstructionFigure",
@@ -53,6 +56,27 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike, timeout
         return chosen
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     return path_to_sqlite_uri(str(Path(output_dir).resolve() / "mlruns.db"))
+
+
+@contextmanager
+def store_lock(uri: str | None):
+    """Hold an exclusive file lock next to a SQLite tracking store (no-op for other stores).
+
+    MLflow creates and migrates a SQLite store's schema, and creates experiments, without coordination between
+    processes: two runs starting at once on a new store fail. Store set-up and experiment creation are done under
+    this lock, so that concurrent runs on one store all land.
+    """
+    if not uri or not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):]).with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
@@ -122,13 +146,16 @@ class MLflowRunHandler(MLFlowHandler):
     """
 
     def __init__(self, *args, resume: bool = False, run_info_path: str | os.PathLike | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        self.store_uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        with store_lock(self.store_uri):  # the client creates a new store's schema
+            super().__init__(*args, **kwargs)
         self.resume = resume
         self.run_info_path = run_info_path
 
     def start(self, engine: Engine) -> None:
         if not self.cur_run:
-            self._set_experiment()
+            with store_lock(self.store_uri):
+                self._set_experiment()
             open_runs = []
             if self.resume:
                 open_runs = self.client.search_runs(

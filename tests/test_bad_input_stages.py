@@ -1,0 +1,102 @@
+"""Bad input at every stage (training, evaluation, inference): an error naming the file, earlier outputs intact,
+and concurrent runs on one MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from bundle_helpers import CONFIGS, TINY
+from conftest import REPO, input_error
+from monai.bundle import ConfigWorkflow
+from mlflow import MlflowClient
+
+from pipeline.data.datalist import load_datalist, write_datalist
+
+CASES = {
+    "nan": "NaN or Inf",
+    "missing": "does not exist",
+    "shape": "has shape",
+    "4d": "4D series",
+}
+
+
+def broken_datalist(tiny_demo, tmp_path, case):
+    """A copy of the tiny demo lists whose first training and test entries carry the defect ``case``."""
+    lists = {key: load_datalist(tiny_demo, key) for key in ("training", "test")}
+    source = lists["test"][0]
+    image = nib.load(source["image"])
+    data = np.asanyarray(image.dataobj).astype(np.float32)
+    bad = {"image": tmp_path / f"{case}_image.nii.gz", "brainmask": source["brainmask"], "label": source["label"]}
+    if case == "nan":
+        data[data.shape[0] // 2, data.shape[1] // 2, data.shape[2] // 2] = np.nan
+    elif case == "shape":
+        bad["brainmask"] = tmp_path / "short_mask.nii.gz"
+        mask = np.asanyarray(nib.load(source["brainmask"]).dataobj)[:-3]
+        nib.save(nib.Nifti1Image(mask, image.affine), bad["brainmask"])
+    elif case == "4d":
+        data = np.stack([data, data], axis=-1)
+    if case != "missing":
+        nib.save(nib.Nifti1Image(data, image.affine), bad["image"])
+    bad = {k: str(v) for k, v in bad.items()}
+    lists["training"][0] = {k: bad[k] for k in ("image", "brainmask")}
+    lists["test"][0] = bad
+    return write_datalist(lists, tmp_path / "broken.json"), bad["image"]
+
+
+STAGES = {
+    "training": (("train.json",), {}),
+    "evaluation": (("train.json", "evaluate.json"), {}),
+    "inference": (("inference.json",), {"run_id": "inference"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_each_stage_names_the_bad_file_and_keeps_earlier_outputs(evaluated_run, tiny_demo, tmp_path, stage, case):
+    out, _ = evaluated_run
+    datalist, bad_file = broken_datalist(tiny_demo, tmp_path, case)
+    files, extra = STAGES[stage]
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    sentinel = output_dir / "metrics.json"
+    sentinel.write_text('{"earlier": true}')
+    settings = {"output_dir": str(output_dir), "datalist": str(datalist), "z_dim": 16, "channels": [8, 16, 32, 64]}
+    if stage == "inference":
+        settings.update(ckpt=str(out / "checkpoints" / "model.pt"), threshold=0.1)
+    else:
+        settings.update({k: v for k, v in TINY.items() if k not in settings}, epochs=1,
+                        ckpt_path=str(out / "checkpoints" / "model.pt"))
+    config = [str(CONFIGS / f) for f in files]
+    workflow = ConfigWorkflow(config_file=config if len(config) > 1 else config[0], logging_file=False,
+                              meta_file=str(CONFIGS / "metadata.json"), **extra, **settings)
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+        workflow.run()
+    err = input_error(info.value)
+    assert err is not None, info.value
+    named = "short_mask.nii.gz" if case == "shape" else os.path.basename(bad_file)
+    assert CASES[case] in str(err) and named in str(err), str(err)
+    assert sentinel.read_text() == '{"earlier": true}', "earlier outputs are left intact"
+
+
+@pytest.mark.slow
+def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
+    store = f"sqlite:///{tmp_path}/shared.db"
+    base = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundles/cevae/configs/train.json",
+            "--datalist", str(tiny_demo), "--epochs", "1", "--batch_size", "16", "--z_dim", "16", "--progress_bar",
+            "False", "--tracking_uri", store]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    runs = [subprocess.Popen(base + ["--output_dir", str(tmp_path / n), "--run_name", n], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in ("a", "b")]
+    for process in runs:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-2000:]
+    client = MlflowClient(store)
+    finished = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
+    assert sorted(r.info.run_name for r in finished) == ["a", "b"]
+    assert all(r.info.status == "FINISHED" and "train_loss" in r.data.metrics for r in finished)
