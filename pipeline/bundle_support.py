@@ -120,7 +120,8 @@ def check_config_keys() -> None:
                          "defines them. Fix the --key on the command line.")
 
 
-USER_ERRORS = (InputError, FileNotFoundError, ConnectionError, PermissionError)
+USER_ERRORS = (InputError, FileNotFoundError, ConnectionError, PermissionError, NotADirectoryError,
+               IsADirectoryError)
 
 
 def _user_error(exc: BaseException | None) -> BaseException | None:
@@ -146,7 +147,9 @@ def install_error_hook() -> None:
         if cause is None or os.environ.get("CEVAE_TRACEBACK"):
             previous(kind, value, tb)
             return
-        print(f"error: {cause}", file=sys.stderr)
+        hint = ("; check the path, or choose a writable --output_dir"
+                if isinstance(cause, (PermissionError, NotADirectoryError, IsADirectoryError)) else "")
+        print(f"error: {cause}{hint}", file=sys.stderr)
         sys.exit(2)
 
     sys.excepthook = hook

@@ -215,12 +215,19 @@ def test_checkpoints_with_code_are_refused(tmp_path):
     assert not marker.exists(), "no code ran while loading"
 
 
-def test_cli_reports_bad_input_in_one_line(tmp_path):
+@pytest.mark.parametrize("problem", ["missing datalist", "unwritable output"])
+def test_cli_reports_bad_input_in_one_line(tiny_demo, tmp_path, problem):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    datalist, output = ((tmp_path / "missing.json", tmp_path) if problem == "missing datalist"
+                        else (tiny_demo, blocker / "out"))
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           "bundles/cevae/configs/train.json", "--datalist", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path)]
+           "bundles/cevae/configs/train.json", "--datalist", str(datalist), "--output_dir", str(output)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 2
-    assert f"error: datalist {tmp_path / 'missing.json'} does not exist" in result.stderr
+    expected = (f"error: datalist {datalist} does not exist" if problem == "missing datalist"
+                else f"Not a directory: '{output}'; check the path, or choose a writable --output_dir")
+    assert expected in result.stderr
     assert "Traceback" not in result.stderr
 
 
