@@ -35,7 +35,15 @@ from pipeline.data.slices import volume_to_slices
 from pipeline.io import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.metrics import ThresholdCurve, best_dice_threshold, dice, remove_small_components, slice_labels, \
     split_calibration
-from pipeline.scoring import PAPER, SCORE_NAMES, ScoreOptions, postprocess_volume, raw_scores, score_maps
+from pipeline.scoring import (
+    PAPER,
+    SCORE_NAMES,
+    ScoreOptions,
+    equalize_in_brain,
+    postprocess_volume,
+    raw_scores,
+    score_maps,
+)
 
 __all__ = ["AnomalyEvaluation", "POSTPROCESSED"]
 
@@ -124,6 +132,8 @@ class AnomalyEvaluation:
             subject.voxels[config], subject.slice_means[config] = {}, {}
             for score in SCORE_NAMES:
                 volume = torch.cat(maps[config][score]).permute(1, 2, 0).numpy()  # (H, W, D)
+                if score == "intensity" and options.equalize_intensity:
+                    volume = equalize_in_brain(volume, brain)
                 volume = postprocess_volume(volume, brain, options)
                 subject.voxels[config][score] = volume[brain].astype(np.float32)
                 subject.slice_means[config][score] = (volume * brain).sum(axis=(0, 1)) / brain_pixels

@@ -34,6 +34,7 @@ __all__ = [
     "SCORE_NAMES",
     "ScoreOptions",
     "elbo_terms",
+    "equalize_in_brain",
     "kl_gradient",
     "pixel_scores",
     "postprocess_volume",
@@ -58,6 +59,8 @@ class ScoreOptions:
         mask_erosion: erode the brain mask by this many voxels first (suppresses the brain-border rim).
         median_size: size of a 3D median filter applied to each map volume (0 = off; 5 in Baur et al.).
         min_component_size: in segmentations, remove 3D connected components smaller than this (0 = off).
+        equalize_intensity: histogram-equalise the ``intensity`` baseline inside each volume's brain (its values
+            become their brain-voxel quantiles), the usual strong thresholding baseline.
     """
 
     positive_residuals: bool = False
@@ -68,6 +71,7 @@ class ScoreOptions:
     mask_erosion: int = 0
     median_size: int = 0
     min_component_size: int = 0
+    equalize_intensity: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,4 +151,16 @@ def postprocess_volume(volume: np.ndarray, brainmask: np.ndarray, options: Score
         if options.mask_erosion > 0:
             mask = ndimage.binary_erosion(mask, iterations=options.mask_erosion)
         out = out * mask
+    return out
+
+
+def equalize_in_brain(volume: np.ndarray, brainmask: np.ndarray) -> np.ndarray:
+    """Histogram equalisation inside the brain: each brain voxel becomes its quantile (0-1) among the brain voxels;
+    ties share their mean rank, the background is 0."""
+    from scipy.stats import rankdata
+
+    brain = brainmask > 0
+    out = np.zeros_like(volume, dtype=np.float32)
+    if brain.any():
+        out[brain] = rankdata(volume[brain]) / brain.sum()
     return out

@@ -8,7 +8,6 @@ import sys
 import zipfile
 
 import nibabel as nib
-import pytest
 import torch
 from bundle_helpers import BUNDLE
 from conftest import REPO, script_main

@@ -16,7 +16,7 @@ from pipeline.metrics import (
     split_calibration,
 )
 from pipeline.networks import CeVAE
-from pipeline.scoring import PAPER, ScoreOptions, kl_gradient, postprocess_volume, raw_scores, score_maps
+from pipeline.scoring import PAPER, ScoreOptions, equalize_in_brain, kl_gradient, postprocess_volume, raw_scores, score_maps
 
 
 @pytest.mark.parametrize("case", ["random", "ties", "rare", "perfect", "inverted"])
@@ -110,3 +110,10 @@ def test_score_maps_follow_their_options():
     mask[2:6, 2:6, :] = True
     masked = postprocess_volume(vol, mask, ScoreOptions(brain_mask=True, mask_erosion=1))
     assert np.all(masked[~mask] == 0) and np.all(masked[3:5, 3:5, 1:5] == vol[3:5, 3:5, 1:5])
+
+
+def test_histogram_equalisation_gives_brain_quantiles():
+    volume = np.array([[[5.0, 1.0], [3.0, 9.0]]])
+    brain = np.array([[[1, 1], [1, 0]]])
+    out = equalize_in_brain(volume, brain)
+    np.testing.assert_allclose(out, [[[1.0, 1 / 3], [2 / 3, 0.0]]])
