@@ -111,11 +111,11 @@ def scoring(tmp: Path, volumes: list[int]) -> dict:
 
 def plain_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: CeVAELoss, noise: ContextEncodingNoise,
                 images: torch.Tensor, batch_size: int) -> float:
-    """One epoch of the minimal loop on in-memory slices; returns its seconds."""
+    """One epoch of the minimal loop on in-memory slices (channels_last, like the bundle); returns its seconds."""
     start = time.perf_counter()
     order = torch.randperm(images.shape[0])
     for i in range(0, images.shape[0], batch_size):
-        x = images[order[i : i + batch_size]]
+        x = images[order[i : i + batch_size]].contiguous(memory_format=torch.channels_last)
         x_ce = noise(x)[0]
         optimizer.zero_grad(set_to_none=True)
         recon, mu, logvar, recon_ce = net(x, x_ce)
@@ -158,7 +158,7 @@ def training(tmp: Path, datalist: Path, repeats: int, sizes: list[int]) -> dict:
     trainer = workflow.parser.get_parsed_content("train#trainer")
     images = workflow.parser.get_parsed_content("train#dataset").tensors["image"]
     waits = DataWait(trainer)
-    net = CeVAE()
+    net = CeVAE().to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
     loss, noise = CeVAELoss(), ContextEncodingNoise()
     trainer.run()  # first epoch (warm-up); the slices were preprocessed once when the dataset was built
@@ -190,7 +190,7 @@ def training(tmp: Path, datalist: Path, repeats: int, sizes: list[int]) -> dict:
     by_size = {}
     for size in sizes:
         slices = torch.rand(256, 1, size, size)
-        sized = CeVAE(image_size=size)
+        sized = CeVAE(image_size=size).to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(sized.parameters(), lr=2e-4)
         plain_epoch(sized, opt, loss, noise, slices[:64], 64)
         by_size[str(size)] = plain_epoch(sized, opt, loss, noise, slices, 64) / 256 * n

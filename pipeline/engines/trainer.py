@@ -33,6 +33,8 @@ class CeVAETrainer(Trainer):
         optimizer: its optimizer.
         loss_function: a :class:`~pipeline.losses.CeVAELoss`.
         context_encoding: the CE noise (:class:`~pipeline.data.context_encoding.ContextEncodingNoise`).
+        channels_last: train in the ``channels_last`` memory format (the network is converted here and every batch
+            on the device): same arithmetic, about 20 % faster convolutions on CPU (docs/performance.md).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class CeVAETrainer(Trainer):
         event_to_attr: dict | None = None,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
+        channels_last: bool = False,
     ) -> None:
         device = torch.device(device)
         extra = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
@@ -85,6 +88,9 @@ class CeVAETrainer(Trainer):
         self.optimizer = optimizer
         self.loss_function = loss_function
         self.context_encoding = context_encoding or ContextEncodingNoise()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            network.to(memory_format=torch.channels_last)
 
     @property
     def uses_context_encoding(self) -> bool:
@@ -94,6 +100,7 @@ class CeVAETrainer(Trainer):
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         x, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        x = x.contiguous(memory_format=engine.memory_format)
         x_ce = engine.context_encoding(x)[0] if engine.uses_context_encoding else None
         engine.state.output = {CommonKeys.IMAGE: x}
         engine.network.train()
