@@ -15,8 +15,8 @@ import torch
 from monai.handlers import CheckpointLoader
 
 from pipeline.data.datalist import load_datalist, split_subjects
-from pipeline.data.validation import InputError
 from pipeline.data.demo import make_demo_dataset
+from pipeline.data.validation import InputError
 
 __all__ = [
     "active_config_parser",
@@ -48,12 +48,8 @@ def train_val_split(datalist: str | os.PathLike, val_fraction: float, seed: int)
     """Healthy training and validation entries: the datalist's ``validation`` list if it has one, else a
     subject-level split of ``training`` holding out ``val_fraction`` (seeded)."""
     training = load_datalist(datalist, "training")
-    try:
-        return training, load_datalist(datalist, "validation")
-    except ValueError as err:
-        if "no list 'validation'" not in str(err):
-            raise
-    return split_subjects(training, val_fraction, seed)
+    validation = load_datalist(datalist, "validation", missing_ok=True)
+    return (training, validation) if validation else split_subjects(training, val_fraction, seed)
 
 
 def resume_if_requested(resume: bool, checkpoint: str | os.PathLike, objects: Mapping[str, object],

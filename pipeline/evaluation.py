@@ -31,19 +31,9 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.data.datalist import load_datalist
-from pipeline.data.slices import volume_to_slices
 from pipeline.io import atomic_path, atomic_write_json, atomic_write_text
-from pipeline.metrics import ThresholdCurve, best_dice_threshold, dice, remove_small_components, slice_labels, \
-    split_calibration
-from pipeline.scoring import (
-    PAPER,
-    SCORE_NAMES,
-    ScoreOptions,
-    equalize_in_brain,
-    postprocess_volume,
-    raw_scores,
-    score_maps,
-)
+from pipeline.metrics import ThresholdCurve, best_dice_threshold, dice, slice_labels, split_calibration
+from pipeline.scoring import PAPER, SCORE_NAMES, ScoreOptions, score_volume, segment
 
 __all__ = ["AnomalyEvaluation", "POSTPROCESSED"]
 
@@ -109,35 +99,20 @@ class AnomalyEvaluation:
         return self.network.to(self.device).eval()
 
     def score_subject(self, name: str, data: Mapping[str, torch.Tensor]) -> tuple[_Subject, dict]:
-        """Score one preprocessed volume; returns the compact results and the per-slice tensors for panels."""
-        image = volume_to_slices(data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"])
+        """Score one preprocessed volume; returns the compact results and the per-slice arrays for panels."""
+        image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
         brain = np.asarray(data["brainmask"][0] > 0)
         label = np.asarray(data["label"][0] > 0) & brain
         subject = _Subject(name, brain, label)
-        chunks: dict[str, list[torch.Tensor]] = {}
-        maps: dict[str, dict[str, list[torch.Tensor]]] = {c: {s: [] for s in SCORE_NAMES} for c in self.configs}
-        for start in range(0, image.shape[0], self.batch_size):
-            x = image[start:start + self.batch_size].to(self.device)
-            raw = raw_scores(self.network, x, self.reconstruction)
-            for k in ("rec", "kl", "neg_elbo", "mu", "recon"):
-                chunks.setdefault(k, []).append(raw[k].detach().cpu())
-            for config, options in self.configs.items():
-                for score, value in score_maps(raw, x, options).items():
-                    maps[config][score].append(value.detach().cpu()[:, 0])
-        terms = {k: torch.cat(v) for k, v in chunks.items()}
-        subject.slice_terms = {k: terms[k].numpy() for k in ("rec", "kl", "neg_elbo")}
-        subject.slice_terms["mu"] = terms["mu"].numpy()
+        terms, maps = score_volume(self.network, image, brain, self.configs, self.reconstruction, self.batch_size,
+                                   device=self.device)
+        subject.slice_terms = {k: terms[k].numpy() for k in ("rec", "kl", "neg_elbo", "mu")}
         brain_pixels = np.maximum(brain.sum(axis=(0, 1)), 1)
-        for config, options in self.configs.items():
-            subject.voxels[config], subject.slice_means[config] = {}, {}
-            for score in SCORE_NAMES:
-                volume = torch.cat(maps[config][score]).permute(1, 2, 0).numpy()  # (H, W, D)
-                if score == "intensity" and options.equalize_intensity:
-                    volume = equalize_in_brain(volume, brain)
-                volume = postprocess_volume(volume, brain, options)
-                subject.voxels[config][score] = volume[brain].astype(np.float32)
-                subject.slice_means[config][score] = (volume * brain).sum(axis=(0, 1)) / brain_pixels
-        return subject, {"image": image[:, 0].numpy(), "recon": terms["recon"][:, 0].numpy()}
+        for config, volumes in maps.items():
+            subject.voxels[config] = {score: volume[brain] for score, volume in volumes.items()}
+            subject.slice_means[config] = {score: (volume * brain).sum(axis=(0, 1)) / brain_pixels
+                                           for score, volume in volumes.items()}
+        return subject, {"image": image[0].permute(2, 0, 1).numpy(), "recon": terms["recon"][:, 0].numpy()}
 
     # ----------------------------------------------------------------------------------------------- metrics
     def _dice_search(self, subjects: list[_Subject], config: str, score: str) -> tuple[float, float]:
@@ -152,8 +127,7 @@ class AnomalyEvaluation:
         return max(results, key=lambda r: r[1])
 
     def _segment(self, subject: _Subject, config: str, score: str, threshold: float) -> np.ndarray:
-        seg = (subject.volume(config, score) >= threshold) & subject.brain
-        return remove_small_components(seg, self.configs[config].min_component_size)
+        return segment(subject.volume(config, score), subject.brain, threshold, self.configs[config])
 
     def _pooled_dice(self, subjects: list[_Subject], config: str, score: str, threshold: float) -> float:
         segs = [self._segment(s, config, score, threshold) for s in subjects]

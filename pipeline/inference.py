@@ -27,10 +27,8 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from pipeline.data.datalist import load_datalist
-from pipeline.data.slices import slices_to_volume, volume_to_slices
 from pipeline.io import atomic_save_nifti, atomic_write_json
-from pipeline.metrics import remove_small_components
-from pipeline.scoring import PAPER, ScoreOptions, postprocess_volume, raw_scores, score_maps
+from pipeline.scoring import PAPER, ScoreOptions, score_volume, segment
 
 __all__ = ["AnomalyInference", "load_threshold"]
 
@@ -93,16 +91,12 @@ class AnomalyInference:
         name = image.name.split(".nii")[0]
         data = {"image": str(image)} if mask is None else {"image": str(image), "brainmask": str(mask)}
         pre = self.transform(data)
-        slices = volume_to_slices(pre["image"].as_tensor())
-        maps, slice_scores = [], []
-        for start in range(0, slices.shape[0], self.batch_size):
-            x = slices[start:start + self.batch_size].to(self.device)
-            raw = raw_scores(self.network, x, self.reconstruction)
-            maps.append(score_maps(raw, x, self.options)[self.score_name].detach().cpu())
-            slice_scores += raw["neg_elbo"].detach().cpu().tolist()
         brain = np.asarray(pre["brainmask"][0] > 0)
-        anomaly = postprocess_volume(slices_to_volume(torch.cat(maps))[0].numpy(), brain, self.options)
-        seg = remove_small_components((anomaly >= self.threshold) & brain, self.options.min_component_size)
+        terms, maps = score_volume(self.network, pre["image"].as_tensor(), brain, {"inference": self.options},
+                                   self.reconstruction, self.batch_size, scores=(self.score_name,), device=self.device)
+        anomaly = maps["inference"][self.score_name]
+        seg = segment(anomaly, brain, self.threshold, self.options)
+        slice_scores = terms["neg_elbo"].tolist()
         native = self._invert(pre, {"anomaly": anomaly, "seg": seg.astype(np.float32)})
         reference = nib.load(str(image))
         outputs = {"anomaly": self.output_dir / f"{name}_anomaly.nii.gz", "seg": self.output_dir / f"{name}_seg.nii.gz",
@@ -129,17 +123,17 @@ class AnomalyInference:
         return {k: str(v) for k, v in outputs.items()}
 
     def _invert(self, pre: Mapping[str, torch.Tensor], maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Map ``(H, W, D)`` model-space volumes back to the input grid through the inverse of the spatial chain."""
+        """Map ``(H, W, D)`` model-space volumes back to the input grid through the inverse of the spatial chain.
+
+        The volumes travel as channels of one tensor, so the chain is inverted once; linear interpolation for all
+        (a segmentation is re-thresholded at 0.5): torch's "nearest" shifts by half a voxel.
+        """
         reference = pre["image"]
-        data = {"image": reference}
-        for key, volume in maps.items():
-            data[key] = MetaTensor(torch.as_tensor(volume)[None], meta=dict(reference.meta))
-        keys = list(maps)
-        # linear for every map (a segmentation is re-thresholded at 0.5): torch's "nearest" shifts by half a voxel
-        inverter = Invertd(keys=keys, transform=self.transform, orig_keys=["image"] * len(keys),
-                           nearest_interp=False, to_tensor=True)
-        inverted = inverter(data)
-        return {k: np.asarray(inverted[k][0]) for k in keys}
+        stacked = MetaTensor(torch.stack([torch.as_tensor(v) for v in maps.values()]), meta=dict(reference.meta))
+        inverter = Invertd(keys="maps", transform=self.transform, orig_keys="image", nearest_interp=False,
+                           to_tensor=True)
+        inverted = np.asarray(inverter({"image": reference, "maps": stacked})["maps"])
+        return dict(zip(maps, inverted))
 
     def run_datalist(self, datalist: str | os.PathLike, key: str = "test") -> list[dict[str, str]]:
         """Batch mode: every entry of ``datalist[key]`` (``image`` and optional ``brainmask``)."""

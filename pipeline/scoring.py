@@ -4,7 +4,8 @@ Slice score: the negative ELBO ``rec(x, g(mu(x))) + KL(q(z|x) || N(0, I))`` per 
 terms as the training loss (:mod:`pipeline.losses`); the reconstruction is decoded from the encoder mean, so the
 score is deterministic.
 
-Pixel scores (:func:`pixel_scores`), for a batch of slices ``(B, 1, H, W)``:
+Pixel scores (:func:`raw_scores` then :func:`score_maps`; whole volumes: :func:`score_volume`), for a batch of
+slices ``(B, 1, H, W)``:
 
 * ``rec``: reconstruction error ``|x - g(mu(x))|`` (or ``max(x - g(mu(x)), 0)`` with ``positive_residuals``);
 * ``kl_grad``: ``|dKL/dx|``, every slice's own gradient from **one** batched backward pass (the KL of a slice
@@ -20,14 +21,18 @@ thresholded segmentations (:mod:`pipeline.metrics`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from monai.networks.layers import gaussian_1d, separable_filtering
 from scipy import ndimage
+from scipy.stats import rankdata
 
+from pipeline.data.slices import volume_to_slices
 from pipeline.losses import kl_divergence, reconstruction_error
+from pipeline.metrics import remove_small_components
 
 __all__ = [
     "PAPER",
@@ -36,10 +41,11 @@ __all__ = [
     "elbo_terms",
     "equalize_in_brain",
     "kl_gradient",
-    "pixel_scores",
     "postprocess_volume",
     "raw_scores",
     "score_maps",
+    "score_volume",
+    "segment",
 ]
 
 SCORE_NAMES = ("rec", "kl_grad", "combined", "intensity")
@@ -85,6 +91,14 @@ def _encoder_decoder(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "module", network)
 
 
+def _slice_terms(net: torch.nn.Module, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, reconstruction: str,
+                 sigma: float) -> dict[str, torch.Tensor]:
+    recon = net.decode(mu)
+    rec = reconstruction_error(x, recon, reconstruction, sigma)
+    kl = kl_divergence(mu, logvar)
+    return {"recon": recon, "mu": mu, "rec": rec, "kl": kl, "neg_elbo": rec + kl}
+
+
 def elbo_terms(network: torch.nn.Module, x: torch.Tensor, reconstruction: str = "l2", sigma: float = 1.0
                ) -> dict[str, torch.Tensor]:
     """Per-slice terms for a batch ``x`` ``(B, C, H, W)``.
@@ -93,35 +107,33 @@ def elbo_terms(network: torch.nn.Module, x: torch.Tensor, reconstruction: str = 
     """
     net = _encoder_decoder(network)
     mu, logvar = net.encode(x)
-    recon = net.decode(mu)
-    rec = reconstruction_error(x, recon, reconstruction, sigma)
-    kl = kl_divergence(mu, logvar)
-    return {"recon": recon, "mu": mu, "rec": rec, "kl": kl, "neg_elbo": rec + kl}
+    return _slice_terms(net, x, mu, logvar, reconstruction, sigma)
 
 
-def kl_gradient(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``|dKL(q(z|x_b) || N(0, I)) / dx_b|`` for every slice ``b`` of ``x`` ``(B, C, H, W)``, in one backward pass."""
-    net = _encoder_decoder(network)
+def _encode_with_kl_gradient(net: torch.nn.Module, x: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mu, logvar, |dKL/dx|)`` from one encoder pass and one batched backward pass (the KL of a slice depends
+    only on that slice, so the gradient of the summed KL is every slice's own gradient)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         mu, logvar = net.encode(x)
         (grad,) = torch.autograd.grad(kl_divergence(mu, logvar).sum(), x)
-    return grad.abs()
+    return mu.detach(), logvar.detach(), grad.abs()
 
 
-def pixel_scores(network: torch.nn.Module, x: torch.Tensor, options: ScoreOptions = PAPER,
-                 reconstruction: str = "l2") -> dict[str, torch.Tensor]:
-    """Slice terms (see :func:`elbo_terms`) and the pixel maps ``rec``, ``kl_grad``, ``combined``, ``intensity``
-    (each ``(B, C, H, W)``) of a batch of slices, with the slice-level options of ``options`` applied."""
-    raw = raw_scores(network, x, reconstruction)
-    return {**raw, **score_maps(raw, x, options)}
+def kl_gradient(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``|dKL(q(z|x_b) || N(0, I)) / dx_b|`` for every slice ``b`` of ``x`` ``(B, C, H, W)``, in one backward pass."""
+    return _encode_with_kl_gradient(_encoder_decoder(network), x)[2]
 
 
 def raw_scores(network: torch.nn.Module, x: torch.Tensor, reconstruction: str = "l2") -> dict[str, torch.Tensor]:
-    """What every score is made of: :func:`elbo_terms` plus the raw ``kl_grad`` map. One forward, one backward."""
+    """What every score is made of: :func:`elbo_terms` plus the raw ``kl_grad`` map, from one encoder pass, one
+    backward pass and one decoder pass."""
+    net = _encoder_decoder(network)
+    mu, logvar, grad = _encode_with_kl_gradient(net, x)
     with torch.no_grad():
-        terms = elbo_terms(network, x, reconstruction)
-    return {**terms, "kl_grad": kl_gradient(network, x)}
+        terms = _slice_terms(net, x, mu, logvar, reconstruction, 1.0)
+    return {**terms, "kl_grad": grad}
 
 
 def score_maps(raw: dict[str, torch.Tensor], x: torch.Tensor, options: ScoreOptions) -> dict[str, torch.Tensor]:
@@ -157,10 +169,52 @@ def postprocess_volume(volume: np.ndarray, brainmask: np.ndarray, options: Score
 def equalize_in_brain(volume: np.ndarray, brainmask: np.ndarray) -> np.ndarray:
     """Histogram equalisation inside the brain: each brain voxel becomes its quantile (0-1) among the brain voxels;
     ties share their mean rank, the background is 0."""
-    from scipy.stats import rankdata
-
     brain = brainmask > 0
     out = np.zeros_like(volume, dtype=np.float32)
     if brain.any():
         out[brain] = rankdata(volume[brain]) / brain.sum()
     return out
+
+
+def score_volume(network: torch.nn.Module, image: torch.Tensor, brainmask: np.ndarray,
+                 configs: Mapping[str, ScoreOptions], reconstruction: str = "l2", batch_size: int = 64,
+                 scores: Sequence[str] = SCORE_NAMES, device: str | torch.device = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
+    """Score a whole preprocessed volume, slice batch by slice batch.
+
+    Args:
+        image: ``(1, H, W, D)`` volume (axial slices last).
+        brainmask: ``(H, W, D)`` boolean brain mask.
+        configs: option sets to derive maps for (the network passes are shared by all of them).
+        scores: the maps to keep, among :data:`SCORE_NAMES`.
+
+    Returns:
+        ``(terms, maps)``: per-slice ``recon`` ``(D, 1, H, W)``, ``mu``, ``rec``, ``kl``, ``neg_elbo`` on the CPU, and
+        ``maps[config][score]``, ``(H, W, D)`` float32 volumes with every volume-level option of ``config`` applied.
+    """
+    slices = volume_to_slices(image)
+    chunks: dict[str, list[torch.Tensor]] = {}
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {c: {s: [] for s in scores} for c in configs}
+    for start in range(0, slices.shape[0], batch_size):
+        x = slices[start:start + batch_size].to(device)
+        raw = raw_scores(network, x, reconstruction)
+        for key in ("recon", "mu", "rec", "kl", "neg_elbo"):
+            chunks.setdefault(key, []).append(raw[key].cpu())
+        for config, options in configs.items():
+            derived = score_maps(raw, x, options)
+            for score in scores:
+                parts[config][score].append(derived[score].cpu()[:, 0])
+    maps: dict[str, dict[str, np.ndarray]] = {}
+    for config, options in configs.items():
+        maps[config] = {}
+        for score in scores:
+            volume = torch.cat(parts[config][score]).permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, D)
+            if score == "intensity" and options.equalize_intensity:
+                volume = equalize_in_brain(volume, brainmask)
+            maps[config][score] = postprocess_volume(volume, brainmask, options)
+    return {k: torch.cat(v) for k, v in chunks.items()}, maps
+
+
+def segment(volume: np.ndarray, brainmask: np.ndarray, threshold: float, options: ScoreOptions) -> np.ndarray:
+    """The segmentation of one score volume: ``score >= threshold`` inside the brain, small components removed."""
+    return remove_small_components((volume >= threshold) & (brainmask > 0), options.min_component_size)

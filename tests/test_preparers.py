@@ -144,3 +144,18 @@ def test_datalist_errors(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(InputError, match=message):
         load_datalist(path, "training")
+
+
+def test_train_val_split_prefers_an_explicit_validation_list(tmp_path):
+    from pipeline.bundle_support import train_val_split
+
+    for name in ("a", "b", "c"):
+        save_nifti(VOL, tmp_path / f"{name}.nii.gz")
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}],
+                                "validation": [{"image": "c.nii.gz"}]}))
+    training, validation = train_val_split(path, 0.5, seed=0)
+    assert [e["image"] for e in validation] == [str(tmp_path / "c.nii.gz")] and len(training) == 2
+    path.write_text(json.dumps({"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]}))
+    training, validation = train_val_split(path, 0.5, seed=0)
+    assert len(training) == 1 and len(validation) == 1

@@ -20,8 +20,11 @@ __all__ = ["PATH_KEYS", "load_datalist", "split_subjects", "write_datalist"]
 PATH_KEYS = ("image", "brainmask", "label")
 
 
-def load_datalist(path: str | os.PathLike, key: str, required: Sequence[str] = ("image",)) -> list[dict]:
-    """Entries under ``key`` with absolute paths; raises :class:`InputError` listing every problem found."""
+def load_datalist(path: str | os.PathLike, key: str, required: Sequence[str] = ("image",),
+                  missing_ok: bool = False) -> list[dict]:
+    """Entries under ``key`` with absolute paths; raises :class:`InputError` listing every problem found.
+
+    With ``missing_ok`` a datalist without ``key`` gives an empty list instead of an error."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"datalist {path} does not exist; create it with scripts/prepare_datalist.py or "
@@ -30,6 +33,8 @@ def load_datalist(path: str | os.PathLike, key: str, required: Sequence[str] = (
         content = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"datalist {path} is not valid JSON ({err}); fix the file.") from err
+    if isinstance(content, dict) and key not in content and missing_ok:
+        return []
     if not isinstance(content, dict) or key not in content:
         keys = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise InputError(f"datalist {path} has no list '{key}' (it has {keys}); add it or choose another key.")

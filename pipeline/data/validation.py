@@ -77,10 +77,10 @@ def _check_finite(img: torch.Tensor, src: str) -> None:
 
 
 def check_nifti_header(path: str, max_voxels: int = MAX_VOXELS) -> nib.spatialimages.SpatialImage:
-    """Read only the header of ``path``; return the (not yet loaded) image, or raise :class:`InputError` for a file
-    that is not
-    NIfTI (or is unreadable) and for a header declaring more than ``max_voxels`` voxels (refused before any
-    memory is allocated for the data)."""
+    """Read only the header of ``path`` and return the (not yet loaded) image.
+
+    Raises :class:`InputError` for a missing file, a file that is not NIfTI (or is unreadable), and a header
+    declaring more than ``max_voxels`` voxels (refused before any memory is allocated for the data)."""
     try:
         img = nib.load(path)
     except FileNotFoundError as err:
