@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 # `torch` requirement pulls a multi-GB CUDA build. Override it for a GPU machine, e.g. TORCH_SPEC="torch==2.13.0".
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_data
-DEMO_EPOCHS ?= 30
+DEMO_EPOCHS ?= 15
+DEMO_SEEDS ?= 0 1 2
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py --data-dir $(DEMO_DIR) --epochs $(DEMO_EPOCHS)
+	$(BIN)/python scripts/compare.py --demo-dir $(DEMO_DIR) --output-dir runs/demo --seeds $(DEMO_SEEDS) --epochs $(DEMO_EPOCHS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

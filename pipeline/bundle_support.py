@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -84,12 +84,12 @@ def active_config_parser():
     return _active(ConfigParser)
 
 
-def _ids(node: object, prefix: str = "") -> Iterator[str]:
-    """Every ``a#b#c`` id of nested dicts (list items and their contents are not descended into)."""
+def _ids(node: object, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """Every ``a#b#c`` id of nested dicts with its content (list items are not descended into)."""
     if isinstance(node, dict):
         for key, value in node.items():
             child = f"{prefix}#{key}" if prefix else str(key)
-            yield child
+            yield child, value
             yield from _ids(value, child)
 
 
@@ -103,10 +103,18 @@ def check_config_keys() -> None:
     from monai.bundle import ConfigWorkflow
 
     workflow = _active(ConfigWorkflow)
-    known = {"_meta_"}
+    known, values = {"_meta_"}, {"_meta_"}  # values: ids whose content is a value (e.g. null), not a config dict
     for path in Path(workflow.config_root_path).glob("*.json"):
-        known.update(_ids(json.loads(path.read_text())))
-    unknown = sorted(i for i in _ids(active_config_parser().get()) if i not in known and not i.startswith("_meta_#"))
+        for key, content in _ids(json.loads(path.read_text())):
+            known.add(key)
+            if not isinstance(content, dict):
+                values.add(key)
+
+    def defined(key: str) -> bool:  # known, or inside a value given on the command line (a dict for a null key)
+        parts = key.split("#")
+        return key in known or any("#".join(parts[:n]) in values for n in range(1, len(parts)))
+
+    unknown = sorted(i for i, _ in _ids(active_config_parser().get()) if not defined(i))
     if unknown:
         hints = []
         for key in unknown:
@@ -114,6 +122,28 @@ def check_config_keys() -> None:
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise InputError(f"unknown config key(s): {', '.join(hints)}; no config of {workflow.config_root_path} "
                          "defines them. Fix the --key on the command line.")
+
+
+TRAINING_KEYS = ("image_size", "normalization", "reconstruction", "kl_weight", "z_dim", "channels", "norm")
+
+
+def check_matches_training(executed_config: str | os.PathLike, keys: Sequence[str] = TRAINING_KEYS) -> None:
+    """Refuse to evaluate with settings that differ from the training run's (its executed ``config.json``).
+
+    Preprocessing, network and slice score must be those the checkpoint was trained with; overriding
+    ``--normalization`` in training but not in evaluation would silently score differently normalised images.
+    Nothing is checked when ``executed_config`` does not exist (a checkpoint from elsewhere).
+    """
+    path = Path(executed_config)
+    if not path.is_file():
+        return
+    trained = json.loads(path.read_text())
+    current = active_config_parser().get()
+    differ = [f"{k}={current.get(k)!r} (trained with {trained[k]!r})" for k in keys
+              if k in trained and current.get(k) != trained[k]]
+    if differ:
+        raise InputError(f"this run's settings differ from the training recorded in {path}: {', '.join(differ)}; "
+                         "pass the training's values (e.g. --normalization), or use another --output_dir.")
 
 
 USER_ERRORS = (InputError, FileNotFoundError, ConnectionError, PermissionError, NotADirectoryError,

@@ -6,13 +6,17 @@ KL-gradient backward per batch, :func:`pipeline.scoring.raw_scores`), derives th
 geometry and keeps brain voxels only as compact arrays. Then:
 
 * slice level: AUROC/AUPRC of slice scores (normal: no annotated pixel; anomalous: > ``min_slice_pixels``);
-* pixel level: exact AUROC/AUPRC over brain voxels (:class:`pipeline.metrics.ThresholdCurve`);
+* pixel level: exact AUROC/AUPRC over brain voxels (:class:`pipeline.metrics.ThresholdCurve`); with
+  ``label_groups`` (e.g. BraTS ``{"core": [1, 3, 4], "oedema": [2]}``) also per group of label values, each group's
+  voxels against the unlabelled brain voxels (needs the transform's ``class_key="label_classes"``);
 * Dice: threshold chosen on a seeded 20 % of the test **subjects**, Dice reported on the other 80 % (pooled and
   mean per subject); best possible Dice on all subjects;
 * posterior collapse: 0.95 quantile of the per-slice KL, active latent units (``Var_x[mu_d] > 0.01``).
 
-Outputs in ``output_dir``: ``metrics.json``, ``per_subject.csv``, ``roc_pr.png``, ``panels.png``; the thresholds go
-to ``threshold.json`` next to the checkpoint; metrics and files are logged to MLflow.
+Outputs in ``output_dir``: ``metrics.json``, ``per_subject.csv``, ``curves.json`` (pixel ROC and PR curves on fixed
+grids), ``roc_pr.png``, ``panels.png``; the thresholds go to ``threshold.json`` next to the checkpoint. Metrics are
+logged to MLflow as ``<name>/<option set>/<metric>/<score>`` (e.g. ``eval/paper/pixel_auroc/combined``) and
+``<name>/kl_q95``, files under the artifact folder ``evaluation/<name>``; ``name`` tells test sets apart.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -42,14 +47,16 @@ logger = logging.getLogger(__name__)
 POSTPROCESSED = ScoreOptions(grad_sigma=3.0, grad_kernel=7, normalize_slices=True, brain_mask=True, mask_erosion=1,
                              median_size=5, min_component_size=7)
 ACTIVE_UNIT_VARIANCE = 0.01
+CURVE_POINTS = 201  # grid of the FPR / recall axis in curves.json
 N_THRESHOLD_CANDIDATES = 64  # threshold grid when connected components make Dice non-monotone
 
 
 class _Subject:
     """Compact per-subject results: brain-voxel scores per option set and score, labels, slice terms."""
 
-    def __init__(self, name: str, brain: np.ndarray, label: np.ndarray) -> None:
+    def __init__(self, name: str, brain: np.ndarray, label: np.ndarray, classes: np.ndarray | None = None) -> None:
         self.name, self.brain, self.label = name, brain, label
+        self.classes = classes  # original label values of the brain voxels, for label_groups
         self.voxels: dict[str, dict[str, np.ndarray]] = {}
         self.slice_means: dict[str, dict[str, np.ndarray]] = {}
         self.slice_terms: dict[str, np.ndarray] = {}
@@ -70,25 +77,33 @@ class AnomalyEvaluation:
         transform: the volume chain used in training.
         output_dir: where outputs go.
         configs: option sets to report side by side (default: ``paper`` and ``postprocessed``).
-        reconstruction: the reconstruction term of the ELBO, as in training.
+        reconstruction, kl_weight: the reconstruction term and KL weight of the ELBO, as in training.
         batch_size: slices per network pass.
         min_slice_pixels: annotated pixels above which a slice counts as anomalous.
         calibration_fraction, seed: the subject split of the Dice threshold.
         tracking_uri, experiment_name: MLflow destination when the checkpoint's training run is unknown.
+        name: the test set's name in MLflow (metric prefix and artifact sub-folder).
+        label_groups: optional ``{group: [label values]}``; adds ``pixel_auroc_<group>`` / ``pixel_auprc_<group>``.
     """
 
     def __init__(self, network: torch.nn.Module, checkpoint: str | os.PathLike, datalist: str | os.PathLike,
                  transform: Callable, output_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                 configs: Mapping[str, ScoreOptions] | None = None, reconstruction: str = "l2",
+                 configs: Mapping[str, ScoreOptions] | None = None, reconstruction: str = "l2", kl_weight: float = 1.0,
                  batch_size: int = 64, min_slice_pixels: int = 20, calibration_fraction: float = 0.2,
                  seed: int = 0, key: str = "test", n_panels: int = 4, tracking_uri: str | None = None,
-                 experiment_name: str = "cevae") -> None:
+                 experiment_name: str = "cevae", name: str = "eval",
+                 label_groups: Mapping[str, Sequence[int]] | None = None) -> None:
+        for text in (name, *(label_groups or {})):
+            if not text or "/" in text:
+                raise ValueError(f"evaluation and label group names must be non-empty without '/', got {text!r}.")
+        self.label_groups = {g: [int(v) for v in values] for g, values in (label_groups or {}).items()}
         self.network, self.checkpoint, self.datalist = network, Path(checkpoint), Path(datalist)
         self.transform, self.output_dir, self.device = transform, Path(output_dir), torch.device(device)
         self.configs = dict(configs or {"paper": PAPER, "postprocessed": POSTPROCESSED})
-        self.reconstruction, self.batch_size, self.min_slice_pixels = reconstruction, batch_size, min_slice_pixels
+        self.reconstruction, self.kl_weight = reconstruction, kl_weight
+        self.batch_size, self.min_slice_pixels = batch_size, min_slice_pixels
         self.calibration_fraction, self.seed, self.key, self.n_panels = calibration_fraction, seed, key, n_panels
-        self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
+        self.tracking_uri, self.experiment_name, self.name = tracking_uri, experiment_name, name
 
     # ----------------------------------------------------------------------------------------------- scoring
     def load_network(self) -> torch.nn.Module:
@@ -103,9 +118,15 @@ class AnomalyEvaluation:
         image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
         brain = np.asarray(data["brainmask"][0] > 0)
         label = np.asarray(data["label"][0] > 0) & brain
-        subject = _Subject(name, brain, label)
+        classes = None
+        if self.label_groups:
+            if "label_classes" not in data:
+                raise ValueError("label_groups needs the label's classes: build the transform with "
+                                 "class_key='label_classes'.")
+            classes = np.rint(np.asarray(data["label_classes"][0])[brain]).astype(np.int16)
+        subject = _Subject(name, brain, label, classes)
         terms, maps = score_volume(self.network, image, brain, self.configs, self.reconstruction, self.batch_size,
-                                   device=self.device)
+                                   device=self.device, kl_weight=self.kl_weight)
         subject.slice_terms = {k: terms[k].numpy() for k in ("rec", "kl", "neg_elbo", "mu")}
         brain_pixels = np.maximum(brain.sum(axis=(0, 1)), 1)
         for config, volumes in maps.items():
@@ -137,7 +158,11 @@ class AnomalyEvaluation:
 
     def metrics(self, subjects: list[_Subject]) -> dict:
         """All metrics, per option set (see the module docstring)."""
-        calibration, reported = split_calibration([s.name for s in subjects], self.calibration_fraction, self.seed)
+        if len(subjects) > 1:
+            calibration, reported = split_calibration([s.name for s in subjects], self.calibration_fraction, self.seed)
+        else:  # the threshold still comes from the data, but no held-out Dice can be reported
+            logger.warning("only one test subject: its Dice threshold is calibrated on it; Dice 20/80 is not reported")
+            calibration, reported = [s.name for s in subjects], []
         cal = [s for s in subjects if s.name in calibration]
         rep = [s for s in subjects if s.name in reported]
         slice_y = np.concatenate([slice_labels(s.label, self.min_slice_pixels) for s in subjects])
@@ -172,16 +197,31 @@ class AnomalyEvaluation:
                 out["dice_split"][score] = {
                     "threshold": threshold,
                     "calibration_dice": cal_dice,
-                    "dice": self._pooled_dice(rep, config, score, threshold),
-                    "dice_mean_per_subject": float(np.mean(list(per_subject.values()))),
+                    "dice": self._pooled_dice(rep, config, score, threshold) if rep else float("nan"),
+                    "dice_mean_per_subject": float(np.mean(list(per_subject.values()))) if rep else float("nan"),
                     "per_subject": per_subject,
                 }
                 out["dice_best"][score] = self._dice_search(subjects, config, score)[1]
+            out.update(self._group_metrics(subjects, config))
             results[config] = out
         paper = results[next(iter(self.configs))]
         for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auprc", "dice_split", "dice_best"):
             results[key] = paper[key]  # the paper's plain definitions at the top level
         return results
+
+    def _group_metrics(self, subjects: list[_Subject], config: str) -> dict:
+        """``pixel_auroc_<group>`` / ``pixel_auprc_<group>`` per score: the group's voxels against unlabelled brain."""
+        out: dict = {}
+        for group, values in self.label_groups.items():
+            positive = np.concatenate([np.isin(s.classes, values) for s in subjects])
+            keep = positive | ~np.concatenate([s.label[s.brain] for s in subjects])
+            out[f"pixel_auroc_{group}"], out[f"pixel_auprc_{group}"] = {}, {}
+            for score in SCORE_NAMES:
+                scores = np.concatenate([s.voxels[config][score] for s in subjects])[keep]
+                curve = ThresholdCurve.from_scores(scores, positive[keep])
+                out[f"pixel_auroc_{group}"][score] = curve.auroc()
+                out[f"pixel_auprc_{group}"][score] = curve.average_precision()
+        return out
 
     # ----------------------------------------------------------------------------------------------- outputs
     def run(self) -> dict:
@@ -202,7 +242,9 @@ class AnomalyEvaluation:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(results, self.output_dir / "metrics.json")
         self._write_per_subject(subjects, results)
-        self._plot_curves(subjects)
+        curves = self._curves(subjects)
+        self._write_curves(curves)
+        self._plot_curves(curves)
         self._plot_panels(panels, results)
         thresholds = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
         # inference's default: the combined score under the option set that calibrated best (calibration subjects only)
@@ -227,17 +269,38 @@ class AnomalyEvaluation:
             writer.writerow(row)
         atomic_write_text(buffer.getvalue(), self.output_dir / "per_subject.csv")
 
-    def _plot_curves(self, subjects: list[_Subject]) -> None:
+    def _curves(self, subjects: list[_Subject]) -> list[tuple[str, str, ThresholdCurve]]:
+        """``(config, score, curve)`` of the pooled brain voxels, for every option set and score."""
+        labels = np.concatenate([s.label[s.brain] for s in subjects])
+        return [(config, score, ThresholdCurve.from_scores(
+                    np.concatenate([s.voxels[config][score] for s in subjects]), labels))
+                for config in self.configs for score in SCORE_NAMES]
+
+    def _write_curves(self, curves: list[tuple[str, str, ThresholdCurve]]) -> None:
+        """``curves.json``: per option set and score, TPR on a fixed FPR grid and precision on a recall grid."""
+        grid = np.linspace(0.0, 1.0, CURVE_POINTS)
+        out: dict = {"fpr": grid.tolist(), "recall": grid.tolist()}
+        for config, score, curve in curves:
+            fpr, tpr = curve.roc_points(max_points=curve.tps.size)
+            recall, precision = curve.pr_points(max_points=curve.tps.size)
+            out.setdefault(config, {})[score] = {
+                "auroc": curve.auroc(), "auprc": curve.average_precision(),
+                "tpr": np.round(np.interp(grid, fpr, tpr), 5).tolist(),
+                "precision": np.round(np.interp(grid, recall, precision), 5).tolist(),
+            }
+        atomic_write_json(out, self.output_dir / "curves.json")
+
+    def _plot_curves(self, curves: list[tuple[str, str, ThresholdCurve]]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        labels = np.concatenate([s.label[s.brain] for s in subjects])
         fig, axes = plt.subplots(len(self.configs), 2, figsize=(10, 4.5 * len(self.configs)), squeeze=False)
-        for row, config in enumerate(self.configs):
-            for score in SCORE_NAMES:
-                curve = ThresholdCurve.from_scores(np.concatenate([s.voxels[config][score] for s in subjects]), labels)
-                axes[row, 0].plot(*curve.roc_points(), label=f"{score} (AUROC {curve.auroc():.3f})")
-                axes[row, 1].plot(*curve.pr_points(), label=f"{score} (AUPRC {curve.average_precision():.3f})")
+        rows = {config: row for row, config in enumerate(self.configs)}
+        for config, score, curve in curves:
+            row = rows[config]
+            axes[row, 0].plot(*curve.roc_points(), label=f"{score} (AUROC {curve.auroc():.3f})")
+            axes[row, 1].plot(*curve.pr_points(), label=f"{score} (AUPRC {curve.average_precision():.3f})")
+        for config, row in rows.items():
             axes[row, 0].set(title=f"pixel ROC, {config}", xlabel="false positive rate", ylabel="true positive rate")
             axes[row, 1].set(title=f"pixel PR, {config}", xlabel="recall", ylabel="precision")
             for ax in axes[row]:
@@ -278,6 +341,7 @@ class AnomalyEvaluation:
 
     def _log_to_mlflow(self, results: dict) -> None:
         from mlflow import MlflowClient
+        from mlflow.entities import Metric
 
         from pipeline.tracking import RUN_INFO_FILENAME, resolve_tracking_uri, store_lock
 
@@ -294,20 +358,24 @@ class AnomalyEvaluation:
                 run_id = client.create_run(experiment_id, run_name="evaluation",
                                            tags={"evaluated_checkpoint": str(self.checkpoint)}).info.run_id
         close = info.get("run_id") is None
+        values = {f"{self.name}/kl_q95": results["kl_q95"], f"{self.name}/active_units": results["active_units"]}
         for config in self.configs:
-            for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auprc", "dice_best"):
-                for score, value in results[config][key].items():
-                    if np.isfinite(value):
-                        client.log_metric(run_id, f"eval_{config}_{key}_{score}", float(value))
+            keys = ["slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auprc", "dice_best"]
+            keys += [f"pixel_{m}_{g}" for g in self.label_groups for m in ("auroc", "auprc")]
+            for key in keys:
+                values.update({f"{self.name}/{config}/{key}/{score}": value
+                               for score, value in results[config][key].items()})
             for score, entry in results[config]["dice_split"].items():
-                client.log_metric(run_id, f"eval_{config}_dice_split_{score}", float(entry["dice"]))
-                client.log_metric(run_id, f"eval_{config}_threshold_{score}", float(entry["threshold"]))
-        client.log_metric(run_id, "eval_kl_q95", results["kl_q95"])
-        client.log_metric(run_id, "eval_active_units", results["active_units"])
-        for name in ("metrics.json", "per_subject.csv", "roc_pr.png", "panels.png"):
+                values[f"{self.name}/{config}/dice_split/{score}"] = entry["dice"]
+                values[f"{self.name}/{config}/threshold/{score}"] = entry["threshold"]
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in values.items()
+                                          if np.isfinite(value)])  # one request, also to a remote server
+        folder = f"evaluation/{self.name}"
+        for name in ("metrics.json", "per_subject.csv", "curves.json", "roc_pr.png", "panels.png"):
             if (self.output_dir / name).is_file():
-                client.log_artifact(run_id, str(self.output_dir / name), artifact_path="evaluation")
-        client.log_artifact(run_id, str(self.checkpoint.parent / "threshold.json"), artifact_path="evaluation")
+                client.log_artifact(run_id, str(self.output_dir / name), artifact_path=folder)
+        client.log_artifact(run_id, str(self.checkpoint.parent / "threshold.json"), artifact_path=folder)
         if close:
             client.set_terminated(run_id)
 

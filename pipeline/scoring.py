@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from monai.networks.layers import gaussian_1d, separable_filtering
 from scipy import ndimage
-from scipy.stats import rankdata
 
 from pipeline.data.slices import volume_to_slices
+from pipeline.data.transforms import equalize_in_brain
 from pipeline.losses import kl_divergence, reconstruction_error
 from pipeline.metrics import remove_small_components
 
@@ -39,7 +39,6 @@ __all__ = [
     "SCORE_NAMES",
     "ScoreOptions",
     "elbo_terms",
-    "equalize_in_brain",
     "kl_gradient",
     "postprocess_volume",
     "raw_scores",
@@ -92,22 +91,23 @@ def _encoder_decoder(network: torch.nn.Module) -> torch.nn.Module:
 
 
 def _slice_terms(net: torch.nn.Module, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, reconstruction: str,
-                 sigma: float) -> dict[str, torch.Tensor]:
+                 sigma: float, kl_weight: float) -> dict[str, torch.Tensor]:
     recon = net.decode(mu)
     rec = reconstruction_error(x, recon, reconstruction, sigma)
     kl = kl_divergence(mu, logvar)
-    return {"recon": recon, "mu": mu, "rec": rec, "kl": kl, "neg_elbo": rec + kl}
+    return {"recon": recon, "mu": mu, "rec": rec, "kl": kl, "neg_elbo": rec + kl_weight * kl}
 
 
-def elbo_terms(network: torch.nn.Module, x: torch.Tensor, reconstruction: str = "l2", sigma: float = 1.0
-               ) -> dict[str, torch.Tensor]:
+def elbo_terms(network: torch.nn.Module, x: torch.Tensor, reconstruction: str = "l2", sigma: float = 1.0,
+               kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Per-slice terms for a batch ``x`` ``(B, C, H, W)``.
 
-    Returns ``recon`` ``(B, C, H, W)`` (decoded mean), ``mu`` ``(B, Z)`` and ``rec``, ``kl``, ``neg_elbo`` ``(B,)``.
+    Returns ``recon`` ``(B, C, H, W)`` (decoded mean), ``mu`` ``(B, Z)`` and ``rec``, ``kl``, ``neg_elbo`` ``(B,)``;
+    ``neg_elbo = rec + kl_weight * kl`` is the VAE term of the training loss (``kl_weight`` as in training).
     """
     net = _encoder_decoder(network)
     mu, logvar = net.encode(x)
-    return _slice_terms(net, x, mu, logvar, reconstruction, sigma)
+    return _slice_terms(net, x, mu, logvar, reconstruction, sigma, kl_weight)
 
 
 def _encode_with_kl_gradient(net: torch.nn.Module, x: torch.Tensor
@@ -126,13 +126,14 @@ def kl_gradient(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _encode_with_kl_gradient(_encoder_decoder(network), x)[2]
 
 
-def raw_scores(network: torch.nn.Module, x: torch.Tensor, reconstruction: str = "l2") -> dict[str, torch.Tensor]:
+def raw_scores(network: torch.nn.Module, x: torch.Tensor, reconstruction: str = "l2", kl_weight: float = 1.0
+               ) -> dict[str, torch.Tensor]:
     """What every score is made of: :func:`elbo_terms` plus the raw ``kl_grad`` map, from one encoder pass, one
     backward pass and one decoder pass."""
     net = _encoder_decoder(network)
     mu, logvar, grad = _encode_with_kl_gradient(net, x)
     with torch.no_grad():
-        terms = _slice_terms(net, x, mu, logvar, reconstruction, 1.0)
+        terms = _slice_terms(net, x, mu, logvar, reconstruction, 1.0, kl_weight)
     return {**terms, "kl_grad": grad}
 
 
@@ -166,19 +167,9 @@ def postprocess_volume(volume: np.ndarray, brainmask: np.ndarray, options: Score
     return out
 
 
-def equalize_in_brain(volume: np.ndarray, brainmask: np.ndarray) -> np.ndarray:
-    """Histogram equalisation inside the brain: each brain voxel becomes its quantile (0-1) among the brain voxels;
-    ties share their mean rank, the background is 0."""
-    brain = brainmask > 0
-    out = np.zeros_like(volume, dtype=np.float32)
-    if brain.any():
-        out[brain] = rankdata(volume[brain]) / brain.sum()
-    return out
-
-
 def score_volume(network: torch.nn.Module, image: torch.Tensor, brainmask: np.ndarray,
                  configs: Mapping[str, ScoreOptions], reconstruction: str = "l2", batch_size: int = 64,
-                 scores: Sequence[str] = SCORE_NAMES, device: str | torch.device = "cpu"
+                 scores: Sequence[str] = SCORE_NAMES, device: str | torch.device = "cpu", kl_weight: float = 1.0
                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
     """Score a whole preprocessed volume, slice batch by slice batch.
 
@@ -187,6 +178,7 @@ def score_volume(network: torch.nn.Module, image: torch.Tensor, brainmask: np.nd
         brainmask: ``(H, W, D)`` boolean brain mask.
         configs: option sets to derive maps for (the network passes are shared by all of them).
         scores: the maps to keep, among :data:`SCORE_NAMES`.
+        kl_weight: the KL weight of training (slice score ``neg_elbo = rec + kl_weight * kl``).
 
     Returns:
         ``(terms, maps)``: per-slice ``recon`` ``(D, 1, H, W)``, ``mu``, ``rec``, ``kl``, ``neg_elbo`` on the CPU, and
@@ -197,7 +189,7 @@ def score_volume(network: torch.nn.Module, image: torch.Tensor, brainmask: np.nd
     parts: dict[str, dict[str, list[torch.Tensor]]] = {c: {s: [] for s in scores} for c in configs}
     for start in range(0, slices.shape[0], batch_size):
         x = slices[start:start + batch_size].to(device)
-        raw = raw_scores(network, x, reconstruction)
+        raw = raw_scores(network, x, reconstruction, kl_weight)
         for key in ("recon", "mu", "rec", "kl", "neg_elbo"):
             chunks.setdefault(key, []).append(raw[key].cpu())
         for config, options in configs.items():

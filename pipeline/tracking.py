@@ -21,6 +21,7 @@ import matplotlib
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.utils import path_to_sqlite_uri
 
 from pipeline.data.context_encoding import ContextEncodingNoise
@@ -143,14 +144,18 @@ class MLflowRunHandler(MLFlowHandler):
     The parent class reuses *any* unfinished run of the same name, so a fresh run would log into a run that an
     earlier, killed process left open. With ``run_info_path`` the tracking URI and run id are written there
     (:data:`RUN_INFO_FILENAME` next to the checkpoints), so that evaluation logs into the run that trained them.
+    With ``parent_run_id`` a new run is created nested under that run (``scripts/compare.py`` groups the runs of
+    one comparison this way).
     """
 
-    def __init__(self, *args, resume: bool = False, run_info_path: str | os.PathLike | None = None, **kwargs) -> None:
+    def __init__(self, *args, resume: bool = False, run_info_path: str | os.PathLike | None = None,
+                 parent_run_id: str | None = None, **kwargs) -> None:
         self.store_uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
         with store_lock(self.store_uri):  # the client creates a new store's schema
             super().__init__(*args, **kwargs)
         self.resume = resume
         self.run_info_path = run_info_path
+        self.parent_run_id = parent_run_id
 
     def start(self, engine: Engine) -> None:
         if not self.cur_run:
@@ -164,8 +169,9 @@ class MLflowRunHandler(MLFlowHandler):
                     order_by=["attributes.start_time DESC"],
                     max_results=1,
                 )
+            tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id} if self.parent_run_id else None
             self.cur_run = open_runs[0] if open_runs else self.client.create_run(
-                experiment_id=self.experiment.experiment_id, run_name=self.run_name)
+                experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags)
             if self.run_info_path is not None:
                 atomic_write_json({"tracking_uri": self.client.tracking_uri, "run_id": self.cur_run.info.run_id,
                                    "experiment_id": self.experiment.experiment_id}, self.run_info_path)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 from bundle_helpers import run_bundle
+from conftest import input_error
 from mlflow import MlflowClient
 
 from pipeline.data.datalist import write_datalist
@@ -48,9 +50,10 @@ def test_outputs_threshold_and_mlflow(evaluated_run):
     client = MlflowClient(f"sqlite:///{out}/mlruns.db")
     (run,) = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
     assert run.info.run_name == "cevae", "evaluation logs into the run that trained the checkpoint"
-    assert run.data.metrics["eval_paper_pixel_auroc_rec"] == pytest.approx(metrics["pixel_auroc"]["rec"])
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
-        "evaluation/metrics.json", "evaluation/threshold.json", "evaluation/roc_pr.png"}
+    assert run.data.metrics["eval/paper/pixel_auroc/rec"] == pytest.approx(metrics["pixel_auroc"]["rec"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/eval")} >= {
+        "evaluation/eval/metrics.json", "evaluation/eval/threshold.json", "evaluation/eval/roc_pr.png",
+        "evaluation/eval/curves.json"}
 
 
 def test_evaluation_on_real_labelled_scans(evaluated_run, shared_data, tmp_path):
@@ -65,3 +68,29 @@ def test_evaluation_on_real_labelled_scans(evaluated_run, shared_data, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_subjects"] == 3 and metrics["n_slices"] > 300
     assert 0.0 <= metrics["pixel_auroc"]["combined"] <= 1.0
+
+
+def test_one_subject_and_label_groups(evaluated_run, tiny_demo, tmp_path):
+    out, _ = evaluated_run
+    checkpoint = tmp_path / "checkpoint" / "model.pt"
+    checkpoint.parent.mkdir()
+    shutil.copy(out / "checkpoints" / "model.pt", checkpoint)
+    entry = json.loads(tiny_demo.read_text())["test"][0]
+    entry = {k: str(tiny_demo.parent / v) if k in ("image", "brainmask", "label") else v for k, v in entry.items()}
+    datalist = write_datalist({"test": [entry]}, tmp_path / "one.json")
+    run_bundle(tmp_path, datalist, EVAL_FILES, ckpt_path=str(checkpoint),
+               label_groups={"lesion": [1], "absent": [7]})
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    split = metrics["paper"]["dice_split"]["combined"]
+    assert math.isnan(split["dice"]) and math.isfinite(split["threshold"]), "no held-out Dice from one subject"
+    # a group holding every label value is the plain pixel metric; a value that never occurs gives NaN
+    assert metrics["paper"]["pixel_auroc_lesion"] == pytest.approx(metrics["paper"]["pixel_auroc"])
+    assert metrics["postprocessed"]["pixel_auprc_lesion"] == pytest.approx(metrics["postprocessed"]["pixel_auprc"])
+    assert math.isnan(metrics["paper"]["pixel_auroc_absent"]["rec"])
+
+
+def test_evaluation_refuses_settings_that_differ_from_training(evaluated_run):
+    out, _ = evaluated_run
+    with pytest.raises(Exception) as info:
+        run_bundle(out, json.loads((out / "config.json").read_text())["datalist"], EVAL_FILES, normalization="zscore")
+    assert "normalization='zscore' (trained with 'percentile')" in str(input_error(info.value))

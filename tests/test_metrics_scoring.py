@@ -15,8 +15,10 @@ from pipeline.metrics import (
     slice_labels,
     split_calibration,
 )
+from pipeline.data.transforms import equalize_in_brain
+from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
-from pipeline.scoring import PAPER, ScoreOptions, equalize_in_brain, kl_gradient, postprocess_volume, raw_scores, score_maps
+from pipeline.scoring import PAPER, ScoreOptions, elbo_terms, kl_gradient, postprocess_volume, raw_scores, score_maps
 
 
 @pytest.mark.parametrize("case", ["random", "ties", "rare", "perfect", "inverted"])
@@ -84,6 +86,20 @@ def test_batched_kl_gradient_equals_the_per_slice_gradient():
     for i in range(5):
         torch.testing.assert_close(batched[i : i + 1], kl_gradient(net, x[i : i + 1]), rtol=1e-5, atol=1e-8)
     assert torch.equal(kl_gradient(net, x[1:3]), batched[1:3]) or torch.allclose(kl_gradient(net, x[1:3]), batched[1:3])
+
+
+def test_slice_score_is_the_vae_term_of_the_training_loss():
+    torch.manual_seed(0)
+    net = CeVAE(z_dim=8, channels=(4, 8, 8, 8)).eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        mu, logvar = net.encode(x)
+        for kl_weight in (1.0, 0.01):
+            terms = elbo_terms(net, x, kl_weight=kl_weight)
+            torch.testing.assert_close(terms["neg_elbo"], terms["rec"] + kl_weight * terms["kl"])
+            # the training loss of the plain VAE with the mean as its sample is the batch mean of this score
+            loss = CeVAELoss(ce_weight=0.0, kl_weight=kl_weight)(x, net.decode(mu), mu, logvar)
+            torch.testing.assert_close(loss["loss"], terms["neg_elbo"].mean())
 
 
 def test_score_maps_follow_their_options():

@@ -43,6 +43,10 @@ def make_tree(root, layout):
         for c in ("pat0001", "pat0002"):
             for m in ("Flair_subtrMeanDivStd", "T1c_subtrMeanDivStd", "OTMultiClass", "brainmask"):
                 save_nifti(VOL, root / c / f"{m}.nii.gz")
+    elif layout == "brats-toolkit":
+        for c in ("TCGA-DU-7294", "TCGA-DU-7300"):
+            for m in ("t1_bet", "t1c_bet", "t2_bet", "fla_bet", "fusion_mav_pseudolabel"):
+                save_nifti(VOL, root / c / f"{m}.nii.gz")
     elif layout == "open-ms":
         for c in ("patient01", "patient02"):
             for m in ("T1", "T2", "FLAIR", "T1POST", "lesion_gt"):
@@ -56,6 +60,7 @@ EXPECTED = {  # layout -> (modality, substring of every image name, keys of ever
     "isles2015": ("flair", "MR_Flair", {"image", "label"}),
     "brats2013-deepmedic": (None, "T1c_subtrMeanDivStd", {"image", "brainmask", "label"}),
     "open-ms": ("T1C", "T1POST", {"image", "label"}),
+    "brats-toolkit": ("flair", "fla_bet", {"image", "label"}),
 }
 
 

@@ -9,21 +9,19 @@ from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slices import BrainSliceDataset, brain_slice_indices
 
-# folder, layout (None: entry built by hand), modality, expects a label
+# folder, layout, modality, expects a label
 CASES = [
     ("ixi_t1", "ixi", None, False),
     ("brats2013", "brats2013-deepmedic", "T1c", True),
     ("brats2013", "brats2013-deepmedic", "FLAIR", True),
     ("open_ms", "open-ms", "T1", True),
     ("open_ms", "open-ms", "T2", True),
-    ("brats_toolkit", None, None, True),
+    ("brats_toolkit", "brats-toolkit", "T1c", True),
+    ("brats_toolkit", "brats-toolkit", "T2", True),
 ]
 
 
 def first_entry(root, layout, modality):
-    if layout is None:
-        case = root / "TCGA-DU-7294"
-        return {"image": str(case / "t2_bet.nii.gz"), "label": str(case / "fusion_mav_pseudolabel.nii.gz")}
     return prepare_entries(layout, root, modality, skip_incomplete=True)[0]
 
 

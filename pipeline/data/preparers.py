@@ -12,7 +12,11 @@ layout                 role        modalities (default first)  files
 ``isles2015``          test        T2, FLAIR, T1, DWI         ``<case>/**/VSD.Brain.XX.O.MR_T2.*.nii`` + ``VSD.Brain.XX.O.OT.*.nii``
 ``brats2013-deepmedic`` test       T1c, FLAIR                 ``<case>/T1c_subtrMeanDivStd.nii.gz`` + ``OTMultiClass`` + ``brainmask``
 ``open-ms``            test        T1, T2, FLAIR, T1c         ``<case>/T1.nii.gz`` + ``lesion_gt.nii.gz`` (T1c = ``T1POST``)
+``brats-toolkit``      test        T1c, T1, T2, FLAIR         ``<case>/t1c_bet.nii.gz`` + ``fusion_mav_pseudolabel.nii.gz``
 =====================  ==========  =========================  ==============================================
+
+``brats-toolkit`` (BrainLesion tutorial cases) carries **model-made pseudo-labels**, not expert ground truth: use
+it for development (choosing options), not to report results.
 
 :func:`prepare_entries` finds the entries, then checks every one (files readable as 3D NIfTI, mask/label present,
 same shape and affine as the image) and raises one :class:`~pipeline.data.validation.InputError` listing every
@@ -119,15 +123,24 @@ def _find_brats2013(root: Path, token: str) -> tuple[list[dict], list[str]]:
     return entries, problems
 
 
-def _find_open_ms(root: Path, token: str) -> tuple[list[dict], list[str]]:
+def _images_with_label(root: Path, pattern: str, label_name: str) -> tuple[list[dict], list[str]]:
+    """Images matching ``pattern`` whose folder holds the label file ``label_name``."""
     entries, problems = [], []
-    for image in sorted(root.glob(f"*/{token}.nii.gz")):
-        label = image.parent / "lesion_gt.nii.gz"
+    for image in sorted(root.glob(pattern)):
+        label = image.parent / label_name
         if not label.is_file():
-            problems.append(f"{image}: lesion_gt.nii.gz is missing in {image.parent}")
+            problems.append(f"{image}: {label_name} is missing in {image.parent}")
             continue
         entries.append({"image": str(image), "label": str(label)})
     return entries, problems
+
+
+def _find_open_ms(root: Path, token: str) -> tuple[list[dict], list[str]]:
+    return _images_with_label(root, f"*/{token}.nii.gz", "lesion_gt.nii.gz")
+
+
+def _find_brats_toolkit(root: Path, token: str) -> tuple[list[dict], list[str]]:
+    return _images_with_label(root, f"*/{token}_bet.nii.gz", "fusion_mav_pseudolabel.nii.gz")
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -139,6 +152,7 @@ LAYOUTS: dict[str, Layout] = {
         Layout("isles2015", "test", {"T2": "T2", "FLAIR": "Flair", "T1": "T1", "DWI": "DWI"}, _find_isles2015),
         Layout("brats2013-deepmedic", "test", {"T1C": "T1c", "FLAIR": "Flair"}, _find_brats2013),
         Layout("open-ms", "test", {"T1": "T1", "T2": "T2", "FLAIR": "FLAIR", "T1C": "T1POST"}, _find_open_ms),
+        Layout("brats-toolkit", "test", {"T1C": "t1c", "T1": "t1", "T2": "t2", "FLAIR": "fla"}, _find_brats_toolkit),
     )
 }
 

@@ -9,6 +9,8 @@ Output of :func:`brain_volume_transform` for a data dict ``{"image": path, "brai
   image foreground (:class:`~pipeline.data.transforms.ForegroundMask`).
 * ``label``: ``(1, S, S, D)`` float32 0/1 (``label > 0``), through the same spatial chain with nearest-neighbour
   interpolation.
+* ``class_key`` (optional, e.g. ``label_classes``): the label's original values (e.g. BraTS's 0-4 tumour classes)
+  through the same spatial chain, not binarised, for metrics per lesion class.
 
 Every spatial step is a MONAI invertible transform, so outputs can be mapped back to the input's geometry.
 """
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 
 from monai.transforms import (
     Compose,
+    CopyItemsd,
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -44,6 +47,7 @@ def brain_volume_transform(
     image_key: str = "image",
     mask_key: str = "brainmask",
     label_key: str = "label",
+    class_key: str | None = None,
     load: bool = True,
 ) -> Compose:
     """Build the volume chain (see the module docstring).
@@ -55,10 +59,11 @@ def brain_volume_transform(
         normalization: ``"percentile"`` (clip to the brain's percentiles, scale to [0, 1]) or ``"zscore"``.
         lower_percentile, upper_percentile: the percentiles for ``"percentile"``.
         background: background value used to derive a mask when none is given, or ``"corner"``.
+        class_key: if given, a copy of the label under this key keeps its original values (see above).
         load: False if the dict already holds channel-first tensors (skips loading).
     """
-    keys = [image_key, mask_key, label_key]
-    spatial_modes = ("trilinear", "nearest-exact", "nearest-exact")  # torch "nearest" shifts by half a voxel
+    keys = [image_key, mask_key, label_key] + ([class_key] if class_key else [])
+    spatial_modes = ("trilinear",) + ("nearest-exact",) * (len(keys) - 1)  # torch "nearest" shifts by half a voxel
     steps = []
     if load:
         steps += [
@@ -70,15 +75,17 @@ def brain_volume_transform(
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
     ]
     if pixdim is not None:
-        steps.append(Spacingd(keys, pixdim=tuple(pixdim), mode=("bilinear", "nearest", "nearest"),
+        steps.append(Spacingd(keys, pixdim=tuple(pixdim), mode=("bilinear",) + ("nearest",) * (len(keys) - 1),
                               allow_missing_keys=True))
+    if class_key:
+        steps.append(CopyItemsd(label_key, names=class_key, allow_missing_keys=True))
     steps += [
         ForegroundMaskd(image_key, mask_key=mask_key, background=background),
         Binarized(label_key, allow_missing_keys=True),
         CropForegroundd(keys, source_key=mask_key, margin=margin, allow_smaller=True, allow_missing_keys=True),
         SquarePadd(keys, allow_missing_keys=True),
-        Resized(keys, spatial_size=(image_size, image_size, -1), mode=spatial_modes, anti_aliasing=(True, False, False),
-                allow_missing_keys=True),
+        Resized(keys, spatial_size=(image_size, image_size, -1), mode=spatial_modes,
+                anti_aliasing=(True,) + (False,) * (len(keys) - 1), allow_missing_keys=True),
         Binarized([mask_key, label_key], threshold=0.5, allow_missing_keys=True),
         BrainIntensityNormalized(image_key, mask_key=mask_key, mode=normalization,
                                  lower=lower_percentile, upper=upper_percentile),

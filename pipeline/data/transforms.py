@@ -20,6 +20,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Pad, Padd, Transform
 from monai.utils import PytorchPadMode, TransformBackends, convert_to_dst_type
+from scipy.stats import rankdata
 
 from pipeline.data.validation import InputError, source_of
 
@@ -32,6 +33,7 @@ __all__ = [
     "ForegroundMaskd",
     "SquarePad",
     "SquarePadd",
+    "equalize_in_brain",
 ]
 
 
@@ -129,12 +131,28 @@ class ForegroundMaskd(MapTransform):
         return d
 
 
+NORMALIZATION_MODES = ("percentile", "zscore", "equalize")
+
+
+def equalize_in_brain(volume: np.ndarray, brainmask: np.ndarray) -> np.ndarray:
+    """Histogram equalisation inside the brain: each brain voxel becomes its quantile (0-1) among the brain voxels;
+    ties share their mean rank, the background is 0."""
+    brain = brainmask > 0
+    out = np.zeros_like(volume, dtype=np.float32)
+    if brain.any():
+        out[brain] = rankdata(volume[brain]) / brain.sum()
+    return out
+
+
 class BrainIntensityNormalize(Transform):
     """Normalise intensities using brain voxels only; background becomes exactly 0.
 
     Args:
         mode: ``"percentile"``: clip to the ``[lower, upper]`` percentiles of the brain voxels, then scale that
             range to ``[0, 1]``. ``"zscore"``: subtract the brain mean and divide by the brain standard deviation.
+            ``"equalize"``: histogram equalisation inside the brain: each brain voxel becomes its quantile among
+            the brain voxels (ties share their mean rank), so every brain is uniform on ``(0, 1]`` whatever its
+            scanner units or contrast (T1 and T1c brains become comparable; monotone, so tissue order is kept).
         lower, upper: percentiles (0-100) for ``"percentile"``.
 
     ``img`` is ``(C, *spatial)``, ``mask`` is ``(1, *spatial)``; statistics are per channel over ``mask > 0``.
@@ -144,8 +162,8 @@ class BrainIntensityNormalize(Transform):
     backend = [TransformBackends.TORCH]
 
     def __init__(self, mode: str = "percentile", lower: float = 0.5, upper: float = 99.5) -> None:
-        if mode not in ("percentile", "zscore"):
-            raise ValueError(f"mode must be 'percentile' or 'zscore', got {mode!r}.")
+        if mode not in NORMALIZATION_MODES:
+            raise ValueError(f"mode must be one of {NORMALIZATION_MODES}, got {mode!r}.")
         if not 0.0 <= lower < upper <= 100.0:
             raise ValueError(f"need 0 <= lower < upper <= 100, got lower={lower}, upper={upper}.")
         self.mode, self.lower, self.upper = mode, lower, upper
@@ -162,6 +180,8 @@ class BrainIntensityNormalize(Transform):
                 q = torch.quantile(voxels, torch.tensor([self.lower, self.upper], dtype=voxels.dtype) / 100.0)
                 lo, hi = float(q[0]), float(q[1])
                 scaled = (img_t[c].double().clamp(lo, hi) - lo) / max(hi - lo, 1e-8)
+            elif self.mode == "equalize":
+                scaled = torch.from_numpy(equalize_in_brain(img_t[c].numpy(), brain.numpy()))
             else:
                 scaled = (img_t[c].double() - float(voxels.mean())) / max(float(voxels.std()), 1e-8)
             out[c] = torch.where(brain, scaled, torch.zeros_like(scaled)).float()

@@ -40,7 +40,7 @@ class ELBOEvaluator(Evaluator):
 
     Args:
         network: the trained :class:`~pipeline.networks.CeVAE`.
-        reconstruction, sigma: the reconstruction term, as in the loss.
+        reconstruction, sigma, kl_weight: the reconstruction term and KL weight, as in the loss.
         Others: as for ``monai.engines.SupervisedEvaluator``.
     """
 
@@ -51,6 +51,7 @@ class ELBOEvaluator(Evaluator):
         network: torch.nn.Module,
         reconstruction: str = "l2",
         sigma: float = 1.0,
+        kl_weight: float = 1.0,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -86,13 +87,13 @@ class ELBOEvaluator(Evaluator):
             amp_kwargs=amp_kwargs,
         )
         self.network = network
-        self.reconstruction, self.sigma = reconstruction, sigma
+        self.reconstruction, self.sigma, self.kl_weight = reconstruction, sigma, kl_weight
 
     def _iteration(self, engine: ELBOEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:
         x, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         engine.network.eval()
         with engine.mode(engine.network), torch.no_grad():
-            terms = elbo_terms(engine.network, x, engine.reconstruction, engine.sigma)
+            terms = elbo_terms(engine.network, x, engine.reconstruction, engine.sigma, engine.kl_weight)
         engine.state.output = {CommonKeys.IMAGE: x, CommonKeys.PRED: terms.pop("recon"), **terms}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

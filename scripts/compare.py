@@ -1,0 +1,375 @@
+"""VAE vs ceVAE (or any sweep of the CE weight) over seeds, trained and evaluated through the bundle, compared
+from MLflow.
+
+    python scripts/compare.py --seeds 0 1 2 --epochs 15 --output-dir runs/compare       # embedded demo data
+    python scripts/compare.py --datalist-train T.json --datalist-test E.json [E2.json ...] --seeds 0 1 2 \\
+        --paper --output-dir O --experiment ixi-t1                                         # real data, 60 epochs
+    python scripts/compare.py --from-mlflow latest --output-dir O [--tracking-uri URI]     # tables only
+
+Every (CE weight, seed) pair is one child run, nested under one parent run: ``python -m monai.bundle run training``
+then ``run evaluating`` once per test set, as subprocesses (exactly the commands a user types; their logs go to
+``O/runs/<child>/*.log``). The comparison is then read back from MLflow (``MlflowClient.search_runs`` on the
+parent's children), so it can be rebuilt later or on another machine that sees the same tracking server:
+
+* ``O/comparison.md`` and ``O/comparison.csv``: mean ± std over seeds of every evaluation metric, per variant, test
+  set, option set and score (the CSV in long form, with every seed's value);
+* ``O/roc.png``: pixel ROC curves of each variant's best seed (by ``--primary``), per test set and option set;
+* ``O/bars.png``: headline metrics per variant, bars at the mean and one dot per seed.
+
+The four files are logged to the parent run (artifact folder ``comparison``). Tracking goes to ``--tracking-uri``,
+else ``MLFLOW_TRACKING_URI``, else ``sqlite:///O/mlruns.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "cevae" / "configs"
+COMPARISON_TAG = "cevae.comparison"
+PAPER_EPOCHS, DEMO_EPOCHS = 60, 15
+HEADLINE = [  # (row label, metric path below "<test set>/")
+    ("slice AUROC (ELBO)", "{c}/slice_auroc/elbo"),
+    ("pixel AUROC rec", "{c}/pixel_auroc/rec"),
+    ("pixel AUROC kl_grad", "{c}/pixel_auroc/kl_grad"),
+    ("pixel AUROC combined", "{c}/pixel_auroc/combined"),
+    ("pixel AUROC intensity", "{c}/pixel_auroc/intensity"),
+    ("pixel AUPRC rec", "{c}/pixel_auprc/rec"),
+    ("pixel AUPRC combined", "{c}/pixel_auprc/combined"),
+    ("pixel AUPRC intensity", "{c}/pixel_auprc/intensity"),
+    ("Dice 20/80 combined", "{c}/dice_split/combined"),
+    ("best Dice combined", "{c}/dice_best/combined"),
+    ("best Dice intensity", "{c}/dice_best/intensity"),
+]
+COLLAPSE = [("KL 0.95-quantile", "kl_q95"), ("active latent units", "active_units")]
+BARS = ["slice_auroc/elbo", "pixel_auroc/combined", "pixel_auprc/combined", "dice_split/combined"]
+
+
+def variant_label(ce_weight: float) -> str:
+    return "VAE (λ=0)" if ce_weight == 0 else f"ceVAE (λ={ce_weight:g})"
+
+
+def child_name(ce_weight: float, seed: int) -> str:
+    return f"{'vae' if ce_weight == 0 else f'cevae-{ce_weight:g}'}-seed{seed}"
+
+
+# ------------------------------------------------------------------------------------------------ training
+def bundle(run_id: str, files: list[str], log: Path, overrides: dict[str, object]) -> None:
+    """``python -m monai.bundle run <run_id>`` with ``overrides``, output to ``log``; raises with the log's tail."""
+    config = str([str(CONFIGS / f) for f in files])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle:
+        done = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"`{run_id}` failed (exit {done.returncode}); log {log}:\n{tail}")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def test_sets(paths: list[Path], names: list[str] | None) -> dict[str, Path]:
+    """Test-set name -> datalist: ``eval`` for a single set, else the file names (or ``names``)."""
+    if names is None:
+        names = ["eval"] if len(paths) == 1 else [p.stem for p in paths]
+    if len(names) != len(paths) or len(set(names)) != len(names) or any("/" in n for n in names):
+        raise ValueError(f"need one distinct name without '/' per test datalist, got {names} for {len(paths)} lists")
+    return dict(zip(names, paths))
+
+
+def train_and_evaluate(args: argparse.Namespace, uri: str, out: Path) -> str:
+    """Create the parent run, train and evaluate every child through the bundle; returns the parent run id."""
+    from mlflow import MlflowClient
+
+    from pipeline.io import atomic_write_json
+    from pipeline.tracking import store_lock
+
+    train = Path(args.datalist_train).resolve() if args.datalist_train else demo_datalist(Path(args.demo_dir))
+    sets = test_sets([Path(p).resolve() for p in (args.datalist_test or [train])], args.test_names)
+    for path in [train, *sets.values()]:
+        if not path.is_file():
+            raise FileNotFoundError(f"datalist {path} does not exist; write it with scripts/prepare_datalist.py")
+    epochs = args.epochs or (PAPER_EPOCHS if args.paper else DEMO_EPOCHS)
+    overrides = parse_overrides(args.set)
+    client = MlflowClient(uri)
+    with store_lock(uri):
+        experiment = client.get_experiment_by_name(args.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(args.experiment)
+    parent = client.create_run(experiment_id, run_name=args.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
+                               tags={COMPARISON_TAG: "true"}).info.run_id
+    params = {"seeds": args.seeds, "ce_weights": args.ce_weights, "epochs": epochs, "datalist_train": train,
+              "test_sets": {k: str(v) for k, v in sets.items()}, "overrides": overrides}
+    for key, value in params.items():
+        client.log_param(parent, key, json.dumps(value, default=str))
+    atomic_write_json({"tracking_uri": uri, "run_id": parent, "experiment": args.experiment}, out / "parent_run.json")
+    try:
+        for seed in args.seeds:
+            for ce_weight in args.ce_weights:
+                name = child_name(ce_weight, seed)
+                child_dir = out / "runs" / name
+                common = {"datalist": train, "output_dir": child_dir, "seed": seed, "ce_weight": ce_weight,
+                          "epochs": epochs, "run_name": name, "experiment_name": args.experiment,
+                          "tracking_uri": uri, "progress_bar": False, **overrides}
+                start = time.perf_counter()
+                bundle("training", ["train.json"], child_dir / "training.log", {**common, "parent_run_id": parent})
+                for set_name, datalist in sets.items():
+                    bundle("evaluating", ["train.json", "evaluate.json"], child_dir / f"evaluating_{set_name}.log",
+                           {**common, "eval_datalist": datalist, "eval_name": set_name,
+                            "eval_output_dir": child_dir / set_name})
+                print(f"{name}: trained and evaluated in {time.perf_counter() - start:.0f} s", flush=True)
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+    client.set_terminated(parent)
+    return parent
+
+
+def demo_datalist(demo_dir: Path) -> Path:
+    from pipeline.data.demo import make_demo_dataset
+
+    datalist = demo_dir.resolve() / "datalist.json"
+    if not datalist.is_file():
+        start = time.perf_counter()
+        make_demo_dataset(demo_dir)
+        print(f"built the demo data in {demo_dir} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return datalist
+
+
+# ------------------------------------------------------------------------------------------------ comparison
+class Comparison:
+    """The finished child runs of one parent run, grouped by variant (CE weight), with their evaluation metrics.
+
+    ``values[variant][metric]`` lists one value per seed, in seed order; metric names are the evaluation's
+    ``<test set>/<option set>/<metric>/<score>`` and ``<test set>/kl_q95`` / ``<test set>/active_units``.
+    """
+
+    def __init__(self, client, parent_id: str) -> None:
+        self.client, self.parent_id = client, parent_id
+        parent = client.get_run(parent_id)
+        runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                                  max_results=10000)
+        runs = [r for r in runs if r.info.status == "FINISHED"]
+        if not runs:
+            raise LookupError(f"parent run {parent_id} has no finished child runs")
+        runs.sort(key=lambda r: (float(r.data.params["ce_weight"]), int(r.data.params["seed"])))
+        self.variants: dict[str, list] = defaultdict(list)
+        for run in runs:
+            self.variants[variant_label(float(run.data.params["ce_weight"]))].append(run)
+        self.values = {v: defaultdict(list) for v in self.variants}
+        for variant, members in self.variants.items():
+            for run in members:
+                for key, value in run.data.metrics.items():
+                    if "/" in key:
+                        self.values[variant][key].append(value)
+        keys = {k for v in self.values.values() for k in v}
+        self.sets = sorted({k.split("/")[0] for k in keys})
+        self.configs = sorted({k.split("/")[1] for k in keys if k.count("/") == 3},
+                              key=lambda c: (c != "paper", c))
+        self.metrics = sorted(keys)
+
+    def group_rows(self, test_set: str) -> list[tuple[str, str]]:
+        """Headline rows of the label groups evaluated on ``test_set`` (``pixel_auroc_<group>``, see evaluation)."""
+        groups = sorted({k.split("/")[2][len("pixel_auroc_"):] for k in self.metrics
+                         if k.startswith(f"{test_set}/") and k.count("/") == 3
+                         and k.split("/")[2].startswith("pixel_auroc_")})
+        return [(f"pixel AUROC {score}, {group} vs healthy", f"{{c}}/pixel_auroc_{group}/{score}")
+                for group in groups for score in ("rec", "combined", "intensity")]
+
+    def seeds(self, variant: str) -> list[str]:
+        return [r.data.params["seed"] for r in self.variants[variant]]
+
+    def cell(self, variant: str, key: str, digits: int = 3) -> str:
+        values = self.values[variant].get(key)
+        if not values:
+            return "–"
+        mean = float(np.mean(values))
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    def markdown(self) -> str:
+        variants = list(self.variants)
+        seeds = "; ".join(f"{v}: seeds {', '.join(self.seeds(v))}" for v in variants)
+        lines = [f"# VAE vs ceVAE: MLflow parent run `{self.parent_id}`", "",
+                 f"Mean ± std (sample std) over seeds ({seeds}). Pixel metrics pool the brain voxels of all test "
+                 "subjects; Dice 20/80: threshold picked on 20 % of the test subjects, Dice on the other 80 %.", ""]
+        head = "| metric | " + " | ".join(variants) + " |\n|---" + "|---" * len(variants) + "|"
+        for test_set in self.sets:
+            for config in self.configs:
+                lines += [f"## test set `{test_set}`, option set `{config}`", "", head]
+                for label, path in HEADLINE + self.group_rows(test_set):
+                    key = f"{test_set}/{path.format(c=config)}"
+                    lines.append(f"| {label} | " + " | ".join(self.cell(v, key) for v in variants) + " |")
+                for label, path in COLLAPSE:
+                    lines.append(f"| {label} | " + " | ".join(self.cell(v, f"{test_set}/{path}", 2)
+                                                             for v in variants) + " |")
+                lines.append("")
+        lines += ["## every metric", "", head.replace("| metric |", "| metric (test set/option set/metric/score) |")]
+        lines += [f"| {key} | " + " | ".join(self.cell(v, key) for v in variants) + " |" for key in self.metrics]
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["variant", "ce_weight", "metric", "mean", "std", "n", "seeds", "values"])
+        for variant, members in self.variants.items():
+            for key in self.metrics:
+                values = self.values[variant].get(key, [])
+                if values:
+                    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                    writer.writerow([variant, members[0].data.params["ce_weight"], key, f"{np.mean(values):.6g}",
+                                     f"{std:.6g}", len(values), " ".join(self.seeds(variant)),
+                                     " ".join(f"{v:.6g}" for v in values)])
+        return buffer.getvalue()
+
+    def best_runs(self, primary: str) -> dict[str, object]:
+        """Per variant, the child run with the highest ``primary`` metric."""
+        return {v: max(runs, key=lambda r: r.data.metrics.get(primary, -np.inf)) for v, runs in self.variants.items()}
+
+    def plot_roc(self, path: Path, primary: str) -> None:
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        best = self.best_runs(primary)
+        fig, axes = plt.subplots(len(self.sets), len(self.configs), figsize=(5 * len(self.configs),
+                                 4.5 * len(self.sets)), squeeze=False)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with tempfile.TemporaryDirectory() as tmp:
+            for row, test_set in enumerate(self.sets):
+                for variant, run in best.items():
+                    local = self.client.download_artifacts(run.info.run_id, f"evaluation/{test_set}/curves.json", tmp)
+                    curves = json.loads(Path(local).read_text())
+                    for col, config in enumerate(self.configs):
+                        entry = curves[config]["combined"]
+                        axes[row, col].plot(curves["fpr"], entry["tpr"], label=f"{variant}, seed "
+                                            f"{run.data.params['seed']} (AUROC {entry['auroc']:.3f})")
+                for col, config in enumerate(self.configs):
+                    entry = curves[config]["intensity"]
+                    axes[row, col].plot(curves["fpr"], entry["tpr"], "k--", lw=1,
+                                        label=f"intensity baseline (AUROC {entry['auroc']:.3f})")
+                    axes[row, col].set(title=f"{test_set}, {config}: combined score", xlabel="false positive rate",
+                                       ylabel="true positive rate")
+                    axes[row, col].legend(fontsize=7)
+        fig.suptitle(f"pixel ROC, best seed per variant by {primary}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+
+    def plot_bars(self, path: Path) -> None:
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [(s, c, m) for s in self.sets for c in self.configs for m in BARS]
+        cols = len(BARS)
+        fig, axes = plt.subplots(len(panels) // cols, cols, figsize=(3.2 * cols, 3 * len(panels) // cols),
+                                 squeeze=False)
+        for ax, (test_set, config, metric) in zip(axes.ravel(), panels):
+            key = f"{test_set}/{config}/{metric}"
+            for i, variant in enumerate(self.variants):
+                values = self.values[variant].get(key, [])
+                if values:
+                    ax.bar(i, np.mean(values), color=f"C{i}", alpha=0.6)
+                    ax.plot(np.full(len(values), i), values, "k.", ms=5)
+            ax.set_xticks(range(len(self.variants)), list(self.variants), fontsize=6, rotation=15)
+            ax.set_title(key, fontsize=8)
+            ax.set_ylim(bottom=0)
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+
+    def write(self, out: Path, primary: str) -> list[Path]:
+        from pipeline.io import atomic_path, atomic_write_text
+
+        files = [out / "comparison.md", out / "comparison.csv", out / "roc.png", out / "bars.png"]
+        atomic_write_text(self.markdown(), files[0])
+        atomic_write_text(self.csv(), files[1])
+        for plot, path in ((lambda p: self.plot_roc(p, primary), files[2]), (self.plot_bars, files[3])):
+            with atomic_path(path, ".png") as tmp:
+                plot(tmp)
+        for path in files:
+            self.client.log_artifact(self.parent_id, str(path), artifact_path="comparison")
+        return files
+
+
+def find_parent(client, which: str, experiment: str) -> str:
+    """``which`` itself (a run id), or the newest comparison parent run of ``experiment`` for ``latest``."""
+    if which != "latest":
+        return which
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], f"tags.`{COMPARISON_TAG}` = 'true'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if found else []
+    if not runs:
+        raise LookupError(f"no comparison run in experiment {experiment!r} at {client.tracking_uri}")
+    return runs[0].info.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datalist-train", help="datalist with a 'training' list (default: the demo data)")
+    parser.add_argument("--datalist-test", nargs="+", help="datalists with a 'test' list (default: --datalist-train)")
+    parser.add_argument("--test-names", nargs="+", help="MLflow names of the test sets (default: 'eval', or the "
+                        "datalist file names when there are several)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ce-weights", nargs="+", type=float, default=[0.0, 0.5], help="λ per variant (0 = VAE)")
+    parser.add_argument("--epochs", type=int,
+                        help=f"training epochs (default {DEMO_EPOCHS}, {PAPER_EPOCHS} with --paper)")
+    parser.add_argument("--paper", action="store_true", help="full paper settings: 60 epochs (the bundle's "
+                        "defaults are the paper's network, batch 64, lr 2e-4, 64x64)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra bundle override for every run, e.g. --set image_size=128 (repeatable)")
+    parser.add_argument("--output-dir", default="runs/compare")
+    parser.add_argument("--demo-dir", default="demo_data", help="demo data folder (built if missing)")
+    parser.add_argument("--experiment", default="cevae-compare", help="MLflow experiment")
+    parser.add_argument("--run-name", help="name of the parent run (default: compare-<time>)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                        "sqlite:///<output-dir>/mlruns.db)")
+    parser.add_argument("--from-mlflow", metavar="RUN_ID", help="no training: rebuild the comparison of this parent "
+                        "run ('latest': the newest comparison in --experiment)")
+    parser.add_argument("--primary", default="postprocessed/pixel_auroc/combined",
+                        help="metric below '<test set>/' that picks each variant's best seed for roc.png")
+    args = parser.parse_args(argv)
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import resolve_tracking_uri
+
+    out = Path(args.output_dir).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        uri = resolve_tracking_uri(args.tracking_uri, out)
+        parent = (find_parent(MlflowClient(uri), args.from_mlflow, args.experiment) if args.from_mlflow
+                  else train_and_evaluate(args, uri, out))
+        comparison = Comparison(MlflowClient(uri), parent)
+        files = comparison.write(out, f"{comparison.sets[0]}/{args.primary}")
+    except (OSError, ValueError, LookupError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(comparison.markdown().split("## every metric")[0])
+    print("wrote " + ", ".join(str(f) for f in files) + f"\nMLflow: parent run {parent} at {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""scripts/compare.py against a real MLflow tracking server over HTTP: train, evaluate, compare, rebuild."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from bundle_helpers import TINY
+from conftest import script_main
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """``mlflow server`` on 127.0.0.1 with a free port, a temporary SQLite store and served artifacts."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server_artifacts")],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_server):
+    main = script_main("compare")
+    tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
+    out = tmp_path / "compare"
+    assert main(["--datalist-train", str(tiny_demo), "--seeds", "0", "--epochs", "1", "--output-dir", str(out),
+                 "--tracking-uri", mlflow_server, "--experiment", "tiny", *tiny,
+                 '--set=label_groups={"lesion": [1]}']) == 0
+
+    rows = read_csv(out / "comparison.csv")
+    assert {r["variant"] for r in rows} == {"VAE (λ=0)", "ceVAE (λ=0.5)"}
+    by_key = {(r["variant"], r["metric"]): r for r in rows}
+    for variant, child in (("VAE (λ=0)", "vae-seed0"), ("ceVAE (λ=0.5)", "cevae-0.5-seed0")):
+        metrics = json.loads((out / "runs" / child / "eval" / "metrics.json").read_text())
+        row = by_key[(variant, "eval/paper/pixel_auroc/combined")]
+        assert row["n"] == "1" and row["seeds"] == "0"
+        assert float(row["mean"]) == pytest.approx(metrics["paper"]["pixel_auroc"]["combined"], rel=1e-5)
+        assert float(by_key[(variant, "eval/kl_q95")]["mean"]) == pytest.approx(metrics["kl_q95"], rel=1e-5)
+    table = (out / "comparison.md").read_text()
+    assert "| pixel AUROC combined |" in table and "ceVAE (λ=0.5)" in table
+    assert "| pixel AUROC combined, lesion vs healthy |" in table
+    for name in ("roc.png", "bars.png"):
+        assert (out / name).stat().st_size > 1000
+
+    # the same table again, from the server alone: no training, no files of the first call
+    again = tmp_path / "again"
+    assert main(["--from-mlflow", "latest", "--experiment", "tiny", "--tracking-uri", mlflow_server,
+                 "--output-dir", str(again)]) == 0
+    assert (again / "comparison.md").read_text() == table
+    assert read_csv(again / "comparison.csv") == rows
+    assert not (again / "runs").exists()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    parent = json.loads((out / "parent_run.json").read_text())["run_id"]
+    assert {a.path for a in client.list_artifacts(parent, "comparison")} >= {"comparison/comparison.md",
+                                                                              "comparison/roc.png"}
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_name for r in children) == ["cevae-0.5-seed0", "vae-seed0"]
+
+
+def test_compare_reports_failures_in_one_line(tiny_demo, tmp_path, capsys):
+    main = script_main("compare")
+    assert main(["--datalist-train", str(tmp_path / "missing.json"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "missing.json does not exist" in capsys.readouterr().err
+    assert main(["--datalist-train", str(tiny_demo), "--set", "epoch=3", "--seeds", "0",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key(s): 'epoch'" in err and "training.log" in err
+    assert main(["--from-mlflow", "latest", "--experiment", "nothing", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "no comparison run in experiment 'nothing'" in capsys.readouterr().err
