@@ -156,8 +156,8 @@ class AnomalyEvaluation:
         total = sum(int(g.sum() + s.label.sum()) for g, s in zip(segs, subjects))
         return 1.0 if total == 0 else 2.0 * tp / total
 
-    def metrics(self, subjects: list[_Subject]) -> dict:
-        """All metrics, per option set (see the module docstring)."""
+    def metrics(self, subjects: list[_Subject], curves: dict) -> dict:
+        """All metrics, per option set (see the module docstring); ``curves`` from :meth:`curves`."""
         if len(subjects) > 1:
             calibration, reported = split_calibration([s.name for s in subjects], self.calibration_fraction, self.seed)
         else:  # the threshold still comes from the data, but no held-out Dice can be reported
@@ -187,11 +187,10 @@ class AnomalyEvaluation:
             out["slice_auroc"] = {k: _safe(roc_auc_score, slice_y[keep], v[keep]) for k, v in slice_scores.items()}
             out["slice_auprc"] = {k: _safe(average_precision_score, slice_y[keep], v[keep])
                                   for k, v in slice_scores.items()}
-            labels = np.concatenate([s.label[s.brain] for s in subjects])
             out["pixel_auroc"], out["pixel_auprc"], out["dice_split"], out["dice_best"] = {}, {}, {}, {}
             for score in SCORE_NAMES:
-                curve = ThresholdCurve.from_scores(np.concatenate([s.voxels[config][score] for s in subjects]), labels)
-                out["pixel_auroc"][score], out["pixel_auprc"][score] = curve.auroc(), curve.average_precision()
+                out["pixel_auroc"][score] = curves[config][score]["auroc"]
+                out["pixel_auprc"][score] = curves[config][score]["auprc"]
                 threshold, cal_dice = self._dice_search(cal, config, score)
                 per_subject = {s.name: dice(self._segment(s, config, score, threshold), s.label) for s in rep}
                 out["dice_split"][score] = {
@@ -212,9 +211,10 @@ class AnomalyEvaluation:
     def _group_metrics(self, subjects: list[_Subject], config: str) -> dict:
         """``pixel_auroc_<group>`` / ``pixel_auprc_<group>`` per score: the group's voxels against unlabelled brain."""
         out: dict = {}
+        healthy = ~np.concatenate([s.label[s.brain] for s in subjects]) if self.label_groups else None
         for group, values in self.label_groups.items():
             positive = np.concatenate([np.isin(s.classes, values) for s in subjects])
-            keep = positive | ~np.concatenate([s.label[s.brain] for s in subjects])
+            keep = positive | healthy
             out[f"pixel_auroc_{group}"], out[f"pixel_auprc_{group}"] = {}, {}
             for score in SCORE_NAMES:
                 scores = np.concatenate([s.voxels[config][score] for s in subjects])[keep]
@@ -238,12 +238,12 @@ class AnomalyEvaluation:
             if len(panels) < self.n_panels and subject.label.any():
                 panels.append((subject, slices, int(subject.label.sum(axis=(0, 1)).argmax())))
             logger.info("scored %s (%d/%d)", name, i + 1, len(entries))
-        results = self.metrics(subjects)
+        curves = self.curves(subjects)
+        results = self.metrics(subjects, curves)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(results, self.output_dir / "metrics.json")
         self._write_per_subject(subjects, results)
-        curves = self._curves(subjects)
-        self._write_curves(curves)
+        atomic_write_json(curves, self.output_dir / "curves.json")
         self._plot_curves(curves)
         self._plot_panels(panels, results)
         thresholds = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
@@ -269,38 +269,32 @@ class AnomalyEvaluation:
             writer.writerow(row)
         atomic_write_text(buffer.getvalue(), self.output_dir / "per_subject.csv")
 
-    def _curves(self, subjects: list[_Subject]) -> list[tuple[str, str, ThresholdCurve]]:
-        """``(config, score, curve)`` of the pooled brain voxels, for every option set and score."""
-        labels = np.concatenate([s.label[s.brain] for s in subjects])
-        return [(config, score, ThresholdCurve.from_scores(
-                    np.concatenate([s.voxels[config][score] for s in subjects]), labels))
-                for config in self.configs for score in SCORE_NAMES]
-
-    def _write_curves(self, curves: list[tuple[str, str, ThresholdCurve]]) -> None:
-        """``curves.json``: per option set and score, TPR on a fixed FPR grid and precision on a recall grid."""
+    def curves(self, subjects: list[_Subject]) -> dict:
+        """Pooled pixel curves (the content of ``curves.json``): ``fpr`` and ``recall`` grids, and per option set and
+        score the exact ``auroc`` / ``auprc`` with ``tpr`` and ``precision`` on those grids. One sort per curve and
+        one curve in memory at a time; the metrics, the JSON and the figure all use these."""
         grid = np.linspace(0.0, 1.0, CURVE_POINTS)
+        labels = np.concatenate([s.label[s.brain] for s in subjects])
         out: dict = {"fpr": grid.tolist(), "recall": grid.tolist()}
-        for config, score, curve in curves:
-            fpr, tpr = curve.roc_points(max_points=curve.tps.size)
-            recall, precision = curve.pr_points(max_points=curve.tps.size)
-            out.setdefault(config, {})[score] = {
-                "auroc": curve.auroc(), "auprc": curve.average_precision(),
-                "tpr": np.round(np.interp(grid, fpr, tpr), 5).tolist(),
-                "precision": np.round(np.interp(grid, recall, precision), 5).tolist(),
-            }
-        atomic_write_json(out, self.output_dir / "curves.json")
+        for config in self.configs:
+            for score in SCORE_NAMES:
+                curve = ThresholdCurve.from_scores(np.concatenate([s.voxels[config][score] for s in subjects]), labels)
+                out.setdefault(config, {})[score] = {
+                    "auroc": curve.auroc(), "auprc": curve.average_precision(),
+                    "tpr": np.round(curve.tpr_at(grid), 5).tolist(),
+                    "precision": np.round(curve.precision_at(grid), 5).tolist(),
+                }
+        return out
 
-    def _plot_curves(self, curves: list[tuple[str, str, ThresholdCurve]]) -> None:
+    def _plot_curves(self, curves: dict) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(len(self.configs), 2, figsize=(10, 4.5 * len(self.configs)), squeeze=False)
-        rows = {config: row for row, config in enumerate(self.configs)}
-        for config, score, curve in curves:
-            row = rows[config]
-            axes[row, 0].plot(*curve.roc_points(), label=f"{score} (AUROC {curve.auroc():.3f})")
-            axes[row, 1].plot(*curve.pr_points(), label=f"{score} (AUPRC {curve.average_precision():.3f})")
-        for config, row in rows.items():
+        for row, config in enumerate(self.configs):
+            for score, entry in curves[config].items():
+                axes[row, 0].plot(curves["fpr"], entry["tpr"], label=f"{score} (AUROC {entry['auroc']:.3f})")
+                axes[row, 1].plot(curves["recall"], entry["precision"], label=f"{score} (AUPRC {entry['auprc']:.3f})")
             axes[row, 0].set(title=f"pixel ROC, {config}", xlabel="false positive rate", ylabel="true positive rate")
             axes[row, 1].set(title=f"pixel PR, {config}", xlabel="recall", ylabel="precision")
             for ax in axes[row]:
@@ -343,20 +337,17 @@ class AnomalyEvaluation:
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
-        from pipeline.tracking import RUN_INFO_FILENAME, resolve_tracking_uri, store_lock
+        from pipeline.tracking import RUN_INFO_FILENAME, experiment_id, resolve_tracking_uri, store_lock
 
         info_path = self.checkpoint.parent / RUN_INFO_FILENAME
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         uri = info.get("tracking_uri") or resolve_tracking_uri(self.tracking_uri, self.output_dir)
         run_id = info.get("run_id")
-        with store_lock(uri):
+        with store_lock(uri):  # the client creates a new store's schema
             client = MlflowClient(uri)
-            if run_id is None:
-                experiment = client.get_experiment_by_name(self.experiment_name)
-                experiment_id = (experiment.experiment_id if experiment
-                                 else client.create_experiment(self.experiment_name))
-                run_id = client.create_run(experiment_id, run_name="evaluation",
-                                           tags={"evaluated_checkpoint": str(self.checkpoint)}).info.run_id
+        if run_id is None:
+            run_id = client.create_run(experiment_id(client, self.experiment_name), run_name="evaluation",
+                                       tags={"evaluated_checkpoint": str(self.checkpoint)}).info.run_id
         close = info.get("run_id") is None
         values = {f"{self.name}/kl_q95": results["kl_q95"], f"{self.name}/active_units": results["active_units"]}
         for config in self.configs:

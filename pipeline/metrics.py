@@ -71,16 +71,14 @@ class ThresholdCurve:
         denominator = self.tps + self.fps + self.positives
         return np.where(denominator > 0, 2.0 * self.tps / np.maximum(denominator, 1), 1.0)
 
-    def roc_points(self, max_points: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """(fpr, tpr), subsampled for plotting."""
-        keep = np.unique(np.linspace(0, self.tps.size - 1, min(max_points, self.tps.size)).astype(int))
-        return (np.r_[0.0, self.fps[keep] / max(self.negatives, 1)], np.r_[0.0, self.tps[keep] / max(self.positives, 1)])
+    def tpr_at(self, fpr: np.ndarray) -> np.ndarray:
+        """True positive rate at the false positive rates ``fpr`` (the ROC curve, linearly interpolated)."""
+        rates = np.r_[0.0, self.fps / max(self.negatives, 1)], np.r_[0.0, self.tps / max(self.positives, 1)]
+        return np.interp(fpr, *rates)
 
-    def pr_points(self, max_points: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """(recall, precision), subsampled for plotting."""
-        keep = np.unique(np.linspace(0, self.tps.size - 1, min(max_points, self.tps.size)).astype(int))
-        tps, fps = self.tps[keep], self.fps[keep]
-        return tps / max(self.positives, 1), tps / np.maximum(tps + fps, 1)
+    def precision_at(self, recall: np.ndarray) -> np.ndarray:
+        """Precision at the recalls ``recall`` (the PR curve, linearly interpolated)."""
+        return np.interp(recall, self.tps / max(self.positives, 1), self.tps / np.maximum(self.tps + self.fps, 1))
 
 
 def best_dice_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -34,6 +34,7 @@ __all__ = [
     "MLflowRunHandler",
     "ReconstructionFigure",
     "datalist_fingerprint",
+    "experiment_id",
     "resolve_tracking_uri",
     "run_params",
     "save_executed_config",
@@ -78,6 +79,13 @@ def store_lock(uri: str | None):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def experiment_id(client, name: str) -> str:
+    """Id of the MLflow experiment ``name``, created if missing (under :func:`store_lock`, so concurrent runs agree)."""
+    with store_lock(client.tracking_uri):
+        experiment = client.get_experiment_by_name(name)
+        return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:

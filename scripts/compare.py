@@ -66,6 +66,11 @@ def child_name(ce_weight: float, seed: int) -> str:
     return f"{'vae' if ce_weight == 0 else f'cevae-{ce_weight:g}'}-seed{seed}"
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 # ------------------------------------------------------------------------------------------------ training
 def bundle(run_id: str, files: list[str], log: Path, overrides: dict[str, object]) -> None:
     """``python -m monai.bundle run <run_id>`` with ``overrides``, output to ``log``; raises with the log's tail."""
@@ -101,25 +106,22 @@ def test_sets(paths: list[Path], names: list[str] | None) -> dict[str, Path]:
     return dict(zip(names, paths))
 
 
-def train_and_evaluate(args: argparse.Namespace, uri: str, out: Path) -> str:
+def train_and_evaluate(args: argparse.Namespace, client, out: Path) -> str:
     """Create the parent run, train and evaluate every child through the bundle; returns the parent run id."""
-    from mlflow import MlflowClient
-
+    from pipeline.bundle_support import resolve_datalist
     from pipeline.io import atomic_write_json
-    from pipeline.tracking import store_lock
+    from pipeline.tracking import experiment_id
 
-    train = Path(args.datalist_train).resolve() if args.datalist_train else demo_datalist(Path(args.demo_dir))
+    train = Path(resolve_datalist(args.datalist_train, args.demo_dir)).resolve()
     sets = test_sets([Path(p).resolve() for p in (args.datalist_test or [train])], args.test_names)
     for path in [train, *sets.values()]:
         if not path.is_file():
             raise FileNotFoundError(f"datalist {path} does not exist; write it with scripts/prepare_datalist.py")
     epochs = args.epochs or (PAPER_EPOCHS if args.paper else DEMO_EPOCHS)
     overrides = parse_overrides(args.set)
-    client = MlflowClient(uri)
-    with store_lock(uri):
-        experiment = client.get_experiment_by_name(args.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(args.experiment)
-    parent = client.create_run(experiment_id, run_name=args.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
+    uri = client.tracking_uri
+    run_name = args.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = client.create_run(experiment_id(client, args.experiment), run_name=run_name,
                                tags={COMPARISON_TAG: "true"}).info.run_id
     params = {"seeds": args.seeds, "ce_weights": args.ce_weights, "epochs": epochs, "datalist_train": train,
               "test_sets": {k: str(v) for k, v in sets.items()}, "overrides": overrides}
@@ -146,17 +148,6 @@ def train_and_evaluate(args: argparse.Namespace, uri: str, out: Path) -> str:
         raise
     client.set_terminated(parent)
     return parent
-
-
-def demo_datalist(demo_dir: Path) -> Path:
-    from pipeline.data.demo import make_demo_dataset
-
-    datalist = demo_dir.resolve() / "datalist.json"
-    if not datalist.is_file():
-        start = time.perf_counter()
-        make_demo_dataset(demo_dir)
-        print(f"built the demo data in {demo_dir} ({time.perf_counter() - start:.1f} s)", flush=True)
-    return datalist
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -206,8 +197,7 @@ class Comparison:
         values = self.values[variant].get(key)
         if not values:
             return "–"
-        mean = float(np.mean(values))
-        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        mean, std = mean_std(values)
         return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
     def markdown(self) -> str:
@@ -239,8 +229,8 @@ class Comparison:
             for key in self.metrics:
                 values = self.values[variant].get(key, [])
                 if values:
-                    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-                    writer.writerow([variant, members[0].data.params["ce_weight"], key, f"{np.mean(values):.6g}",
+                    mean, std = mean_std(values)
+                    writer.writerow([variant, members[0].data.params["ce_weight"], key, f"{mean:.6g}",
                                      f"{std:.6g}", len(values), " ".join(self.seeds(variant)),
                                      " ".join(f"{v:.6g}" for v in values)])
         return buffer.getvalue()
@@ -359,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
         uri = resolve_tracking_uri(args.tracking_uri, out)
-        parent = (find_parent(MlflowClient(uri), args.from_mlflow, args.experiment) if args.from_mlflow
-                  else train_and_evaluate(args, uri, out))
-        comparison = Comparison(MlflowClient(uri), parent)
+        client = MlflowClient(uri)
+        parent = (find_parent(client, args.from_mlflow, args.experiment) if args.from_mlflow
+                  else train_and_evaluate(args, client, out))
+        comparison = Comparison(client, parent)
         files = comparison.write(out, f"{comparison.sets[0]}/{args.primary}")
     except (OSError, ValueError, LookupError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from pipeline.metrics import (
     ThresholdCurve,
@@ -35,6 +35,10 @@ def test_auroc_and_average_precision_match_sklearn(case):
     curve = ThresholdCurve.from_scores(scores, labels)
     assert curve.auroc() == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert curve.average_precision() == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+    # the curves on a grid (curves.json) are sklearn's ROC curve, interpolated
+    fpr, tpr, _ = roc_curve(labels, scores)
+    grid = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(curve.tpr_at(grid), np.interp(grid, fpr, tpr), atol=1e-12)
 
 
 def test_single_class_inputs_give_nan_not_an_error():
