@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
 from pipeline.engines import checkpoint as checkpoint_module
 from pipeline.engines.checkpoint import save_checkpoint
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_save_nifti, atomic_write_json, parallel_gzip
 
 
 def test_failed_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -39,3 +43,25 @@ def test_unwritable_output_folder_is_named(tmp_path):
 def test_json_is_complete_and_readable(tmp_path):
     path = atomic_write_json({"values": list(range(5))}, tmp_path / "m.json")
     assert json.loads(path.read_text()) == {"values": [0, 1, 2, 3, 4]}
+
+
+@pytest.mark.parametrize("size, workers", [(0, 2), (1000, 2), (5_000_000, 3), (5_000_000, 1)])
+def test_parallel_gzip_is_one_standard_gzip_member(size, workers):
+    rng = np.random.default_rng(size)
+    data = (rng.random(size // 4) * (rng.random(size // 4) > 0.5)).astype(np.float32).tobytes()
+    compressed = parallel_gzip(data, workers=workers)
+    assert gzip.decompress(compressed) == data
+    decompressor = zlib.decompressobj(31)  # exactly one member: nothing left after its end
+    assert decompressor.decompress(compressed) == data and decompressor.eof and decompressor.unused_data == b""
+    if size:
+        assert len(compressed) < len(data)
+
+
+def test_compressed_nifti_round_trips(tmp_path):
+    volume = np.random.default_rng(0).random((70, 60, 50)).astype(np.float32)
+    affine = np.diag([-1.0, 1.25, 2.0, 1.0])
+    path = atomic_save_nifti(nib.Nifti1Image(volume, affine), tmp_path / "map.nii.gz")
+    loaded = nib.load(path)
+    np.testing.assert_array_equal(np.asarray(loaded.dataobj), volume)
+    np.testing.assert_array_equal(loaded.affine, affine)
+    assert [p.name for p in tmp_path.iterdir()] == ["map.nii.gz"]

@@ -7,6 +7,7 @@ import torch
 
 from pipeline.losses import CeVAELoss, kl_divergence, reconstruction_error
 from pipeline.networks import CeVAE, CeVAEReconstruction
+from pipeline.networks.cevae import FullMapConv2d, FullMapConvTranspose2d
 
 
 @pytest.mark.parametrize("size, n_convs", [(64, 5), (128, 6), (192, 6), (256, 7)])
@@ -47,6 +48,32 @@ def test_inference_view_shares_weights_and_scripts():
     x = torch.rand(2, 1, 64, 64)
     scripted = torch.jit.script(view)
     torch.testing.assert_close(scripted(x), net.decode(net.encode(x)[0]))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_full_map_layers_compute_the_convolutions_they_replace(channels_last):
+    """The latent layers are matrix products with nn.Conv2d/ConvTranspose2d's parameters, values and gradients."""
+    torch.manual_seed(0)
+    pairs = [(FullMapConv2d(32, 24, 4), torch.nn.Conv2d(32, 24, 4), torch.randn(5, 32, 4, 4)),
+             (FullMapConvTranspose2d(32, 24, 6), torch.nn.ConvTranspose2d(32, 24, 6), torch.randn(5, 32, 1, 1))]
+    for fast, reference, x in pairs:
+        reference.load_state_dict(fast.state_dict())  # same parameter names and shapes
+        if channels_last:
+            fast.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_fast, y_ref = fast(x_fast), reference(x_ref)
+        torch.testing.assert_close(y_fast, y_ref)
+        weights = torch.randn_like(y_ref)
+        (y_fast * weights).sum().backward()
+        (y_ref * weights).sum().backward()
+        torch.testing.assert_close(x_fast.grad, x_ref.grad)
+        torch.testing.assert_close(fast.weight.grad, reference.weight.grad)
+        torch.testing.assert_close(fast.bias.grad, reference.bias.grad)
+    with pytest.raises(ValueError, match=r"shape \(B, 32, 4, 4\).*image_size"):
+        pairs[0][0](torch.randn(2, 32, 2, 2))
+    with pytest.raises(ValueError, match=r"shape \(B, 32, 1, 1\)"):
+        pairs[1][0](torch.randn(2, 32, 2, 2))
 
 
 def test_invalid_network_arguments():

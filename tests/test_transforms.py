@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import brain_phantom, input_error, save_nifti
 from monai.data import MetaTensor
+from monai.transforms import Resize
 
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slices import brain_slice_indices, slices_to_volume, volume_to_slices
-from pipeline.data.transforms import BrainIntensityNormalize, ForegroundMask, SquarePad, SquarePadd
+from pipeline.data.transforms import AntiAlias, BrainIntensityNormalize, ForegroundMask, SquarePad, SquarePadd
 
 
 def lps_copy(array, spacing=2.0):
@@ -120,6 +121,28 @@ def test_foreground_mask_and_square_pad():
     padder = SquarePadd("image")
     restored = padder.inverse(padder({"image": MetaTensor(img)}))
     torch.testing.assert_close(restored["image"].as_tensor(), img)
+
+
+@pytest.mark.parametrize("shape", [(1, 181, 181, 40), (1, 96, 96, 12), (1, 64, 64, 9), (1, 150, 110)])
+def test_anti_alias_is_monai_resize_anti_aliasing(shape):
+    """AntiAlias + Resize(anti_aliasing=False) gives MONAI's Resize(anti_aliasing=True) (float rounding apart)."""
+    torch.manual_seed(0)
+    image = MetaTensor(torch.rand(shape) * 1000, affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
+    size = (64, 64, -1)[: len(shape) - 1]
+    mode = "trilinear" if len(shape) == 4 else "bilinear"
+    smoothed = AntiAlias(size)(image)
+    assert isinstance(smoothed, MetaTensor) and torch.equal(smoothed.affine, image.affine)
+    expected = Resize(size, mode=mode, anti_aliasing=True)(image)
+    torch.testing.assert_close(Resize(size, mode=mode, anti_aliasing=False)(smoothed), expected, atol=1e-3, rtol=1e-6)
+    if shape[1] <= 64:
+        assert torch.equal(smoothed.as_tensor(), image.as_tensor()), "nothing shrinks: nothing filtered"
+    else:
+        assert float(smoothed.std()) < float(image.std()), "shrunk axes are low-passed"
+    if len(shape) == 4:  # the slice axis (-1: kept) is never filtered: a slice's sum is its own
+        single = torch.zeros(shape)
+        single[..., 3] = 1.0
+        filtered = AntiAlias(size)(single)
+        assert torch.all(filtered[..., :3] == 0) and torch.all(filtered[..., 4:] == 0)
 
 
 def test_normalisation_rejects_an_empty_mask():

@@ -3,8 +3,9 @@
 Output of :func:`brain_volume_transform` for a data dict ``{"image": path, "brainmask": path?, "label": path?}``:
 
 * ``image``: ``(1, S, S, D)`` float32, RAS, cropped to the brain bounding box (+ ``margin``), padded to a square
-  in-plane and resized in-plane to ``S = image_size``; the slice axis (last, axial) keeps its voxels. Brain
-  voxels are normalised (:class:`~pipeline.data.transforms.BrainIntensityNormalize`), background is exactly 0.
+  in-plane and resized in-plane to ``S = image_size`` (Gaussian anti-aliasing first, as in skimage); the slice
+  axis (last, axial) keeps its voxels. Brain voxels are normalised
+  (:class:`~pipeline.data.transforms.BrainIntensityNormalize`), background is exactly 0.
 * ``brainmask``: ``(1, S, S, D)`` float32 0/1: the given mask (``> 0``, so label maps work) or, without one, the
   image foreground (:class:`~pipeline.data.transforms.ForegroundMask`).
 * ``label``: ``(1, S, S, D)`` float32 0/1 (``label > 0``), through the same spatial chain with nearest-neighbour
@@ -30,7 +31,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from pipeline.data.transforms import Binarized, BrainIntensityNormalized, ForegroundMaskd, SquarePadd
+from pipeline.data.transforms import AntiAliasd, Binarized, BrainIntensityNormalized, ForegroundMaskd, SquarePadd
 from pipeline.data.validation import CheckVolumesd, LoadVolumed
 
 __all__ = ["brain_volume_transform"]
@@ -84,8 +85,8 @@ def brain_volume_transform(
         Binarized(label_key, allow_missing_keys=True),
         CropForegroundd(keys, source_key=mask_key, margin=margin, allow_smaller=True, allow_missing_keys=True),
         SquarePadd(keys, allow_missing_keys=True),
-        Resized(keys, spatial_size=(image_size, image_size, -1), mode=spatial_modes,
-                anti_aliasing=(True,) + (False,) * (len(keys) - 1), allow_missing_keys=True),
+        AntiAliasd(image_key, spatial_size=(image_size, image_size, -1)),  # = MONAI's anti-aliasing, faster
+        Resized(keys, spatial_size=(image_size, image_size, -1), mode=spatial_modes, allow_missing_keys=True),
         Binarized([mask_key, label_key], threshold=0.5, allow_missing_keys=True),
         BrainIntensityNormalized(image_key, mask_key=mask_key, mode=normalization,
                                  lower=lower_percentile, upper=upper_percentile),
