@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -36,6 +37,7 @@ from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.data.demo import load_template, make_demo_dataset
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.transforms import AntiAlias
+from pipeline.engines import CeVAETrainer
 from pipeline.inference import AnomalyInference
 from pipeline.io import atomic_write_json, atomic_write_text, parallel_gzip
 from pipeline.losses import CeVAELoss
@@ -117,17 +119,22 @@ def scoring(tmp: Path, volumes: list[int]) -> dict:
 
 
 def plain_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: CeVAELoss, noise: ContextEncodingNoise,
-                images: torch.Tensor, batch_size: int) -> float:
-    """One epoch of the minimal loop on in-memory slices (channels_last, like the bundle); returns its seconds."""
+                images: torch.Tensor, batch_size: int, autocast: torch.dtype | None = None) -> float:
+    """One epoch of the minimal loop on in-memory slices (channels_last, like the bundle; on CUDA optionally under
+    autocast to ``autocast``); returns its seconds."""
     start = time.perf_counter()
-    order = torch.randperm(images.shape[0])
+    order = torch.randperm(images.shape[0], device=images.device)
     for i in range(0, images.shape[0], batch_size):
         x = images[order[i : i + batch_size]].contiguous(memory_format=torch.channels_last)
         x_ce = noise(x)[0]
         optimizer.zero_grad(set_to_none=True)
-        recon, mu, logvar, recon_ce = net(x, x_ce)
-        loss(x, recon, mu, logvar, recon_ce)["loss"].backward()
+        with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
+            recon, mu, logvar, recon_ce = net(x, x_ce)
+            terms = loss(x, recon.float(), mu.float(), logvar.float(), recon_ce.float())
+        terms["loss"].backward()
         optimizer.step()
+    if images.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -266,6 +273,82 @@ def levers(repeats: int) -> dict:
     }
 
 
+class EpochClock:
+    """Wall-clock seconds of each epoch of an engine, a CUDA device synchronised at both ends."""
+
+    def __init__(self, engine, device: torch.device) -> None:
+        self.seconds: list[float] = []
+        self.cuda = device.type == "cuda"
+        engine.add_event_handler(Events.EPOCH_STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
+
+    def started(self, _engine) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def completed(self, _engine) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+GPU_MODES = {  # name: (trainer options, DataLoader workers, pinned memory)
+    "fp32": ({}, 0, True),
+    "fp32_unpinned": ({}, 0, False),
+    "fp32_workers2": ({}, 2, True),
+    "bf16": ({"amp": True}, 0, True),
+    "bf16_compile": ({"amp": True, "compile": True}, 0, True),
+    "bf16_compile_cudagraphs": ({"amp": True, "compile": True, "compile_kwargs": {"mode": "reduce-overhead"}}, 0, True),
+    "fp32_compile_cudagraphs": ({"compile": True, "compile_kwargs": {"mode": "reduce-overhead"}}, 0, True),
+    "fp32_compile_cudagraphs_workers2": ({"compile": True, "compile_kwargs": {"mode": "reduce-overhead"}}, 2, True),
+    "bf16_compile_cudagraphs_workers2": (
+        {"amp": True, "compile": True, "compile_kwargs": {"mode": "reduce-overhead"}}, 2, True),
+}
+
+
+def gpu_training(sizes: list[int], epochs: int, modes: Sequence[str] = tuple(GPU_MODES), n_slices: int = 2560,
+                 device: str = "cuda") -> dict:
+    """The bundle's trainer (``CeVAETrainer``, slices in host memory through a ``DataLoader`` as in the bundle) in
+    each of :data:`GPU_MODES`, and the plain loop (slices already on the device) in float32 and bfloat16 autocast;
+    slices/s from the median epoch after the first (warm-up, compilation), the trainer's data wait, the last loss
+    (finite: the path works)."""
+    device = torch.device(device)
+    loss, noise = CeVAELoss(), ContextEncodingNoise()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else str(device)
+    result: dict = {"gpu": name, "gpu_epochs": epochs, "gpu_slices": n_slices}
+    for size in sizes:
+        images = torch.rand(n_slices, 1, size, size)
+        data = [{"image": image} for image in images]
+        for mode in modes:
+            options, workers, pinned = GPU_MODES[mode]
+            torch.manual_seed(0)
+            net = CeVAE(image_size=size).to(device)
+            optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
+            loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, num_workers=workers,
+                                                 persistent_workers=workers > 0,
+                                                 pin_memory=pinned and device.type == "cuda")
+            trainer = CeVAETrainer(device, epochs, loader, net, optimizer, loss, noise, non_blocking=True,
+                                   channels_last=True, **options)
+            clock, waits = EpochClock(trainer, device), DataWait(trainer)
+            stalls = []
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: stalls.append(waits.wait))
+            trainer.run()
+            key = f"{size}_{mode}"
+            result[f"gpu_train_slices_per_s_{key}"] = n_slices / statistics.median(clock.seconds[1:])
+            result[f"gpu_data_stall_fraction_{key}"] = statistics.median(
+                w / t for w, t in zip(stalls[1:], clock.seconds[1:]))
+            result[f"gpu_first_epoch_s_{key}"] = clock.seconds[0]
+            result[f"gpu_last_loss_{key}"] = float(trainer.state.output["loss"])
+            if mode in ("fp32", "bf16"):
+                resident = images.to(device)
+                plain = [plain_epoch(net, optimizer, loss, noise, resident, 64, torch.bfloat16 if mode == "bf16" else None)
+                         for _ in range(epochs)]
+                result[f"gpu_plain_slices_per_s_{key}"] = n_slices / statistics.median(plain[1:])
+            print(key, {k: round(v, 3) for k, v in result.items() if k.endswith(key)}, flush=True)
+    return result
+
+
 def summary(results: dict) -> str:
     rows = [(k, results[k]) for k in KEYS]
     lines = ["| figure | value |", "|---|---|"]
@@ -280,7 +363,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="bench.json to write (a .md summary goes next to it)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run that writes every key")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved training epochs (default 5, quick 1)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="only the CUDA section: the trainer and the plain loop at 64 and 192 px, float32, "
+                             "bfloat16 autocast and torch.compile")
+    parser.add_argument("--gpu-modes", nargs="+", choices=list(GPU_MODES), default=list(GPU_MODES),
+                        help="with --gpu: the trainer configurations to run (default all)")
     args = parser.parse_args(argv)
+    if args.gpu:
+        results = {"torch": torch.__version__,
+                   **gpu_training([64] if args.quick else [64, 192], 3 if args.quick else 6, args.gpu_modes)}
+        out = Path(args.out)
+        atomic_write_json(results, out)
+        rows = "\n".join(f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in results.items())
+        atomic_write_text("| figure | value |\n|---|---|\n" + rows + "\n", out.with_suffix(".md"))
+        print(out.with_suffix(".md").read_text())
+        return 0
     repeats = args.repeats or (1 if args.quick else 5)
     volumes = [1, 2] if args.quick else [1, 10, 50]
     sizes = [64] if args.quick else [64, 128, 192]

@@ -138,7 +138,7 @@ def test_anti_alias_is_monai_resize_anti_aliasing(shape):
         assert torch.equal(smoothed.as_tensor(), image.as_tensor()), "nothing shrinks: nothing filtered"
     else:
         assert float(smoothed.std()) < float(image.std()), "shrunk axes are low-passed"
-    if len(shape) == 4:  # the slice axis (-1: kept) is never filtered: a slice's sum is its own
+    if len(shape) == 4:  # the slice axis (-1: kept) is never filtered: slices stay separate
         single = torch.zeros(shape)
         single[..., 3] = 1.0
         filtered = AntiAlias(size)(single)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from monai.engines import Trainer
@@ -23,7 +24,8 @@ class CeVAETrainer(Trainer):
     the device, then one network call ``network(x, x~) -> (recon, mu, logvar, recon_ce)`` (see
     :meth:`pipeline.networks.CeVAE.forward`); with ``ce_weight == 0`` (plain VAE) the CE pass is skipped entirely.
     ``engine.state.output`` holds ``image``, ``pred`` and the detached loss terms ``loss``, ``loss_rec``,
-    ``loss_kl``, ``loss_ce`` (scalars) before ``MODEL_COMPLETED`` fires. AMP (``amp=True``) applies on CUDA only.
+    ``loss_kl``, ``loss_ce`` (scalars) before ``MODEL_COMPLETED`` fires. AMP (``amp=True``) applies on CUDA only:
+    autocast to ``amp_dtype`` (bfloat16 by default: no loss scaling needed; float16 adds a ``GradScaler``).
 
     Args:
         device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, iteration_update,
@@ -35,6 +37,9 @@ class CeVAETrainer(Trainer):
         context_encoding: the CE noise (:class:`~pipeline.data.context_encoding.ContextEncodingNoise`).
         channels_last: train in the ``channels_last`` memory format (the network is converted here and every batch
             on the device): same arithmetic, about 20 % faster convolutions on CPU (docs/performance.md).
+        amp_dtype: ``"bfloat16"`` or ``"float16"``, the autocast type when ``amp`` is on (CUDA).
+        compile: run the training forward pass through ``torch.compile(network, **compile_kwargs)``; ``network``
+            itself (and so every checkpoint's ``state_dict``) stays the uncompiled module.
     """
 
     def __init__(
@@ -61,8 +66,13 @@ class CeVAETrainer(Trainer):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
         channels_last: bool = False,
+        amp_dtype: str = "bfloat16",
+        compile: bool = False,
+        compile_kwargs: dict | None = None,
     ) -> None:
         device = torch.device(device)
+        if amp_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16', got {amp_dtype!r}.")
         extra = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
         super().__init__(
             device=device,
@@ -81,7 +91,7 @@ class CeVAETrainer(Trainer):
             event_to_attr=event_to_attr,
             decollate=False,
             to_kwargs=to_kwargs,
-            amp_kwargs=amp_kwargs,
+            amp_kwargs={"dtype": getattr(torch, amp_dtype), **(amp_kwargs or {})},
             **extra,
         )
         self.network = network
@@ -91,10 +101,16 @@ class CeVAETrainer(Trainer):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             network.to(memory_format=torch.channels_last)
+        self.forward_network = torch.compile(network, **(compile_kwargs or {})) if compile else network
 
     @property
     def uses_context_encoding(self) -> bool:
         return self.loss_function.ce_weight > 0
+
+    @property
+    def loss_scaler(self) -> torch.amp.GradScaler | None:
+        """MONAI's ``GradScaler`` for float16 autocast; None otherwise (bfloat16 has float32's exponent range)."""
+        return self.scaler if self.amp and self.amp_kwargs["dtype"] == torch.float16 else None
 
     def _iteration(self, engine: CeVAETrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
@@ -106,24 +122,20 @@ class CeVAETrainer(Trainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
 
-        def forward_and_loss() -> dict[str, torch.Tensor]:
-            recon, mu, logvar, recon_ce = engine.network(x, x_ce)
+        with torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext():
+            recon, mu, logvar, recon_ce = engine.forward_network(x, x_ce)
             engine.state.output[CommonKeys.PRED] = recon
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             terms = engine.loss_function(x, recon.float(), mu.float(), logvar.float(),
                                          None if recon_ce is None else recon_ce.float())
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            return terms
-
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                terms = forward_and_loss()
-            engine.scaler.scale(terms["loss"]).backward()
+        scaler = engine.loss_scaler
+        if scaler is not None:
+            scaler.scale(terms["loss"]).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
+            scaler.step(engine.optimizer)
+            scaler.update()
         else:
-            terms = forward_and_loss()
             terms["loss"].backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
