@@ -18,3 +18,13 @@ def test_quick_benchmark_writes_every_key(tmp_path):
     assert all(results[k] > 0 for k in benchmark["KEYS"] if not isinstance(results[k], dict)), "every figure measured"
     assert all(v > 0 for k in ("epoch_s_by_size", "score_s_by_volumes") for v in results[k].values())
     assert "| `train_ratio_vs_plain` |" in (tmp_path / "bench.md").read_text()
+
+
+def test_gpu_section_runs_its_trainer_and_loop_on_any_device():
+    """The CUDA section (``--gpu``) on the CPU, tiny: every mode's keys are written and training stays finite."""
+    benchmark = runpy.run_path(str(REPO / "scripts" / "benchmark.py"), run_name="benchmark")
+    results = benchmark["gpu_training"]([64], epochs=2, modes=("fp32", "bf16"), n_slices=128, device="cpu")
+    for mode in ("fp32", "bf16"):
+        assert results[f"gpu_train_slices_per_s_64_{mode}"] > 0 and results[f"gpu_plain_slices_per_s_64_{mode}"] > 0
+        assert 0 <= results[f"gpu_data_stall_fraction_64_{mode}"] < 1
+        assert results[f"gpu_last_loss_64_{mode}"] == results[f"gpu_last_loss_64_{mode}"], "finite loss"

@@ -10,7 +10,7 @@ reorientation, resampling, cropping, resizing, masking) is used from MONAI in
   voxels only; background is set to exactly 0.
 * :class:`SquarePad` - pad the first two spatial axes to a square (invertible, like MONAI's pads).
 * :class:`AntiAlias` - the Gaussian low-pass of MONAI's ``Resize(anti_aliasing=True)``, as banded matrix products
-  (the same numbers, 6-10x faster on CPU than MONAI's separable 3D convolution; ``docs/performance.md``).
+  (the same numbers, 4-5x faster on CPU than MONAI's separable 3D convolution; ``docs/performance.md``).
 """
 
 from __future__ import annotations
