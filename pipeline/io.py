@@ -51,8 +51,8 @@ def _umask() -> int:
     return mask
 
 
-def _write(path: str | os.PathLike, writer: Callable[[Path], None], suffix: str = "") -> Path:
-    with atomic_path(path, suffix) as tmp:
+def _write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
+    with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
 
@@ -69,9 +69,8 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
 
 def atomic_save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     """Save a NIfTI image atomically (gzip-compressed on all cores if ``path`` ends with ``.gz``)."""
-    if str(path).endswith(".gz"):
-        return _write(path, lambda tmp: tmp.write_bytes(parallel_gzip(img.to_bytes())))
-    return _write(path, lambda tmp: nib.save(img, tmp), ".nii")
+    data = img.to_bytes()
+    return _write(path, lambda tmp: tmp.write_bytes(parallel_gzip(data) if str(path).endswith(".gz") else data))
 
 
 def parallel_gzip(data: bytes, level: int = 1, workers: int | None = None) -> bytes:

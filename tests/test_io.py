@@ -57,11 +57,12 @@ def test_parallel_gzip_is_one_standard_gzip_member(size, workers):
         assert len(compressed) < len(data)
 
 
-def test_compressed_nifti_round_trips(tmp_path):
+@pytest.mark.parametrize("name", ["map.nii.gz", "map.nii"])
+def test_nifti_round_trips(tmp_path, name):
     volume = np.random.default_rng(0).random((70, 60, 50)).astype(np.float32)
     affine = np.diag([-1.0, 1.25, 2.0, 1.0])
-    path = atomic_save_nifti(nib.Nifti1Image(volume, affine), tmp_path / "map.nii.gz")
+    path = atomic_save_nifti(nib.Nifti1Image(volume, affine), tmp_path / name)
     loaded = nib.load(path)
     np.testing.assert_array_equal(np.asarray(loaded.dataobj), volume)
     np.testing.assert_array_equal(loaded.affine, affine)
-    assert [p.name for p in tmp_path.iterdir()] == ["map.nii.gz"]
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -246,7 +246,6 @@ class SquarePadd(Padd):
         super().__init__(keys, padder=SquarePad(lazy=lazy), mode=mode, allow_missing_keys=allow_missing_keys, lazy=lazy)
 
 
-
 class AntiAlias(Transform):
     """Gaussian low-pass before resizing to ``spatial_size``, exactly as MONAI's ``Resize(anti_aliasing=True)``.
 
@@ -264,7 +263,8 @@ class AntiAlias(Transform):
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         spatial = img.shape[1:]
         if len(spatial) != len(self.spatial_size):
-            raise ValueError(f"AntiAlias: spatial_size {self.spatial_size} does not match image shape {tuple(img.shape)}.")
+            raise ValueError(f"AntiAlias: spatial_size {self.spatial_size} does not match image shape "
+                             f"{tuple(img.shape)}.")
         out = img.float()
         for axis, (n, size) in enumerate(zip(spatial, self.spatial_size)):
             sigma = max(0.0, (n / size - 1) / 2) if size > 0 else 0.0
