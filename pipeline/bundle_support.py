@@ -21,10 +21,13 @@ from pipeline.data.validation import InputError
 __all__ = [
     "active_config_parser",
     "check_config_keys",
+    "check_matches_training",
     "install_error_hook",
     "resolve_datalist",
     "resume_if_requested",
     "train_val_split",
+    "training_config",
+    "validation_entries",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,14 @@ def train_val_split(datalist: str | os.PathLike, val_fraction: float, seed: int)
     training = load_datalist(datalist, "training")
     validation = load_datalist(datalist, "validation", missing_ok=True)
     return (training, validation) if validation else split_subjects(training, val_fraction, seed)
+
+
+def validation_entries(datalist: str | os.PathLike, val_fraction: float, seed: int) -> list[dict]:
+    """The healthy validation entries of :func:`train_val_split`, or ``[]`` for a datalist without a ``training``
+    list (an evaluation-only datalist)."""
+    if not load_datalist(datalist, "training", missing_ok=True):
+        return []
+    return train_val_split(datalist, val_fraction, seed)[1]
 
 
 def resume_if_requested(resume: bool, checkpoint: str | os.PathLike, objects: Mapping[str, object],
@@ -124,26 +135,40 @@ def check_config_keys() -> None:
                          "defines them. Fix the --key on the command line.")
 
 
-TRAINING_KEYS = ("image_size", "normalization", "reconstruction", "kl_weight", "z_dim", "channels", "norm")
+EXECUTED_CONFIG = "config.json"  # the training's executed config, next to its checkpoints
+SCORING_KEYS = ("image_size", "normalization", "reconstruction", "sigma", "kl_weight", "z_dim", "channels", "norm")
+EVALUATION_KEYS = (*SCORING_KEYS, "min_brain_fraction", "border_slices")
 
 
-def check_matches_training(executed_config: str | os.PathLike, keys: Sequence[str] = TRAINING_KEYS) -> None:
-    """Refuse to evaluate with settings that differ from the training run's (its executed ``config.json``).
-
-    Preprocessing, network and slice score must be those the checkpoint was trained with; overriding
-    ``--normalization`` in training but not in evaluation would silently score differently normalised images.
-    Nothing is checked when ``executed_config`` does not exist (a checkpoint from elsewhere).
-    """
-    path = Path(executed_config)
+def training_config(checkpoint: str | os.PathLike) -> dict:
+    """The executed config of the training run that wrote ``checkpoint`` (``config.json`` next to it), or ``{}`` for
+    a checkpoint from elsewhere. Inference takes its scoring settings from it."""
+    path = Path(checkpoint).parent / EXECUTED_CONFIG
     if not path.is_file():
-        return
-    trained = json.loads(path.read_text())
-    current = active_config_parser().get()
-    differ = [f"{k}={current.get(k)!r} (trained with {trained[k]!r})" for k in keys
-              if k in trained and current.get(k) != trained[k]]
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} (the training config next to the checkpoint) is not valid JSON ({err}); restore "
+                         "it from the run's MLflow artifacts or delete it and pass every setting explicitly.") from err
+
+
+def check_matches_training(checkpoint: str | os.PathLike, keys: Sequence[str] = SCORING_KEYS) -> None:
+    """Refuse to score with settings that differ from the training run's (its executed ``config.json`` next to
+    ``checkpoint``).
+
+    Preprocessing, network, likelihood and slice score must be those the checkpoint was trained with: overriding
+    ``--normalization`` in training but not in evaluation would silently score differently normalised images, and a
+    different ``--kl_weight`` a different ELBO. Nothing is checked for a checkpoint without that file.
+    """
+    trained = training_config(checkpoint)
+    parser = active_config_parser()
+    current = {k: parser.get_parsed_content(k) for k in keys if k in trained and k in parser}
+    differ = [f"{k}={value!r} (trained with {trained[k]!r})" for k, value in current.items() if value != trained[k]]
     if differ:
-        raise InputError(f"this run's settings differ from the training recorded in {path}: {', '.join(differ)}; "
-                         "pass the training's values (e.g. --normalization), or use another --output_dir.")
+        raise InputError(f"this run's settings differ from the training of {checkpoint} (recorded in "
+                         f"{Path(checkpoint).parent / EXECUTED_CONFIG}): {', '.join(differ)}; pass the training's "
+                         "values or leave them out, or use another checkpoint.")
 
 
 USER_ERRORS = (InputError, FileNotFoundError, ConnectionError, PermissionError, NotADirectoryError,

@@ -1,22 +1,33 @@
-"""Evaluation of a trained ceVAE on a labelled test datalist: every number of the paper's Fig. 2 and text.
+"""Evaluation of a trained ceVAE on a labelled test datalist: the paper's numbers, and what a user without labels
+would get.
 
-:class:`AnomalyEvaluation` scores each test volume slice-batch by slice-batch (one forward and one batched
-KL-gradient backward per batch, :func:`pipeline.scoring.raw_scores`), derives the pixel maps of every option set
-(the paper's plain definitions and a post-processed variant), stacks them back into 3D volumes in the evaluation
-geometry and keeps brain voxels only as compact arrays. Then:
+:class:`AnomalyEvaluation` scores each test volume (:func:`pipeline.scoring.score_volume`: one forward and one
+batched KL-gradient backward per slice batch), derives the pixel maps of every option set (``paper``,
+``authors``, ``postprocessed``: :data:`pipeline.scoring.OPTION_SETS`) and keeps brain voxels only as compact
+arrays. Then, per option set and score:
 
-* slice level: AUROC/AUPRC of slice scores (normal: no annotated pixel; anomalous: > ``min_slice_pixels``);
-* pixel level: exact AUROC/AUPRC over brain voxels (:class:`pipeline.metrics.ThresholdCurve`); with
-  ``label_groups`` (e.g. BraTS ``{"core": [1, 3, 4], "oedema": [2]}``) also per group of label values, each group's
-  voxels against the unlabelled brain voxels (needs the transform's ``class_key="label_classes"``);
-* Dice: threshold chosen on a seeded 20 % of the test **subjects**, Dice reported on the other 80 % (pooled and
-  mean per subject); best possible Dice on all subjects;
-* posterior collapse: 0.95 quantile of the per-slice KL, active latent units (``Var_x[mu_d] > 0.01``).
+* slice level: AUROC/AUPRC of slice scores over the slices training would use (``min_brain_fraction``,
+  ``border_slices``; normal: no annotated pixel, anomalous: more than ``min_slice_pixels``);
+* pixel level: exact AUROC/AUPRC over brain voxels (:class:`pipeline.metrics.ThresholdCurve`) beside the lesion
+  prevalence (the AUPRC of a random score); with ``label_groups`` also per group of label values;
+* Dice, each beside the Dice of segmenting the whole brain: ``dice_split`` (threshold chosen on a seeded 20 % of the
+  test **subjects**, Dice on the other 80 %, as in the paper), ``dice_healthy`` (at each healthy-data threshold of
+  ``threshold.json``: no labels involved) and ``dice_best`` (the best threshold; an upper bound, not a result).
+  A threshold whose segmentation covers more than half of the brain is flagged (``covers_over_half_brain``,
+  ``warnings``, the log): its Dice is that of a whole-brain mask;
+* ``lesion_detection``: the fraction of 3D lesion components that the segmentation touches (``recall``) and the
+  segmented components touching no lesion per volume (``fp_per_volume``), at the calibrated threshold (held-out
+  subjects) and at the default healthy threshold (all subjects);
+* ``ci95``: 95 % bootstrap intervals over subjects of the pixel AUROC/AUPRC and of the Dice;
+* posterior collapse: the 0.95-quantile of the per-slice KL (summed, and per latent dimension), active latent units.
 
-Outputs in ``output_dir``: ``metrics.json``, ``per_subject.csv``, ``curves.json`` (pixel ROC and PR curves on fixed
-grids), ``roc_pr.png``, ``panels.png``; the thresholds go to ``threshold.json`` next to the checkpoint. Metrics are
-logged to MLflow as ``<name>/<option set>/<metric>/<score>`` (e.g. ``eval/paper/pixel_auroc/combined``) and
-``<name>/kl_q95``, files under the artifact folder ``evaluation/<name>``; ``name`` tells test sets apart.
+Outputs in ``output_dir``: ``metrics.json``, ``per_subject.csv`` (per-subject AUROC, AUPRC and Dice), ``curves.json``
+(pixel ROC and PR curves on fixed grids), ``roc_pr.png``, ``panels.png`` (with the segmentation that inference makes
+by default). The calibrated thresholds are added to ``threshold.json`` next to the checkpoint under this test set's
+name (:mod:`pipeline.thresholds`); the healthy ones are read from there, or computed from the healthy validation
+subjects when the file is missing or was made for another checkpoint. Metrics are logged to MLflow as
+``<name>/<option set>/<metric>/<score>`` (e.g. ``eval/paper/pixel_auroc/combined``) and ``<name>/<metric>``, files
+under the artifact folder ``evaluation/<name>``; ``name`` tells test sets apart.
 """
 
 from __future__ import annotations
@@ -36,19 +47,26 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.data.datalist import load_datalist
+from pipeline.data.slices import brain_slice_indices
+from pipeline.data.validation import InputError
+from pipeline.engines.checkpoint import load_trained
+from pipeline.healthy import (DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE, HEALTHY_QUANTILES, active_units,
+                              healthy_thresholds)
 from pipeline.io import atomic_path, atomic_write_json, atomic_write_text
-from pipeline.metrics import ThresholdCurve, best_dice_threshold, dice, slice_labels, split_calibration
-from pipeline.scoring import PAPER, SCORE_NAMES, ScoreOptions, score_volume, segment
+from pipeline.losses import CeVAELoss
+from pipeline.metrics import (ThresholdCurve, best_dice_threshold, bootstrap_dice, bootstrap_pixel_metrics,
+                              bootstrap_weights, dice, lesion_detection, segmented_fraction_grid, slice_labels,
+                              split_calibration)
+from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, score_volume, segment
+from pipeline.thresholds import checkpoint_sha256, quantile_key, read_thresholds, update_thresholds
 
-__all__ = ["AnomalyEvaluation", "POSTPROCESSED"]
+__all__ = ["AnomalyEvaluation"]
 
 logger = logging.getLogger(__name__)
 
-POSTPROCESSED = ScoreOptions(grad_sigma=3.0, grad_kernel=7, normalize_slices=True, brain_mask=True, mask_erosion=1,
-                             median_size=5, min_component_size=7)
-ACTIVE_UNIT_VARIANCE = 0.01
 CURVE_POINTS = 201  # grid of the FPR / recall axis in curves.json
-N_THRESHOLD_CANDIDATES = 64  # threshold grid when connected components make Dice non-monotone
+GRID_POINTS, REFINE_POINTS = 48, 24  # Dice threshold search when connected components make Dice non-monotone
+HALF_BRAIN = 0.5  # a segmentation covering more of the brain than this is flagged
 
 
 class _Subject:
@@ -56,10 +74,12 @@ class _Subject:
 
     def __init__(self, name: str, brain: np.ndarray, label: np.ndarray, classes: np.ndarray | None = None) -> None:
         self.name, self.brain, self.label = name, brain, label
+        self.lesion_voxels = label[brain]
         self.classes = classes  # original label values of the brain voxels, for label_groups
         self.voxels: dict[str, dict[str, np.ndarray]] = {}
         self.slice_means: dict[str, dict[str, np.ndarray]] = {}
         self.slice_terms: dict[str, np.ndarray] = {}
+        self.scored_slices: list[int] = []  # the slices training would use: slice-level metrics
 
     def volume(self, config: str, score: str) -> np.ndarray:
         out = np.zeros(self.brain.shape, np.float32)
@@ -67,51 +87,102 @@ class _Subject:
         return out
 
 
+def _counts(segmentations: Sequence[np.ndarray], subjects: Sequence[_Subject]) -> np.ndarray:
+    """``(n_subjects, 3)``: true positives, segmented voxels, lesion voxels of each subject."""
+    return np.array([[int((g & s.label).sum()), int(g.sum()), int(s.label.sum())]
+                     for g, s in zip(segmentations, subjects)], dtype=np.int64).reshape(-1, 3)
+
+
+def _pooled_dice(counts: np.ndarray) -> float:
+    tp, segmented, lesion = counts.sum(axis=0)
+    return 1.0 if segmented + lesion == 0 else 2.0 * tp / (segmented + lesion)
+
+
 class AnomalyEvaluation:
     """Evaluate ``checkpoint`` on the ``key`` entries of ``datalist`` (see the module docstring).
 
     Args:
         network: a :class:`~pipeline.networks.CeVAE` of the checkpoint's architecture.
-        checkpoint: ``model.pt`` (``{"model": state_dict}``), loaded with ``weights_only=True``.
+        checkpoint: ``model.pt`` (``{"model", "loss"}``), loaded with ``weights_only=True``.
         datalist: datalist JSON with ``image``, ``label`` and optionally ``brainmask`` entries under ``key``.
         transform: the volume chain used in training.
         output_dir: where outputs go.
-        configs: option sets to report side by side (default: ``paper`` and ``postprocessed``).
-        reconstruction, kl_weight: the reconstruction term and KL weight of the ELBO, as in training.
+        loss: the training loss (:class:`~pipeline.losses.CeVAELoss`, its state loaded from the checkpoint): the
+            slice score is its ELBO.
+        configs: option sets to report side by side (default: :data:`pipeline.scoring.OPTION_SETS`).
         batch_size: slices per network pass.
         min_slice_pixels: annotated pixels above which a slice counts as anomalous.
-        calibration_fraction, seed: the subject split of the Dice threshold.
+        min_brain_fraction, border_slices: the slice selection of training (slice-level metrics use those slices).
+        calibration_fraction, seed: the subject split of the Dice threshold (``seed`` also seeds the bootstrap).
         tracking_uri, experiment_name: MLflow destination when the checkpoint's training run is unknown.
-        name: the test set's name in MLflow (metric prefix and artifact sub-folder).
+        name: the test set's name in MLflow (metric prefix and artifact sub-folder) and in ``threshold.json``.
         label_groups: optional ``{group: [label values]}``; adds ``pixel_auroc_<group>`` / ``pixel_auprc_<group>``.
+        healthy_data: healthy validation entries, to compute the healthy thresholds when ``threshold.json`` lacks
+            them for this checkpoint (None: such a file is required).
+        healthy_quantiles: the quantiles to compute then.
+        default_option_set, default_score, default_quantile: the segmentation inference makes by default, reported
+            for lesion detection and shown in the panels.
+        n_bootstrap: bootstrap resamples of the intervals.
     """
 
     def __init__(self, network: torch.nn.Module, checkpoint: str | os.PathLike, datalist: str | os.PathLike,
-                 transform: Callable, output_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                 configs: Mapping[str, ScoreOptions] | None = None, reconstruction: str = "l2", kl_weight: float = 1.0,
-                 batch_size: int = 64, min_slice_pixels: int = 20, calibration_fraction: float = 0.2,
-                 seed: int = 0, key: str = "test", n_panels: int = 4, tracking_uri: str | None = None,
-                 experiment_name: str = "cevae", name: str = "eval",
-                 label_groups: Mapping[str, Sequence[int]] | None = None) -> None:
+                 transform: Callable, output_dir: str | os.PathLike, loss: CeVAELoss,
+                 device: str | torch.device = "cpu", configs: Mapping[str, ScoreOptions] | None = None,
+                 batch_size: int = 64, min_slice_pixels: int = 20, min_brain_fraction: float = 0.1,
+                 border_slices: int = 0, calibration_fraction: float = 0.2, seed: int = 0, key: str = "test",
+                 n_panels: int = 4, tracking_uri: str | None = None, experiment_name: str = "cevae", name: str = "eval",
+                 label_groups: Mapping[str, Sequence[int]] | None = None, healthy_data: Sequence[dict] | None = None,
+                 healthy_quantiles: Sequence[float] = HEALTHY_QUANTILES, default_option_set: str = DEFAULT_OPTION_SET,
+                 default_score: str = DEFAULT_SCORE, default_quantile: float = DEFAULT_QUANTILE,
+                 n_bootstrap: int = 1000) -> None:
         for text in (name, *(label_groups or {})):
             if not text or "/" in text:
                 raise ValueError(f"evaluation and label group names must be non-empty without '/', got {text!r}.")
         self.label_groups = {g: [int(v) for v in values] for g, values in (label_groups or {}).items()}
         self.network, self.checkpoint, self.datalist = network, Path(checkpoint), Path(datalist)
         self.transform, self.output_dir, self.device = transform, Path(output_dir), torch.device(device)
-        self.configs = dict(configs or {"paper": PAPER, "postprocessed": POSTPROCESSED})
-        self.reconstruction, self.kl_weight = reconstruction, kl_weight
+        self.loss = loss
+        self.configs = dict(configs or OPTION_SETS)
+        if default_option_set not in self.configs or default_score not in SCORE_NAMES:
+            raise InputError(f"the default segmentation {default_option_set}/{default_score} is not among the option "
+                             f"sets {sorted(self.configs)} and scores {SCORE_NAMES}; fix --default_option_set or "
+                             "--default_score.")
         self.batch_size, self.min_slice_pixels = batch_size, min_slice_pixels
+        self.min_brain_fraction, self.border_slices = min_brain_fraction, border_slices
         self.calibration_fraction, self.seed, self.key, self.n_panels = calibration_fraction, seed, key, n_panels
         self.tracking_uri, self.experiment_name, self.name = tracking_uri, experiment_name, name
+        self.healthy_data, self.healthy_quantiles = healthy_data, tuple(healthy_quantiles)
+        self.default = {"option_set": default_option_set, "score": default_score,
+                        "quantile": quantile_key(default_quantile)}
+        self.n_bootstrap = n_bootstrap
 
     # ----------------------------------------------------------------------------------------------- scoring
     def load_network(self) -> torch.nn.Module:
-        if not self.checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint {self.checkpoint} does not exist; train first or pass --ckpt_path.")
-        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        self.network.load_state_dict(state.get("model", state))
+        load_trained(self.checkpoint, self.network, self.loss, self.device)
+        self.loss.to(self.device).eval()
         return self.network.to(self.device).eval()
+
+    def healthy(self) -> dict:
+        """The ``healthy`` section of ``threshold.json`` for this checkpoint and these option sets; computed from
+        ``healthy_data`` (and written) when the file lacks it, was made for another checkpoint or other options."""
+        options = {c: o.to_dict() for c, o in self.configs.items()}
+        try:
+            content = read_thresholds(self.checkpoint)
+        except InputError as err:
+            content, reason = {}, str(err)
+        else:
+            reason = "its option sets differ from this evaluation's"
+        if content.get("healthy") and all(content.get("options", {}).get(c) == o for c, o in options.items()):
+            return content["healthy"]
+        if not self.healthy_data:
+            raise InputError(f"no usable healthy thresholds for {self.checkpoint} ({reason}); evaluate with the "
+                             "training datalist (--datalist, its healthy validation subjects give them) or use the "
+                             "threshold.json written by the training of this checkpoint.")
+        logger.info("computing healthy thresholds of %s on %d healthy validation subjects", self.checkpoint,
+                    len(self.healthy_data))
+        healthy = healthy_thresholds(self.network, self.loss, self.healthy_data, self.transform, self.configs,
+                                     self.healthy_quantiles, self.batch_size, self.device)
+        return update_thresholds(self.checkpoint, options, healthy=healthy)["healthy"]
 
     def score_subject(self, name: str, data: Mapping[str, torch.Tensor]) -> tuple[_Subject, dict]:
         """Score one preprocessed volume; returns the compact results and the per-slice arrays for panels."""
@@ -125,8 +196,10 @@ class AnomalyEvaluation:
                                  "class_key='label_classes'.")
             classes = np.rint(np.asarray(data["label_classes"][0])[brain]).astype(np.int16)
         subject = _Subject(name, brain, label, classes)
-        terms, maps = score_volume(self.network, image, brain, self.configs, self.reconstruction, self.batch_size,
-                                   device=self.device, kl_weight=self.kl_weight)
+        subject.scored_slices = brain_slice_indices(torch.as_tensor(brain[None]), self.min_brain_fraction,
+                                                    self.border_slices)
+        terms, maps = score_volume(self.network, image, brain, self.configs, self.loss, self.batch_size,
+                                   device=self.device)
         subject.slice_terms = {k: terms[k].numpy() for k in ("rec", "kl", "neg_elbo", "mu")}
         brain_pixels = np.maximum(brain.sum(axis=(0, 1)), 1)
         for config, volumes in maps.items():
@@ -136,28 +209,56 @@ class AnomalyEvaluation:
         return subject, {"image": image[0].permute(2, 0, 1).numpy(), "recon": terms["recon"][:, 0].numpy()}
 
     # ----------------------------------------------------------------------------------------------- metrics
-    def _dice_search(self, subjects: list[_Subject], config: str, score: str) -> tuple[float, float]:
-        """Best ``(threshold, pooled Dice)`` over ``subjects``: exact without component removal, else a grid."""
-        voxels = np.concatenate([s.voxels[config][score] for s in subjects])
-        labels = np.concatenate([s.label[s.brain] for s in subjects])
-        min_size = self.configs[config].min_component_size
-        if min_size <= 1:
-            return best_dice_threshold(voxels, labels)
-        candidates = np.unique(np.quantile(voxels, np.linspace(0.5, 1.0, N_THRESHOLD_CANDIDATES)))
-        results = [(float(t), self._pooled_dice(subjects, config, score, float(t))) for t in candidates]
-        return max(results, key=lambda r: r[1])
-
     def _segment(self, subject: _Subject, config: str, score: str, threshold: float) -> np.ndarray:
         return segment(subject.volume(config, score), subject.brain, threshold, self.configs[config])
 
-    def _pooled_dice(self, subjects: list[_Subject], config: str, score: str, threshold: float) -> float:
-        segs = [self._segment(s, config, score, threshold) for s in subjects]
-        tp = sum(int((g & s.label).sum()) for g, s in zip(segs, subjects))
-        total = sum(int(g.sum() + s.label.sum()) for g, s in zip(segs, subjects))
-        return 1.0 if total == 0 else 2.0 * tp / total
+    def _counts(self, subjects: Sequence[_Subject], config: str, score: str, threshold: float) -> np.ndarray:
+        return _counts([self._segment(s, config, score, threshold) for s in subjects], subjects)
 
-    def metrics(self, subjects: list[_Subject], curves: dict) -> dict:
-        """All metrics, per option set (see the module docstring); ``curves`` from :meth:`curves`."""
+    def _dice_search(self, subjects: list[_Subject], config: str, score: str) -> tuple[float, float]:
+        """Best ``(threshold, pooled Dice)`` over ``subjects``: exact over every distinct threshold without component
+        removal; with it (Dice is then not monotone in the threshold), over thresholds that segment a geometric grid
+        of brain fractions from 1e-5 to 1, refined around the best (steps of about 2 % in the segmented volume)."""
+        voxels = np.concatenate([s.voxels[config][score] for s in subjects])
+        if self.configs[config].min_component_size <= 1:
+            return best_dice_threshold(voxels, np.concatenate([s.lesion_voxels for s in subjects]))
+
+        def best_of(fractions: np.ndarray) -> tuple[float, float, float]:
+            thresholds = np.unique(np.quantile(voxels, 1.0 - np.clip(fractions, 0.0, 1.0)))
+            results = [(float(t), _pooled_dice(self._counts(subjects, config, score, float(t)))) for t in thresholds]
+            threshold, value = max(results, key=lambda r: r[1])
+            return threshold, value, float((voxels >= threshold).mean())
+
+        grid = segmented_fraction_grid(GRID_POINTS, smallest=min(1e-5, 1.0 / voxels.size))
+        threshold, value, fraction = best_of(grid)
+        step = grid[1] / grid[0]
+        refined = best_of(np.geomspace(max(fraction / step, grid[0]), min(fraction * step, 1.0), REFINE_POINTS))
+        return (threshold, value) if value >= refined[1] else refined[:2]
+
+    def _dice_entry(self, subjects: Sequence[_Subject], config: str, score: str, threshold: float,
+                    whole_brain: float) -> tuple[dict, np.ndarray]:
+        """Pooled Dice at ``threshold`` with its whole-brain baseline and the share of the brain it segments."""
+        counts = self._counts(subjects, config, score, threshold)
+        brain_voxels = sum(int(s.brain.sum()) for s in subjects)
+        fraction = float(counts[:, 1].sum() / max(brain_voxels, 1))
+        entry = {"threshold": float(threshold), "dice": _pooled_dice(counts) if len(subjects) else float("nan"),
+                 "whole_brain": whole_brain, "brain_fraction": fraction,
+                 "covers_over_half_brain": bool(fraction > HALF_BRAIN)}
+        return entry, counts
+
+    def _detection(self, subjects: Sequence[_Subject], config: str, score: str, threshold: float) -> dict:
+        found = [lesion_detection(self._segment(s, config, score, threshold), s.label) for s in subjects]
+        lesions, detected = sum(f["lesions"] for f in found), sum(f["detected"] for f in found)
+        false_positives = sum(f["false_positives"] for f in found)
+        n = len(subjects)
+        return {"threshold": float(threshold), "subjects": n, "lesions": lesions, "detected": detected,
+                "recall": detected / lesions if lesions else float("nan"),
+                "false_positive_components": false_positives,
+                "fp_per_volume": false_positives / n if n else float("nan")}
+
+    def metrics(self, subjects: list[_Subject], curves: dict, healthy: dict) -> dict:
+        """All metrics, per option set (see the module docstring); ``curves`` from :meth:`curves`, ``healthy`` the
+        healthy section of ``threshold.json``."""
         if len(subjects) > 1:
             calibration, reported = split_calibration([s.name for s in subjects], self.calibration_fraction, self.seed)
         else:  # the threshold still comes from the data, but no held-out Dice can be reported
@@ -165,53 +266,99 @@ class AnomalyEvaluation:
             calibration, reported = [s.name for s in subjects], []
         cal = [s for s in subjects if s.name in calibration]
         rep = [s for s in subjects if s.name in reported]
-        slice_y = np.concatenate([slice_labels(s.label, self.min_slice_pixels) for s in subjects])
+        slice_y = np.concatenate([slice_labels(s.label, self.min_slice_pixels)[s.scored_slices] for s in subjects])
         keep = slice_y >= 0
         kl = np.concatenate([s.slice_terms["kl"] for s in subjects])
         mu = np.concatenate([s.slice_terms["mu"] for s in subjects])
+        lesion_voxels = sum(int(s.label.sum()) for s in subjects)
+        baselines = {  # trivial references: a random score's AUPRC, and the Dice of segmenting the whole brain
+            "prevalence": lesion_voxels / max(sum(int(s.brain.sum()) for s in subjects), 1),
+            "dice_whole_brain_all": _pooled_dice(_counts([s.brain for s in subjects], subjects)),
+            "dice_whole_brain_reported": _pooled_dice(_counts([s.brain for s in rep], rep)) if rep else float("nan"),
+        }
+        weights = bootstrap_weights(len(subjects), self.n_bootstrap, self.seed)
+        weights_rep = bootstrap_weights(len(rep), self.n_bootstrap, self.seed) if rep else None
         results: dict = {
             "n_subjects": len(subjects),
             "n_slices": int(kl.size),
+            "n_slices_scored": int(slice_y.size),
             "n_slices_normal": int((slice_y == 0).sum()),
             "n_slices_anomalous": int((slice_y == 1).sum()),
             "kl_q95": float(np.quantile(kl, 0.95)),
-            "active_units": int((mu.var(axis=0) > ACTIVE_UNIT_VARIANCE).sum()),
+            "kl_q95_per_dim": float(np.quantile(kl / mu.shape[1], 0.95)),
+            "active_units": active_units(mu),
             "calibration_subjects": calibration,
             "checkpoint": str(self.checkpoint),
+            "checkpoint_sha256": checkpoint_sha256(self.checkpoint),
             "datalist": str(self.datalist),
+            "healthy_quantiles": list(healthy["thresholds"][next(iter(self.configs))]["rec"]),
+            "default": {**self.default, "threshold": healthy["thresholds"][self.default["option_set"]][
+                self.default["score"]][self.default["quantile"]]},
+            "baselines": baselines,
+            "warnings": [],
         }
         for config in self.configs:
-            out: dict = {"options": self.configs[config].to_dict()}
-            slice_scores = {"elbo": np.concatenate([s.slice_terms["neg_elbo"] for s in subjects])}
-            slice_scores.update({k: np.concatenate([s.slice_means[config][k] for s in subjects]) for k in SCORE_NAMES})
+            out: dict = {"options": self.configs[config].to_dict(), "prevalence": baselines["prevalence"]}
+            slice_scores = {"elbo": np.concatenate([s.slice_terms["neg_elbo"][s.scored_slices] for s in subjects])}
+            slice_scores.update({k: np.concatenate([s.slice_means[config][k][s.scored_slices] for s in subjects])
+                                 for k in SCORE_NAMES})
             out["slice_auroc"] = {k: _safe(roc_auc_score, slice_y[keep], v[keep]) for k, v in slice_scores.items()}
             out["slice_auprc"] = {k: _safe(average_precision_score, slice_y[keep], v[keep])
                                   for k, v in slice_scores.items()}
-            out["pixel_auroc"], out["pixel_auprc"], out["dice_split"], out["dice_best"] = {}, {}, {}, {}
+            for key in ("pixel_auroc", "pixel_auprc", "dice_split", "dice_best", "dice_healthy"):
+                out[key] = {}
+            out["lesion_detection"] = {"calibrated": {}, "healthy": {}}
+            out["ci95"] = {key: {} for key in ("pixel_auroc", "pixel_auprc", "dice_split", "dice_healthy")}
             for score in SCORE_NAMES:
                 out["pixel_auroc"][score] = curves[config][score]["auroc"]
                 out["pixel_auprc"][score] = curves[config][score]["auprc"]
+                interval = bootstrap_pixel_metrics([s.voxels[config][score] for s in subjects],
+                                                   [s.lesion_voxels for s in subjects], weights)
+                out["ci95"]["pixel_auroc"][score] = interval["auroc"]
+                out["ci95"]["pixel_auprc"][score] = interval["auprc"]
                 threshold, cal_dice = self._dice_search(cal, config, score)
+                split, counts = self._dice_entry(rep, config, score, threshold, baselines["dice_whole_brain_reported"])
                 per_subject = {s.name: dice(self._segment(s, config, score, threshold), s.label) for s in rep}
-                out["dice_split"][score] = {
-                    "threshold": threshold,
-                    "calibration_dice": cal_dice,
-                    "dice": self._pooled_dice(rep, config, score, threshold) if rep else float("nan"),
-                    "dice_mean_per_subject": float(np.mean(list(per_subject.values()))) if rep else float("nan"),
-                    "per_subject": per_subject,
-                }
+                out["dice_split"][score] = {**split, "calibration_dice": cal_dice,
+                                            "dice_mean_per_subject": float(np.mean(list(per_subject.values())))
+                                            if rep else float("nan"), "per_subject": per_subject}
+                out["ci95"]["dice_split"][score] = (bootstrap_dice(counts, weights_rep) if rep
+                                                    else [float("nan"), float("nan")])
+                out["lesion_detection"]["calibrated"][score] = self._detection(rep, config, score, threshold)
                 out["dice_best"][score] = self._dice_search(subjects, config, score)[1]
+                out["dice_healthy"][score] = {}
+                for q, value in healthy["thresholds"][config][score].items():
+                    entry, counts = self._dice_entry(subjects, config, score, value, baselines["dice_whole_brain_all"])
+                    out["dice_healthy"][score][q] = entry
+                    if q == self.default["quantile"]:
+                        out["ci95"]["dice_healthy"][score] = bootstrap_dice(counts, weights)
+                        out["lesion_detection"]["healthy"][score] = {
+                            "quantile": q, **self._detection(subjects, config, score, value)}
             out.update(self._group_metrics(subjects, config))
             results[config] = out
+            results["warnings"] += self._coverage_warnings(config, out)
         paper = results[next(iter(self.configs))]
         for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auprc", "dice_split", "dice_best"):
             results[key] = paper[key]  # the paper's plain definitions at the top level
         return results
 
+    @staticmethod
+    def _coverage_warnings(config: str, out: dict) -> list[str]:
+        """One line per threshold of ``config`` whose segmentation covers more than half of the brain."""
+        found = [(f"dice_split/{score}", entry) for score, entry in out["dice_split"].items()]
+        found += [(f"dice_healthy/{score}/q{q}", entry) for score, per_q in out["dice_healthy"].items()
+                  for q, entry in per_q.items()]
+        lines = [f"{config}/{where}: threshold {entry['threshold']:.4g} segments {100 * entry['brain_fraction']:.0f} % "
+                 f"of the brain (Dice {entry['dice']:.3f}, a whole-brain mask scores {entry['whole_brain']:.3f})"
+                 for where, entry in found if entry["covers_over_half_brain"]]
+        for line in lines:
+            logger.warning("%s", line)
+        return lines
+
     def _group_metrics(self, subjects: list[_Subject], config: str) -> dict:
         """``pixel_auroc_<group>`` / ``pixel_auprc_<group>`` per score: the group's voxels against unlabelled brain."""
         out: dict = {}
-        healthy = ~np.concatenate([s.label[s.brain] for s in subjects]) if self.label_groups else None
+        healthy = ~np.concatenate([s.lesion_voxels for s in subjects]) if self.label_groups else None
         for group, values in self.label_groups.items():
             positive = np.concatenate([np.isin(s.classes, values) for s in subjects])
             keep = positive | healthy
@@ -227,6 +374,7 @@ class AnomalyEvaluation:
     def run(self) -> dict:
         """Score every test volume, compute the metrics and write/log all outputs. Returns the metrics."""
         self.load_network()
+        healthy = self.healthy()
         entries = load_datalist(self.datalist, self.key, required=("image", "label"))
         subjects, panels = [], []
         for i, entry in enumerate(entries):
@@ -239,33 +387,40 @@ class AnomalyEvaluation:
                 panels.append((subject, slices, int(subject.label.sum(axis=(0, 1)).argmax())))
             logger.info("scored %s (%d/%d)", name, i + 1, len(entries))
         curves = self.curves(subjects)
-        results = self.metrics(subjects, curves)
+        results = self.metrics(subjects, curves, healthy)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(results, self.output_dir / "metrics.json")
         self._write_per_subject(subjects, results)
         atomic_write_json(curves, self.output_dir / "curves.json")
         self._plot_curves(curves)
         self._plot_panels(panels, results)
-        thresholds = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
-        # inference's default: the combined score under the option set that calibrated best (calibration subjects only)
-        best = max(self.configs, key=lambda c: results[c]["dice_split"]["combined"]["calibration_dice"])
-        atomic_write_json({"default": {"postprocessing": best, "score": "combined",
-                                       "threshold": results[best]["dice_split"]["combined"]["threshold"]},
-                           "thresholds": thresholds, "options": {c: o.to_dict() for c, o in self.configs.items()}},
-                          self.checkpoint.parent / "threshold.json")
+        calibrated = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
+        update_thresholds(self.checkpoint, {c: o.to_dict() for c, o in self.configs.items()},
+                          calibrated={self.name: {"datalist": str(self.datalist), "subjects": results[
+                              "calibration_subjects"], "thresholds": calibrated}})
         self._log_to_mlflow(results)
         return results
 
     def _write_per_subject(self, subjects: list[_Subject], results: dict) -> None:
+        """One row per subject: its lesion load, and per option set and score its own pixel AUROC and AUPRC, its Dice
+        at the calibrated threshold (held-out subjects only) and at the default healthy quantile."""
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        configs = list(self.configs)
-        writer.writerow(["subject", "calibration", "slices", "lesion_voxels", "mean_neg_elbo"]
-                        + [f"dice_{c}_{s}" for c in configs for s in SCORE_NAMES])
+        q = self.default["quantile"]
+        columns = [(c, s) for c in self.configs for s in SCORE_NAMES]
+        writer.writerow(["subject", "calibration", "slices", "brain_voxels", "lesion_voxels", "lesions",
+                         "mean_neg_elbo"] + [f"{m}_{c}_{s}" for c, s in columns
+                                             for m in ("auroc", "auprc", "dice_split", f"dice_healthy_q{q}")])
         for s in subjects:
-            row = [s.name, s.name in results["calibration_subjects"], s.label.shape[-1], int(s.label.sum()),
+            row = [s.name, s.name in results["calibration_subjects"], s.label.shape[-1], int(s.brain.sum()),
+                   int(s.label.sum()), lesion_detection(s.label, s.label)["lesions"],
                    float(s.slice_terms["neg_elbo"].mean())]
-            row += [results[c]["dice_split"][k]["per_subject"].get(s.name, "") for c in configs for k in SCORE_NAMES]
+            for c, k in columns:
+                curve = ThresholdCurve.from_scores(s.voxels[c][k], s.lesion_voxels)
+                threshold = results[c]["dice_healthy"][k][q]["threshold"]
+                row += [curve.auroc(), curve.average_precision(),
+                        results[c]["dice_split"][k]["per_subject"].get(s.name, ""),
+                        dice(self._segment(s, c, k, threshold), s.label)]
             writer.writerow(row)
         atomic_write_text(buffer.getvalue(), self.output_dir / "per_subject.csv")
 
@@ -274,7 +429,7 @@ class AnomalyEvaluation:
         score the exact ``auroc`` / ``auprc`` with ``tpr`` and ``precision`` on those grids. One sort per curve and
         one curve in memory at a time; the metrics, the JSON and the figure all use these."""
         grid = np.linspace(0.0, 1.0, CURVE_POINTS)
-        labels = np.concatenate([s.label[s.brain] for s in subjects])
+        labels = np.concatenate([s.lesion_voxels for s in subjects])
         out: dict = {"fpr": grid.tolist(), "recall": grid.tolist()}
         for config in self.configs:
             for score in SCORE_NAMES:
@@ -305,33 +460,64 @@ class AnomalyEvaluation:
         plt.close(fig)
 
     def _plot_panels(self, panels: list, results: dict) -> None:
+        """Input, reconstruction, ground truth, the default option set's maps and the segmentation that inference
+        makes by default (named in the figure)."""
         if not panels:
             return
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        config = next(iter(self.configs))
-        threshold = results[config]["dice_split"]["combined"]["threshold"]
-        columns = ["input", "reconstruction", "ground truth", "rec", "kl_grad", "combined", "segmentation"]
-        fig, axes = plt.subplots(len(panels), len(columns), figsize=(2 * len(columns), 2.1 * len(panels)),
+        config, score, q = (self.default[k] for k in ("option_set", "score", "quantile"))
+        threshold = results["default"]["threshold"]
+        columns = ["input", "reconstruction", "ground truth", f"{config}: rec", f"{config}: kl_grad",
+                   f"{config}: combined", f"segmentation:\n{score} >= healthy q{q}"]
+        fig, axes = plt.subplots(len(panels), len(columns), figsize=(2 * len(columns), 2.2 * len(panels) + 0.4),
                                  squeeze=False)
         for row, (subject, slices, z) in enumerate(panels):
-            seg = self._segment(subject, config, "combined", threshold)[..., z]
+            seg = self._segment(subject, config, score, threshold)[..., z]
             images = [slices["image"][z], slices["recon"][z], subject.label[..., z],
                       subject.volume(config, "rec")[..., z], subject.volume(config, "kl_grad")[..., z],
                       subject.volume(config, "combined")[..., z], seg]
             for col, (title, img) in enumerate(zip(columns, images)):
                 ax = axes[row, col]
-                ax.imshow(np.asarray(img, np.float32).T, cmap="gray" if col < 3 or col == 6 else "magma", origin="lower")
+                ax.imshow(np.asarray(img, np.float32).T, cmap="gray" if col in (0, 1, 2, 6) else "magma",
+                          origin="lower")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if row == 0:
-                    ax.set_title(title, fontsize=9)
+                    ax.set_title(title, fontsize=8)
             axes[row, 0].set_ylabel(f"{subject.name}\nslice {z}", fontsize=8)
+        fig.suptitle(f"inference's default segmentation: option set {config}, score {score}, threshold {threshold:.4g} "
+                     f"(healthy quantile {q}, no labels used)", fontsize=9)
         fig.tight_layout()
         with atomic_path(self.output_dir / "panels.png", ".png") as tmp:
             fig.savefig(tmp, dpi=80)
         plt.close(fig)
+
+    def mlflow_metrics(self, results: dict) -> dict[str, float]:
+        """The metrics logged to MLflow: ``<name>/<metric>`` and ``<name>/<option set>/<metric>/<score>``."""
+        prefix = self.name
+        values = {f"{prefix}/{k}": results[k] for k in ("kl_q95", "kl_q95_per_dim", "active_units")}
+        values.update({f"{prefix}/{k}": v for k, v in results["baselines"].items()})
+        for config in self.configs:
+            out = results[config]
+            keys = ["slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auprc", "dice_best"]
+            keys += [f"pixel_{m}_{g}" for g in self.label_groups for m in ("auroc", "auprc")]
+            for key in keys:
+                values.update({f"{prefix}/{config}/{key}/{score}": value for score, value in out[key].items()})
+            for score in SCORE_NAMES:
+                values[f"{prefix}/{config}/dice_split/{score}"] = out["dice_split"][score]["dice"]
+                values[f"{prefix}/{config}/threshold/{score}"] = out["dice_split"][score]["threshold"]
+                for q, entry in out["dice_healthy"][score].items():
+                    values[f"{prefix}/{config}/dice_healthy_q{q}/{score}"] = entry["dice"]
+                for where, found in out["lesion_detection"].items():
+                    values[f"{prefix}/{config}/lesion_recall_{where}/{score}"] = found[score]["recall"]
+                    values[f"{prefix}/{config}/lesion_fp_per_volume_{where}/{score}"] = found[score]["fp_per_volume"]
+                for key, intervals in out["ci95"].items():
+                    lo, hi = intervals[score]
+                    values[f"{prefix}/{config}/{key}_ci95_lo/{score}"] = lo
+                    values[f"{prefix}/{config}/{key}_ci95_hi/{score}"] = hi
+        return {k: float(v) for k, v in values.items() if np.isfinite(v)}
 
     def _log_to_mlflow(self, results: dict) -> None:
         from mlflow import MlflowClient
@@ -349,19 +535,10 @@ class AnomalyEvaluation:
             run_id = client.create_run(experiment_id(client, self.experiment_name), run_name="evaluation",
                                        tags={"evaluated_checkpoint": str(self.checkpoint)}).info.run_id
         close = info.get("run_id") is None
-        values = {f"{self.name}/kl_q95": results["kl_q95"], f"{self.name}/active_units": results["active_units"]}
-        for config in self.configs:
-            keys = ["slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auprc", "dice_best"]
-            keys += [f"pixel_{m}_{g}" for g in self.label_groups for m in ("auroc", "auprc")]
-            for key in keys:
-                values.update({f"{self.name}/{config}/{key}/{score}": value
-                               for score, value in results[config][key].items()})
-            for score, entry in results[config]["dice_split"].items():
-                values[f"{self.name}/{config}/dice_split/{score}"] = entry["dice"]
-                values[f"{self.name}/{config}/threshold/{score}"] = entry["threshold"]
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in values.items()
-                                          if np.isfinite(value)])  # one request, also to a remote server
+        metrics = [Metric(key, value, now, 0) for key, value in self.mlflow_metrics(results).items()]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+            client.log_batch(run_id, metrics=metrics[start:start + 1000])
         folder = f"evaluation/{self.name}"
         for name in ("metrics.json", "per_subject.csv", "curves.json", "roc_pr.png", "panels.png"):
             if (self.output_dir / name).is_file():

@@ -2,10 +2,14 @@
 
 For an input ``IN.nii.gz`` (and optionally its brain mask) :class:`AnomalyInference` writes to ``output_dir``
 
-* ``<name>_anomaly.nii.gz``: the combined pixel score (float32);
-* ``<name>_seg.nii.gz``: the segmentation ``anomaly >= threshold`` (uint8), with the threshold calibrated by the
-  evaluation (``threshold.json`` next to the checkpoint) or given explicitly;
-* ``<name>_score.json``: volume score, per-slice scores, threshold used and model version,
+* ``<name>_anomaly.nii.gz``: the anomaly map of the chosen option set and score (float32; by default the
+  ``postprocessed`` ``combined`` score);
+* ``<name>_seg.nii.gz``: the segmentation ``anomaly >= threshold`` (uint8). By default the threshold is the healthy
+  0.99 quantile of that map, written by training into ``threshold.json`` next to the checkpoint from the healthy
+  validation subjects (:mod:`pipeline.healthy`): no labels are needed. ``healthy_quantile`` picks another stored
+  quantile, ``calibration`` the threshold that a labelled evaluation of that name calibrated, ``threshold`` a value;
+* ``<name>_score.json``: volume score, per-slice scores (the training loss's negative ELBO), the threshold and
+  where it came from, model version and checkpoint hash,
 
 all with exactly the input's shape and affine: the preprocessing is inverted with MONAI's invertible transforms
 (``Invertd``), so the maps overlay correctly in 3D Slicer or ITK-SNAP whatever the input's orientation and spacing.
@@ -13,8 +17,6 @@ all with exactly the input's shape and affine: the preprocessing is inverted wit
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -27,20 +29,17 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from pipeline.data.datalist import load_datalist
+from pipeline.data.validation import InputError
+from pipeline.engines.checkpoint import load_trained
+from pipeline.healthy import DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE
 from pipeline.io import atomic_save_nifti, atomic_write_json
-from pipeline.scoring import PAPER, ScoreOptions, score_volume, segment
+from pipeline.losses import CeVAELoss
+from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, score_volume, segment
+from pipeline.thresholds import checkpoint_sha256, read_thresholds, select_threshold, threshold_path
 
-__all__ = ["AnomalyInference", "load_threshold"]
+__all__ = ["AnomalyInference"]
 
 logger = logging.getLogger(__name__)
-
-
-def load_threshold(path: str | os.PathLike) -> tuple[float, str, ScoreOptions]:
-    """``(threshold, score name, options)`` of the default entry of an evaluation's ``threshold.json``."""
-    content = json.loads(Path(path).read_text())
-    default = content["default"]
-    options = ScoreOptions(**content["options"][default["postprocessing"]])
-    return float(default["threshold"]), default["score"], options
 
 
 class AnomalyInference:
@@ -51,37 +50,55 @@ class AnomalyInference:
         checkpoint: ``model.pt``.
         transform: the volume chain used in training (its spatial steps are inverted).
         output_dir: where outputs go.
-        threshold: segmentation threshold; None reads ``threshold.json`` next to the checkpoint.
-        options: scoring options when ``threshold`` is given (else those stored with the threshold).
+        loss: the training loss (:class:`~pipeline.losses.CeVAELoss`; its trained state is loaded from the
+            checkpoint): the slice scores are its negative ELBO, as in evaluation.
+        threshold: segmentation threshold; None takes it from ``threshold.json`` next to the checkpoint.
+        healthy_quantile: the healthy quantile whose threshold to use (0.99 default; see :mod:`pipeline.healthy`).
+        calibration: instead, the name of a labelled evaluation whose calibrated threshold to use.
+        option_set, score: the map to threshold (an option set of ``threshold.json``, or of
+            :data:`pipeline.scoring.OPTION_SETS` when there is no such file).
         model_version: written into the score files (e.g. the bundle's metadata version).
     """
 
     def __init__(self, network: torch.nn.Module, checkpoint: str | os.PathLike, transform: Callable,
-                 output_dir: str | os.PathLike, device: str | torch.device = "cpu", threshold: float | None = None,
-                 options: ScoreOptions = PAPER, reconstruction: str = "l2", batch_size: int = 64,
-                 model_version: str = "unknown") -> None:
+                 output_dir: str | os.PathLike, loss: CeVAELoss | None = None, device: str | torch.device = "cpu",
+                 threshold: float | None = None, healthy_quantile: float = DEFAULT_QUANTILE,
+                 calibration: str | None = None, option_set: str = DEFAULT_OPTION_SET, score: str = DEFAULT_SCORE,
+                 batch_size: int = 64, model_version: str = "unknown") -> None:
+        if score not in SCORE_NAMES:
+            raise InputError(f"unknown score {score!r}; choose one of {SCORE_NAMES} (--score).")
         self.network, self.checkpoint, self.transform = network, Path(checkpoint), transform
         self.output_dir, self.device = Path(output_dir), torch.device(device)
-        self.threshold, self.options, self.score_name = threshold, options, "combined"
-        self.reconstruction, self.batch_size, self.model_version = reconstruction, batch_size, model_version
+        self.loss = CeVAELoss(ce_weight=0.0) if loss is None else loss
+        self.threshold, self.healthy_quantile, self.calibration = threshold, healthy_quantile, calibration
+        self.option_set, self.score_name = option_set, score
+        self.batch_size, self.model_version = batch_size, model_version
+        self.threshold_source = "given (--threshold)"
         self._loaded = False
 
     def _prepare(self) -> None:
         if self._loaded:
             return
-        if not self.checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint {self.checkpoint} does not exist; pass --ckpt with a trained model.pt.")
-        state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        self.network.load_state_dict(state.get("model", state))
+        load_trained(self.checkpoint, self.network, self.loss, self.device)
         self.network.to(self.device).eval()
+        self.loss.to(self.device).eval()
+        content = None
         if self.threshold is None:
-            calibration = self.checkpoint.parent / "threshold.json"
-            if not calibration.is_file():
-                raise FileNotFoundError(
-                    f"no segmentation threshold: {calibration} does not exist. Run the bundle's 'evaluating' on a "
-                    "labelled datalist to calibrate one, or pass --threshold VALUE.")
-            self.threshold, self.score_name, self.options = load_threshold(calibration)
-        self.checkpoint_sha256 = hashlib.sha256(self.checkpoint.read_bytes()).hexdigest()[:16]
+            content = read_thresholds(self.checkpoint)
+        elif threshold_path(self.checkpoint).is_file():
+            try:  # only for the option sets' settings; the threshold is the one given
+                content = read_thresholds(self.checkpoint)
+            except InputError as err:
+                logger.warning("%s; using the library's option sets with the given threshold", err)
+        available = content["options"] if content else {c: o.to_dict() for c, o in OPTION_SETS.items()}
+        if self.option_set not in available:
+            raise InputError(f"unknown option set {self.option_set!r}; choose one of {sorted(available)} "
+                             "(--option_set).")
+        if self.threshold is None:
+            self.threshold, self.threshold_source = select_threshold(
+                content, self.option_set, self.score_name, self.healthy_quantile, self.calibration)
+        self.options = ScoreOptions(**available[self.option_set])
+        self.checkpoint_sha256 = checkpoint_sha256(self.checkpoint)
         self._loaded = True
 
     def __call__(self, image: str | os.PathLike, mask: str | os.PathLike | None = None) -> dict[str, str]:
@@ -92,9 +109,9 @@ class AnomalyInference:
         data = {"image": str(image)} if mask is None else {"image": str(image), "brainmask": str(mask)}
         pre = self.transform(data)
         brain = np.asarray(pre["brainmask"][0] > 0)
-        terms, maps = score_volume(self.network, pre["image"].as_tensor(), brain, {"inference": self.options},
-                                   self.reconstruction, self.batch_size, scores=(self.score_name,), device=self.device)
-        anomaly = maps["inference"][self.score_name]
+        terms, maps = score_volume(self.network, pre["image"].as_tensor(), brain, {self.option_set: self.options},
+                                   self.loss, self.batch_size, scores=(self.score_name,), device=self.device)
+        anomaly = maps[self.option_set][self.score_name]
         seg = segment(anomaly, brain, self.threshold, self.options)
         slice_scores = terms["neg_elbo"].tolist()
         native = self._invert(pre, {"anomaly": anomaly, "seg": seg.astype(np.float32)})
@@ -112,14 +129,17 @@ class AnomalyInference:
             "volume_score_max_neg_elbo": float(brain_scores.max()),
             "slice_neg_elbo": slice_scores,
             "slice_axis": "axial slices of the brain box in RAS order (inferior to superior)",
+            "option_set": self.option_set,
             "score": self.score_name,
             "threshold": float(self.threshold),
+            "threshold_source": self.threshold_source,
             "scoring_options": self.options.to_dict(),
             "segmented_voxels": int((native["seg"] > 0.5).sum()),
+            "segmented_brain_fraction": float(seg.sum() / max(brain.sum(), 1)),
             "model_version": self.model_version,
             "checkpoint_sha256": self.checkpoint_sha256,
         }, outputs["score"])
-        logger.info("%s -> %s", image, self.output_dir)
+        logger.info("%s -> %s (threshold %.4g, %s)", image, self.output_dir, self.threshold, self.threshold_source)
         return {k: str(v) for k, v in outputs.items()}
 
     def _invert(self, pre: Mapping[str, torch.Tensor], maps: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,12 +1,14 @@
 """Atomic writers: every output is written under a temporary name in the target folder, then renamed.
 
 A crash or a full disk therefore never leaves a half-written file under the final name, and an earlier
-version of the file stays intact until the new one is complete. ``.nii.gz`` files are compressed on all CPU cores
+version of the file stays intact until the new one is complete. :func:`file_lock` serialises read-modify-write
+updates of one file between processes. ``.nii.gz`` files are compressed on all CPU cores
 (:func:`parallel_gzip`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import struct
@@ -20,7 +22,7 @@ from typing import Any
 
 import nibabel as nib
 
-__all__ = ["atomic_path", "atomic_save_nifti", "atomic_write_json", "atomic_write_text", "parallel_gzip"]
+__all__ = ["atomic_path", "atomic_save_nifti", "atomic_write_json", "atomic_write_text", "file_lock", "parallel_gzip"]
 
 
 @contextmanager
@@ -43,6 +45,20 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike):
+    """Hold an exclusive ``fcntl`` lock on ``path`` (created if missing) for the ``with`` block; other processes
+    wait. The lock is released when the block ends or the process dies."""
+    lock_path = Path(path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _umask() -> int:

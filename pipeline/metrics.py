@@ -4,6 +4,11 @@ Pixel-level metrics take **compact arrays** of the brain voxels only (scores ``f
 outside the brain are excluded, not counted as easy negatives. One sort gives every threshold's true and false
 positives, hence the exact AUROC and average precision (sklearn's definitions, ties handled the same way) and the
 exact best Dice, with no bisection. 16 M brain voxels (100 volumes at 64x64) need about 0.5 GB.
+
+Subject-level uncertainty (:func:`bootstrap_pixel_metrics`, :func:`bootstrap_dice`): 95 % percentile bootstrap
+intervals over **subjects** (voxels of one subject are not independent), resampled through per-subject score
+histograms so that 1,000 resamples of a pooled AUROC cost one histogram product, not 1,000 sorts. Lesion-level
+detection (:func:`lesion_detection`): 3D connected components of the labels and of a segmentation.
 """
 
 from __future__ import annotations
@@ -17,11 +22,18 @@ from scipy import ndimage
 __all__ = [
     "ThresholdCurve",
     "best_dice_threshold",
+    "bootstrap_dice",
+    "bootstrap_pixel_metrics",
+    "bootstrap_weights",
     "dice",
+    "lesion_detection",
     "remove_small_components",
+    "segmented_fraction_grid",
     "slice_labels",
     "split_calibration",
 ]
+
+CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity, for lesions and segmentations alike
 
 
 @dataclass
@@ -100,7 +112,7 @@ def remove_small_components(segmentation: np.ndarray, min_size: int) -> np.ndarr
     """Drop 3D connected components (26-connectivity) with fewer than ``min_size`` voxels."""
     if min_size <= 1 or not segmentation.any():
         return segmentation
-    components, n = ndimage.label(segmentation, structure=np.ones((3, 3, 3), bool))
+    components, n = ndimage.label(segmentation, structure=CONNECTIVITY)
     sizes = np.bincount(components.ravel(), minlength=n + 1)
     keep = sizes >= min_size
     keep[0] = False
@@ -124,3 +136,85 @@ def split_calibration(subjects: Sequence[str], fraction: float = 0.2, seed: int 
     n_cal = min(max(round(fraction * len(ordered)), 1), len(ordered) - 1)
     picked = set(np.random.default_rng(seed).choice(len(ordered), n_cal, replace=False).tolist())
     return [s for i, s in enumerate(ordered) if i in picked], [s for i, s in enumerate(ordered) if i not in picked]
+
+
+def segmented_fraction_grid(n: int = 48, smallest: float = 1e-5) -> np.ndarray:
+    """Fractions of the voxels to segment, geometrically spaced from ``smallest`` to 1 (``n`` points): a threshold
+    grid (``quantile(scores, 1 - fraction)``) that resolves lesions of any prevalence down to ``smallest``, where
+    a linear grid of quantiles spends its points on segmentations far larger than small lesions."""
+    return np.geomspace(smallest, 1.0, n)
+
+
+def lesion_detection(segmentation: np.ndarray, label: np.ndarray) -> dict[str, int]:
+    """Lesion-level counts of one volume: ``lesions`` (3D connected components of ``label``), ``detected`` (those
+    that ``segmentation`` touches, i.e. shares at least one voxel with) and ``false_positives`` (components of
+    ``segmentation`` that touch no lesion)."""
+    label, segmentation = np.asarray(label, bool), np.asarray(segmentation, bool)
+    lesions, n_lesions = ndimage.label(label, structure=CONNECTIVITY)
+    found, n_found = ndimage.label(segmentation, structure=CONNECTIVITY)
+    overlap = segmentation & label
+    detected = np.unique(lesions[overlap])
+    touching = np.unique(found[overlap])
+    return {"lesions": int(n_lesions), "detected": int(detected[detected > 0].size),
+            "false_positives": int(n_found - touching[touching > 0].size)}
+
+
+def bootstrap_weights(n_subjects: int, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """``(n_resamples, n_subjects)`` multiplicities of each subject in subject-level bootstrap resamples."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n_subjects, size=(n_resamples, n_subjects))
+    return np.stack([np.bincount(row, minlength=n_subjects) for row in picks]).astype(np.float64)
+
+
+def _interval(values: np.ndarray, level: float = 0.95) -> list[float]:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return [float("nan"), float("nan")]
+    alpha = (1.0 - level) / 2
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_pixel_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], weights: np.ndarray,
+                            n_bins: int = 4096, level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of the pooled pixel AUROC and average precision over subjects.
+
+    ``scores[s]``/``labels[s]``: subject ``s``'s brain voxels; ``weights``: :func:`bootstrap_weights`. Each
+    subject's voxels are counted in bins whose edges are quantiles of all scores and of the positive scores (so
+    the few high-scoring lesion voxels get fine bins too); a resample's pooled counts are the weighted sum of its
+    subjects' counts. Voxels sharing a bin count as tied, as sklearn counts equal scores, which moves an AUROC by
+    well under 0.001 at 4096 bins. Returns ``{"auroc": [lo, hi], "auprc": [lo, hi]}``.
+    """
+    pooled = np.concatenate(scores)
+    positives = pooled[np.concatenate(labels).astype(bool)]
+    probes = np.linspace(0.0, 1.0, n_bins + 1)
+    edges = np.quantile(pooled, probes)
+    if positives.size:
+        edges = np.concatenate([edges, np.quantile(positives, probes[:: 4])])
+    edges = np.unique(edges)[1:-1]
+    pos = np.stack([np.bincount(np.searchsorted(edges, s[y.astype(bool)], side="right"), minlength=edges.size + 1)
+                    for s, y in zip(scores, labels)]).astype(np.float64)
+    neg = np.stack([np.bincount(np.searchsorted(edges, s[~y.astype(bool)], side="right"), minlength=edges.size + 1)
+                    for s, y in zip(scores, labels)]).astype(np.float64)
+    tp = np.cumsum((weights @ pos)[:, ::-1], axis=1)  # thresholds from the highest bin down
+    fp = np.cumsum((weights @ neg)[:, ::-1], axis=1)
+    p, n = tp[:, -1:], fp[:, -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.concatenate([np.zeros_like(p), tp / p], axis=1)
+        fpr = np.concatenate([np.zeros_like(n), fp / n], axis=1)
+        auroc = np.trapezoid(tpr, fpr, axis=1)
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-300), 1.0)
+        auprc = np.sum(np.diff(tpr, axis=1) * precision, axis=1)
+    auroc[(p[:, 0] == 0) | (n[:, 0] == 0)] = np.nan
+    auprc[p[:, 0] == 0] = np.nan
+    return {"auroc": _interval(auroc, level), "auprc": _interval(auprc, level)}
+
+
+def bootstrap_dice(counts: np.ndarray, weights: np.ndarray, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of a pooled Dice over subjects: ``counts`` is ``(n_subjects, 3)`` of true
+    positives, segmented voxels and lesion voxels per subject; ``weights`` from :func:`bootstrap_weights`."""
+    tp, segmented, lesion = (weights @ np.asarray(counts, np.float64)).T
+    total = segmented + lesion
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.where(total > 0, 2.0 * tp / total, 1.0)
+    return _interval(values, level)

@@ -1,8 +1,9 @@
 """Anomaly scores of the ceVAE, one place for all of them.
 
-Slice score: the negative ELBO ``rec(x, g(mu(x))) + KL(q(z|x) || N(0, I))`` per slice, with the same per-sample
-terms as the training loss (:mod:`pipeline.losses`); the reconstruction is decoded from the encoder mean, so the
-score is deterministic.
+Slice score: the negative ELBO ``rec(x, g(mu(x))) + kl_weight * KL(q(z|x) || N(0, I))`` per slice, computed by the
+training loss object itself (:meth:`pipeline.losses.CeVAELoss.terms`: the same likelihood, trained sigma and KL
+weight), so it is the training objective's ELBO term by construction; the reconstruction is decoded from the
+encoder mean, so the score is deterministic.
 
 Pixel scores (:func:`raw_scores` then :func:`score_maps`; whole volumes: :func:`score_volume`), for a batch of
 slices ``(B, 1, H, W)``:
@@ -13,16 +14,26 @@ slices ``(B, 1, H, W)``:
 * ``combined``: ``rec * kl_grad``, the paper's Eq. 2;
 * ``intensity``: the normalised input itself, the thresholding baseline.
 
-Every option of :class:`ScoreOptions` is off in :data:`PAPER` (the paper's plain definitions); the bundle's
-evaluation reports a post-processed variant beside it. Volume-level options (brain-mask multiplication with
-erosion, 3D median filter) apply in :func:`postprocess_volume`; the removal of small connected components acts on
-thresholded segmentations (:mod:`pipeline.metrics`).
+Three option sets (:data:`OPTION_SETS`) are reported side by side by the bundle's evaluation and thresholded by
+inference:
+
+* :data:`PAPER`: the paper's plain definitions, every option off;
+* :data:`AUTHORS`: what the authors' public code does to the KL gradient (``MIC-DKFZ/vae-anomaly-experiments``,
+  ``MIC-DKFZ/mood``): min-max normalised, then smoothed with a 7x7 Gaussian of sigma 3. Their code normalises over
+  each **batch** of slices, so a slice's score depends on which slices share its batch; here the normalisation
+  runs over each **volume** (the batch when a batch holds one volume), which is deterministic;
+* :data:`POSTPROCESSED`: :data:`AUTHORS` plus the post-processing of Baur et al. 2021 (maps multiplied by the brain
+  mask eroded by 1 voxel, 3D median filter 5, connected components under 7 voxels removed from segmentations),
+  which none of the authors' codes apply.
+
+Volume-level options (brain-mask multiplication with erosion, 3D median filter) apply in :func:`postprocess_volume`;
+the removal of small connected components acts on thresholded segmentations (:func:`segment`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -31,11 +42,15 @@ from scipy import ndimage
 
 from pipeline.data.slices import volume_to_slices
 from pipeline.data.transforms import equalize_in_brain
-from pipeline.losses import kl_divergence, reconstruction_error
+from pipeline.losses import CeVAELoss, kl_divergence
 from pipeline.metrics import remove_small_components
 
 __all__ = [
+    "AUTHORS",
+    "GRAD_NORMALIZATIONS",
+    "OPTION_SETS",
     "PAPER",
+    "POSTPROCESSED",
     "SCORE_NAMES",
     "ScoreOptions",
     "elbo_terms",
@@ -48,6 +63,7 @@ __all__ = [
 ]
 
 SCORE_NAMES = ("rec", "kl_grad", "combined", "intensity")
+GRAD_NORMALIZATIONS = ("none", "slice", "volume")
 
 
 @dataclass(frozen=True)
@@ -56,10 +72,11 @@ class ScoreOptions:
 
     Args:
         positive_residuals: ``rec = max(x - recon, 0)`` (lesions brighter than expected only) instead of ``|x - recon|``.
+        grad_normalization: min-max normalise the KL-gradient map to [0, 1] before smoothing: ``"none"``,
+            ``"slice"`` (each slice on its own) or ``"volume"`` (over each volume's slices; the deterministic form of
+            the authors' per-batch normalisation).
         grad_sigma: Gaussian smoothing (sigma in pixels) of the KL-gradient map (0 = off); the authors' code uses 3.
         grad_kernel: side of the smoothing kernel in pixels (the authors' code: 7).
-        normalize_slices: min-max normalise the KL-gradient map of each slice to [0, 1] (per slice, so a score
-            never depends on the other slices of a batch, unlike the batch-global normalisation of public code).
         brain_mask: multiply every map by the brain mask.
         mask_erosion: erode the brain mask by this many voxels first (suppresses the brain-border rim).
         median_size: size of a 3D median filter applied to each map volume (0 = off; 5 in Baur et al.).
@@ -69,20 +86,28 @@ class ScoreOptions:
     """
 
     positive_residuals: bool = False
+    grad_normalization: str = "none"
     grad_sigma: float = 0.0
     grad_kernel: int = 7
-    normalize_slices: bool = False
     brain_mask: bool = False
     mask_erosion: int = 0
     median_size: int = 0
     min_component_size: int = 0
     equalize_intensity: bool = False
 
+    def __post_init__(self) -> None:
+        if self.grad_normalization not in GRAD_NORMALIZATIONS:
+            raise ValueError(f"grad_normalization must be one of {GRAD_NORMALIZATIONS}, got "
+                             f"{self.grad_normalization!r}.")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 PAPER = ScoreOptions()
+AUTHORS = ScoreOptions(grad_normalization="volume", grad_sigma=3.0, grad_kernel=7)
+POSTPROCESSED = replace(AUTHORS, brain_mask=True, mask_erosion=1, median_size=5, min_component_size=7)
+OPTION_SETS = {"paper": PAPER, "authors": AUTHORS, "postprocessed": POSTPROCESSED}
 
 
 def _encoder_decoder(network: torch.nn.Module) -> torch.nn.Module:
@@ -90,24 +115,14 @@ def _encoder_decoder(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "module", network)
 
 
-def _slice_terms(net: torch.nn.Module, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, reconstruction: str,
-                 sigma: float, kl_weight: float) -> dict[str, torch.Tensor]:
-    recon = net.decode(mu)
-    rec = reconstruction_error(x, recon, reconstruction, sigma)
-    kl = kl_divergence(mu, logvar)
-    return {"recon": recon, "mu": mu, "rec": rec, "kl": kl, "neg_elbo": rec + kl_weight * kl}
-
-
-def elbo_terms(network: torch.nn.Module, x: torch.Tensor, reconstruction: str = "l2", sigma: float = 1.0,
-               kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """Per-slice terms for a batch ``x`` ``(B, C, H, W)``.
-
-    Returns ``recon`` ``(B, C, H, W)`` (decoded mean), ``mu`` ``(B, Z)`` and ``rec``, ``kl``, ``neg_elbo`` ``(B,)``;
-    ``neg_elbo = rec + kl_weight * kl`` is the VAE term of the training loss (``kl_weight`` as in training).
-    """
+def elbo_terms(network: torch.nn.Module, x: torch.Tensor, loss: CeVAELoss) -> dict[str, torch.Tensor]:
+    """Per-slice terms for a batch ``x`` ``(B, C, H, W)``: ``recon`` ``(B, C, H, W)`` (decoded mean), ``mu``
+    ``(B, Z)`` and ``rec``, ``kl``, ``neg_elbo`` ``(B,)`` from ``loss.terms``, the VAE term of the training
+    objective (same likelihood, same KL weight)."""
     net = _encoder_decoder(network)
     mu, logvar = net.encode(x)
-    return _slice_terms(net, x, mu, logvar, reconstruction, sigma, kl_weight)
+    recon = net.decode(mu)
+    return {"recon": recon, "mu": mu, **loss.terms(x, recon, mu, logvar)}
 
 
 def _encode_with_kl_gradient(net: torch.nn.Module, x: torch.Tensor
@@ -126,31 +141,35 @@ def kl_gradient(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _encode_with_kl_gradient(_encoder_decoder(network), x)[2]
 
 
-def raw_scores(network: torch.nn.Module, x: torch.Tensor, reconstruction: str = "l2", kl_weight: float = 1.0
-               ) -> dict[str, torch.Tensor]:
-    """What every score is made of: :func:`elbo_terms` plus the raw ``kl_grad`` map, from one encoder pass, one
-    backward pass and one decoder pass."""
+def raw_scores(network: torch.nn.Module, x: torch.Tensor, loss: CeVAELoss) -> dict[str, torch.Tensor]:
+    """What every score is made of: the :func:`elbo_terms` plus the raw ``kl_grad`` map, from one encoder pass,
+    one backward pass and one decoder pass."""
     net = _encoder_decoder(network)
     mu, logvar, grad = _encode_with_kl_gradient(net, x)
     with torch.no_grad():
-        terms = _slice_terms(net, x, mu, logvar, reconstruction, 1.0, kl_weight)
-    return {**terms, "kl_grad": grad}
+        recon = net.decode(mu)
+        terms = loss.terms(x, recon, mu, logvar)
+    return {"recon": recon, "mu": mu, **terms, "kl_grad": grad}
+
+
+def _min_max(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    lo, hi = values.amin(dim=dims, keepdim=True), values.amax(dim=dims, keepdim=True)
+    return (values - lo) / (hi - lo).clamp_min(1e-12)
 
 
 def score_maps(raw: dict[str, torch.Tensor], x: torch.Tensor, options: ScoreOptions) -> dict[str, torch.Tensor]:
-    """The pixel maps of one option set from :func:`raw_scores` (cheap: no network pass)."""
+    """The pixel maps of one option set from :func:`raw_scores` of the slices ``x`` ``(B, 1, H, W)`` (cheap: no
+    network pass). ``grad_normalization="volume"`` normalises over all ``B`` slices: give it a whole volume."""
     residual = x - raw["recon"]
     rec = residual.clamp_min(0) if options.positive_residuals else residual.abs()
     grad = raw["kl_grad"]
+    if options.grad_normalization != "none":
+        grad = _min_max(grad, (1, 2, 3) if options.grad_normalization == "slice" else (0, 1, 2, 3))
     if options.grad_sigma > 0:
         radius = (options.grad_kernel - 1) / 2
         kernel = gaussian_1d(torch.tensor(options.grad_sigma), truncated=radius / options.grad_sigma,
                              approx="sampled", normalize=True).to(grad)
         grad = separable_filtering(grad, [kernel, kernel], mode="zeros")
-    if options.normalize_slices:
-        lo = grad.flatten(1).amin(1).view(-1, 1, 1, 1)
-        hi = grad.flatten(1).amax(1).view(-1, 1, 1, 1)
-        grad = (grad - lo) / (hi - lo).clamp_min(1e-12)
     return {"rec": rec, "kl_grad": grad, "combined": rec * grad, "intensity": x.detach()}
 
 
@@ -168,17 +187,19 @@ def postprocess_volume(volume: np.ndarray, brainmask: np.ndarray, options: Score
 
 
 def score_volume(network: torch.nn.Module, image: torch.Tensor, brainmask: np.ndarray,
-                 configs: Mapping[str, ScoreOptions], reconstruction: str = "l2", batch_size: int = 64,
-                 scores: Sequence[str] = SCORE_NAMES, device: str | torch.device = "cpu", kl_weight: float = 1.0
+                 configs: Mapping[str, ScoreOptions], loss: CeVAELoss, batch_size: int = 64,
+                 scores: Sequence[str] = SCORE_NAMES, device: str | torch.device = "cpu"
                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
-    """Score a whole preprocessed volume, slice batch by slice batch.
+    """Score a whole preprocessed volume: network passes slice batch by slice batch, then the maps of every option
+    set from the whole volume's raw scores.
 
     Args:
         image: ``(1, H, W, D)`` volume (axial slices last).
         brainmask: ``(H, W, D)`` boolean brain mask.
         configs: option sets to derive maps for (the network passes are shared by all of them).
+        loss: the training loss (:class:`~pipeline.losses.CeVAELoss` with its trained state): the slice score is
+            its ``neg_elbo``.
         scores: the maps to keep, among :data:`SCORE_NAMES`.
-        kl_weight: the KL weight of training (slice score ``neg_elbo = rec + kl_weight * kl``).
 
     Returns:
         ``(terms, maps)``: per-slice ``recon`` ``(D, 1, H, W)``, ``mu``, ``rec``, ``kl``, ``neg_elbo`` on the CPU, and
@@ -186,25 +207,21 @@ def score_volume(network: torch.nn.Module, image: torch.Tensor, brainmask: np.nd
     """
     slices = volume_to_slices(image)
     chunks: dict[str, list[torch.Tensor]] = {}
-    parts: dict[str, dict[str, list[torch.Tensor]]] = {c: {s: [] for s in scores} for c in configs}
     for start in range(0, slices.shape[0], batch_size):
-        x = slices[start:start + batch_size].to(device)
-        raw = raw_scores(network, x, reconstruction, kl_weight)
-        for key in ("recon", "mu", "rec", "kl", "neg_elbo"):
-            chunks.setdefault(key, []).append(raw[key].cpu())
-        for config, options in configs.items():
-            derived = score_maps(raw, x, options)
-            for score in scores:
-                parts[config][score].append(derived[score].cpu()[:, 0])
+        raw = raw_scores(network, slices[start:start + batch_size].to(device), loss)
+        for key, value in raw.items():
+            chunks.setdefault(key, []).append(value.cpu())
+    raw = {key: torch.cat(parts) for key, parts in chunks.items()}
     maps: dict[str, dict[str, np.ndarray]] = {}
     for config, options in configs.items():
+        derived = score_maps(raw, slices, options)
         maps[config] = {}
         for score in scores:
-            volume = torch.cat(parts[config][score]).permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, D)
+            volume = derived[score][:, 0].permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, D)
             if score == "intensity" and options.equalize_intensity:
                 volume = equalize_in_brain(volume, brainmask)
             maps[config][score] = postprocess_volume(volume, brainmask, options)
-    return {k: torch.cat(v) for k, v in chunks.items()}, maps
+    return {k: v for k, v in raw.items() if k != "kl_grad"}, maps
 
 
 def segment(volume: np.ndarray, brainmask: np.ndarray, threshold: float, options: ScoreOptions) -> np.ndarray:

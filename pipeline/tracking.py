@@ -6,7 +6,6 @@ value, else a SQLite store ``<output_dir>/mlruns.db`` (MLflow 3 rejects the plai
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -25,7 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.utils import path_to_sqlite_uri
 
 from pipeline.data.context_encoding import ContextEncodingNoise
-from pipeline.io import atomic_path, atomic_write_json
+from pipeline.io import atomic_path, atomic_write_json, file_lock
 
 __all__ = [
     "RUN_INFO_FILENAME",
@@ -71,14 +70,8 @@ def store_lock(uri: str | None):
     if not uri or not uri.startswith("sqlite:///"):
         yield
         return
-    lock_path = Path(uri[len("sqlite:///"):]).with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(Path(uri[len("sqlite:///"):]).with_suffix(".lock")):
+        yield
 
 
 def experiment_id(client, name: str) -> str:

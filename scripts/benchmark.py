@@ -92,7 +92,8 @@ def scoring(tmp: Path, volumes: list[int]) -> dict:
     image = brats_sized_volume(tmp / "brats_like.nii.gz")
     net = CeVAEReconstruction()
     checkpoint = tmp / "model.pt"
-    torch.save({"model": net.state_dict()}, checkpoint)
+    loss = CeVAELoss(sigma=0.1)  # the state a trained calibrated loss saves
+    torch.save({"model": net.state_dict(), "loss": loss.state_dict()}, checkpoint)
     infer = AnomalyInference(net, checkpoint, brain_volume_transform(), tmp / "scored", threshold=0.5)
     infer(image)  # warm-up (and checkpoint loading)
     times = []

@@ -40,30 +40,55 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "cevae" / "configs"
 COMPARISON_TAG = "cevae.comparison"
+NO_OVERLAY = "none"
+CI_ENDS = ("lo", "hi")
+CI_SUFFIXES = tuple(f"_ci95_{end}" for end in CI_ENDS)
 PAPER_EPOCHS, DEMO_EPOCHS = 60, 15
-HEADLINE = [  # (row label, metric path below "<test set>/")
-    ("slice AUROC (ELBO)", "{c}/slice_auroc/elbo"),
-    ("pixel AUROC rec", "{c}/pixel_auroc/rec"),
-    ("pixel AUROC kl_grad", "{c}/pixel_auroc/kl_grad"),
-    ("pixel AUROC combined", "{c}/pixel_auroc/combined"),
-    ("pixel AUROC intensity", "{c}/pixel_auroc/intensity"),
-    ("pixel AUPRC rec", "{c}/pixel_auprc/rec"),
-    ("pixel AUPRC combined", "{c}/pixel_auprc/combined"),
-    ("pixel AUPRC intensity", "{c}/pixel_auprc/intensity"),
-    ("Dice 20/80 combined", "{c}/dice_split/combined"),
-    ("best Dice combined", "{c}/dice_best/combined"),
-    ("best Dice intensity", "{c}/dice_best/intensity"),
+HEADLINE = [  # (row label, metric path below "<test set>/", the metric whose ci95 interval goes beside it)
+    ("slice AUROC (ELBO)", "{c}/slice_auroc/elbo", None),
+    ("pixel AUROC rec", "{c}/pixel_auroc/rec", "pixel_auroc"),
+    ("pixel AUROC kl_grad", "{c}/pixel_auroc/kl_grad", "pixel_auroc"),
+    ("pixel AUROC combined", "{c}/pixel_auroc/combined", "pixel_auroc"),
+    ("pixel AUROC intensity", "{c}/pixel_auroc/intensity", "pixel_auroc"),
+    ("pixel AUPRC rec", "{c}/pixel_auprc/rec", "pixel_auprc"),
+    ("pixel AUPRC combined", "{c}/pixel_auprc/combined", "pixel_auprc"),
+    ("pixel AUPRC intensity", "{c}/pixel_auprc/intensity", "pixel_auprc"),
+    ("lesion prevalence (AUPRC of a random score)", "prevalence", None),
+    ("Dice 20/80 combined", "{c}/dice_split/combined", "dice_split"),
+    ("Dice 20/80 intensity", "{c}/dice_split/intensity", "dice_split"),
+    ("Dice of the whole brain, 80 % subjects", "dice_whole_brain_reported", None),
+    ("Dice at healthy q0.99 combined (no labels)", "{c}/dice_healthy_q0.99/combined", "dice_healthy"),
+    ("Dice at healthy q0.99 intensity (no labels)", "{c}/dice_healthy_q0.99/intensity", "dice_healthy"),
+    ("Dice of the whole brain, all subjects", "dice_whole_brain_all", None),
+    ("lesions found at healthy q0.99 combined", "{c}/lesion_recall_healthy/combined", None),
+    ("false-positive components per volume, same", "{c}/lesion_fp_per_volume_healthy/combined", None),
+    ("best Dice combined (upper bound)", "{c}/dice_best/combined", None),
+    ("best Dice intensity (upper bound)", "{c}/dice_best/intensity", None),
 ]
-COLLAPSE = [("KL 0.95-quantile", "kl_q95"), ("active latent units", "active_units")]
-BARS = ["slice_auroc/elbo", "pixel_auroc/combined", "pixel_auprc/combined", "dice_split/combined"]
+COLLAPSE = [("KL 0.95-quantile", "kl_q95"), ("KL 0.95-quantile per latent dimension", "kl_q95_per_dim"),
+            ("active latent units", "active_units")]
+BARS = ["slice_auroc/elbo", "pixel_auroc/combined", "pixel_auprc/combined", "dice_split/combined",
+        "dice_healthy_q0.99/combined"]
 
 
-def variant_label(ce_weight: float) -> str:
-    return "VAE (λ=0)" if ce_weight == 0 else f"ceVAE (λ={ce_weight:g})"
+def variant_label(ce_weight: float, overlay: str = NO_OVERLAY) -> str:
+    label = "VAE (λ=0)" if ce_weight == 0 else f"ceVAE (λ={ce_weight:g})"
+    return label if overlay == NO_OVERLAY else f"{label} + {overlay}"
 
 
-def child_name(ce_weight: float, seed: int) -> str:
-    return f"{'vae' if ce_weight == 0 else f'cevae-{ce_weight:g}'}-seed{seed}"
+def child_name(ce_weight: float, seed: int, overlay: str = NO_OVERLAY) -> str:
+    variant = "vae" if ce_weight == 0 else f"cevae-{ce_weight:g}"
+    return f"{variant}-seed{seed}" if overlay == NO_OVERLAY else f"{variant}-{overlay}-seed{seed}"
+
+
+def overlay_files(overlay: str) -> list[str]:
+    """The bundle config files an overlay adds after ``train.json`` (none for ``none``)."""
+    if overlay == NO_OVERLAY:
+        return []
+    if not (CONFIGS / f"{overlay}.json").is_file():
+        known = sorted(p.stem for p in CONFIGS.glob("*.json") if "overlay_name" in json.loads(p.read_text()))
+        raise ValueError(f"no overlay {overlay!r} in {CONFIGS}; choose among {known} or {NO_OVERLAY!r}")
+    return [f"{overlay}.json"]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -123,26 +148,31 @@ def train_and_evaluate(args: argparse.Namespace, client, out: Path) -> str:
     run_name = args.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     parent = client.create_run(experiment_id(client, args.experiment), run_name=run_name,
                                tags={COMPARISON_TAG: "true"}).info.run_id
-    params = {"seeds": args.seeds, "ce_weights": args.ce_weights, "epochs": epochs, "datalist_train": train,
+    overlays = {overlay: overlay_files(overlay) for overlay in args.overlays}
+    params = {"seeds": args.seeds, "ce_weights": args.ce_weights, "overlays": args.overlays, "epochs": epochs,
+              "datalist_train": train,
               "test_sets": {k: str(v) for k, v in sets.items()}, "overrides": overrides}
     for key, value in params.items():
         client.log_param(parent, key, json.dumps(value, default=str))
     atomic_write_json({"tracking_uri": uri, "run_id": parent, "experiment": args.experiment}, out / "parent_run.json")
     try:
         for seed in args.seeds:
-            for ce_weight in args.ce_weights:
-                name = child_name(ce_weight, seed)
-                child_dir = out / "runs" / name
-                common = {"datalist": train, "output_dir": child_dir, "seed": seed, "ce_weight": ce_weight,
-                          "epochs": epochs, "run_name": name, "experiment_name": args.experiment,
-                          "tracking_uri": uri, "progress_bar": False, **overrides}
-                start = time.perf_counter()
-                bundle("training", ["train.json"], child_dir / "training.log", {**common, "parent_run_id": parent})
-                for set_name, datalist in sets.items():
-                    bundle("evaluating", ["train.json", "evaluate.json"], child_dir / f"evaluating_{set_name}.log",
-                           {**common, "eval_datalist": datalist, "eval_name": set_name,
-                            "eval_output_dir": child_dir / set_name})
-                print(f"{name}: trained and evaluated in {time.perf_counter() - start:.0f} s", flush=True)
+            for overlay, extra in overlays.items():
+                for ce_weight in args.ce_weights:
+                    name = child_name(ce_weight, seed, overlay)
+                    child_dir = out / "runs" / name
+                    common = {"datalist": train, "output_dir": child_dir, "seed": seed, "ce_weight": ce_weight,
+                              "epochs": epochs, "run_name": name, "experiment_name": args.experiment,
+                              "tracking_uri": uri, "progress_bar": False, **overrides}
+                    start = time.perf_counter()
+                    bundle("training", ["train.json", *extra], child_dir / "training.log",
+                           {**common, "parent_run_id": parent})
+                    for set_name, datalist in sets.items():
+                        bundle("evaluating", ["train.json", *extra, "evaluate.json"],
+                               child_dir / f"evaluating_{set_name}.log",
+                               {**common, "eval_datalist": datalist, "eval_name": set_name,
+                                "eval_output_dir": child_dir / set_name})
+                    print(f"{name}: trained and evaluated in {time.perf_counter() - start:.0f} s", flush=True)
     except BaseException:
         client.set_terminated(parent, "FAILED")
         raise
@@ -166,10 +196,14 @@ class Comparison:
         runs = [r for r in runs if r.info.status == "FINISHED"]
         if not runs:
             raise LookupError(f"parent run {parent_id} has no finished child runs")
-        runs.sort(key=lambda r: (float(r.data.params["ce_weight"]), int(r.data.params["seed"])))
+        def overlay(run) -> str:
+            return run.data.params.get("overlay_name", NO_OVERLAY)
+
+        runs.sort(key=lambda r: (overlay(r) != NO_OVERLAY, overlay(r), float(r.data.params["ce_weight"]),
+                                 int(r.data.params["seed"])))
         self.variants: dict[str, list] = defaultdict(list)
         for run in runs:
-            self.variants[variant_label(float(run.data.params["ce_weight"]))].append(run)
+            self.variants[variant_label(float(run.data.params["ce_weight"]), overlay(run))].append(run)
         self.values = {v: defaultdict(list) for v in self.variants}
         for variant, members in self.variants.items():
             for run in members:
@@ -177,8 +211,9 @@ class Comparison:
                     if "/" in key:
                         self.values[variant][key].append(value)
         keys = {k for v in self.values.values() for k in v}
-        self.sets = sorted({k.split("/")[0] for k in keys})
-        self.configs = sorted({k.split("/")[1] for k in keys if k.count("/") == 3},
+        self.sets = sorted(json.loads(parent.data.params["test_sets"])) if "test_sets" in parent.data.params \
+            else sorted({k.split("/")[0] for k in keys if not k.startswith("healthy_")})
+        self.configs = sorted({k.split("/")[1] for k in keys if k.count("/") == 3 and k.split("/")[0] in self.sets},
                               key=lambda c: (c != "paper", c))
         self.metrics = sorted(keys)
 
@@ -186,33 +221,45 @@ class Comparison:
         """Headline rows of the label groups evaluated on ``test_set`` (``pixel_auroc_<group>``, see evaluation)."""
         groups = sorted({k.split("/")[2][len("pixel_auroc_"):] for k in self.metrics
                          if k.startswith(f"{test_set}/") and k.count("/") == 3
-                         and k.split("/")[2].startswith("pixel_auroc_")})
-        return [(f"pixel AUROC {score}, {group} vs healthy", f"{{c}}/pixel_auroc_{group}/{score}")
+                         and k.split("/")[2].startswith("pixel_auroc_") and not k.split("/")[2].endswith(CI_SUFFIXES)})
+        return [(f"pixel AUROC {score}, {group} vs healthy", f"{{c}}/pixel_auroc_{group}/{score}", None)
                 for group in groups for score in ("rec", "combined", "intensity")]
 
     def seeds(self, variant: str) -> list[str]:
         return [r.data.params["seed"] for r in self.variants[variant]]
 
-    def cell(self, variant: str, key: str, digits: int = 3) -> str:
+    def cell(self, variant: str, key: str, digits: int = 3, ci_metric: str | None = None) -> str:
+        """``mean ± std`` over seeds; with ``ci_metric``, the seeds' mean 95 % bootstrap interval ``[lo, hi]`` beside
+        it (the interval over test subjects that each evaluation logs as ``<ci_metric>_ci95_lo/hi``)."""
         values = self.values[variant].get(key)
         if not values:
             return "–"
         mean, std = mean_std(values)
-        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        text = f"{mean:.{digits}f} ± {std:.{digits}f}"
+        if ci_metric is not None:
+            test_set, config, _, score = key.split("/")
+            bounds = [self.values[variant].get(f"{test_set}/{config}/{ci_metric}_ci95_{end}/{score}")
+                      for end in CI_ENDS]
+            if all(bounds):
+                text += " [" + ", ".join(f"{np.mean(b):.{digits}f}" for b in bounds) + "]"
+        return text
 
     def markdown(self) -> str:
         variants = list(self.variants)
         seeds = "; ".join(f"{v}: seeds {', '.join(self.seeds(v))}" for v in variants)
         lines = [f"# VAE vs ceVAE: MLflow parent run `{self.parent_id}`", "",
-                 f"Mean ± std (sample std) over seeds ({seeds}). Pixel metrics pool the brain voxels of all test "
-                 "subjects; Dice 20/80: threshold picked on 20 % of the test subjects, Dice on the other 80 %.", ""]
+                 f"Mean ± std (sample std) over seeds ({seeds}); in brackets the seeds' mean 95 % bootstrap interval "
+                 "over test subjects. Pixel metrics pool the brain voxels of all test subjects; Dice 20/80: threshold "
+                 "picked on 20 % of the test subjects, Dice on the other 80 %; Dice at healthy q0.99: threshold at the "
+                 "0.99 quantile of the healthy validation subjects' maps (no labels; inference's default).", ""]
         head = "| metric | " + " | ".join(variants) + " |\n|---" + "|---" * len(variants) + "|"
         for test_set in self.sets:
             for config in self.configs:
                 lines += [f"## test set `{test_set}`, option set `{config}`", "", head]
-                for label, path in HEADLINE + self.group_rows(test_set):
+                for label, path, ci_metric in HEADLINE + self.group_rows(test_set):
                     key = f"{test_set}/{path.format(c=config)}"
-                    lines.append(f"| {label} | " + " | ".join(self.cell(v, key) for v in variants) + " |")
+                    lines.append(f"| {label} | " + " | ".join(self.cell(v, key, ci_metric=ci_metric)
+                                                             for v in variants) + " |")
                 for label, path in COLLAPSE:
                     lines.append(f"| {label} | " + " | ".join(self.cell(v, f"{test_set}/{path}", 2)
                                                              for v in variants) + " |")
@@ -324,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                         "datalist file names when there are several)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ce-weights", nargs="+", type=float, default=[0.0, 0.5], help="λ per variant (0 = VAE)")
+    parser.add_argument("--overlays", nargs="+", default=[NO_OVERLAY], metavar="NAME",
+                        help="bundle config overlays to compare, each a file configs/NAME.json added after train.json "
+                        f"(e.g. legacy_likelihood: the defaults before 0.5.0); {NO_OVERLAY!r} = the defaults")
     parser.add_argument("--epochs", type=int,
                         help=f"training epochs (default {DEMO_EPOCHS}, {PAPER_EPOCHS} with --paper)")
     parser.add_argument("--paper", action="store_true", help="full paper settings: 60 epochs (the bundle's "

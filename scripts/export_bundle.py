@@ -3,8 +3,9 @@ and the configs point there, so the zip runs without this repository (only its m
 
     python scripts/export_bundle.py --out cevae_bundle.zip [--checkpoint runs/demo/cevae/checkpoints/model.pt]
 
-With ``--checkpoint`` the weights (and the ``threshold.json`` next to them) go into ``models/`` and their hash into
-``large_files.yml``.
+With ``--checkpoint`` the weights go into ``models/`` with the two files next to them that inference reads: the
+training's executed ``config.json`` (network, preprocessing and likelihood settings) and ``threshold.json`` (the
+healthy-data thresholds, bound to the weights by their hash); the weights' hash goes into ``large_files.yml``.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def build(out_dir: Path, checkpoint: Path | None = None) -> Path:
         models = root / "models"
         models.mkdir(exist_ok=True)
         shutil.copy(checkpoint, models / "model.pt")
-        if (checkpoint.parent / "threshold.json").is_file():
-            shutil.copy(checkpoint.parent / "threshold.json", models / "threshold.json")
+        for name in ("config.json", "threshold.json"):
+            if (checkpoint.parent / name).is_file():
+                shutil.copy(checkpoint.parent / name, models / name)
         digest = hashlib.md5((models / "model.pt").read_bytes()).hexdigest()
         text = (root / "large_files.yml").read_text()
         (root / "large_files.yml").write_text(re.sub(r'hash_val: ".*"', f'hash_val: "{digest}"', text, count=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,10 +11,12 @@ import zipfile
 import nibabel as nib
 import torch
 from bundle_helpers import BUNDLE
+from monai.bundle import ConfigParser
 from conftest import REPO, script_main
 
 from pipeline.data.datalist import load_datalist
 from pipeline.networks import CeVAEReconstruction
+from pipeline.scoring import OPTION_SETS
 
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # copy of the Model Zoo schema, for offline checks
 TINY_NET = ["--z_dim", "16", "--channels", "[8,16,32,64]"]
@@ -57,7 +60,8 @@ def test_self_contained_zip_runs_without_the_repository(evaluated_run, tiny_demo
     with zipfile.ZipFile(archive) as zipped:
         names = zipped.namelist()
         zipped.extractall(tmp_path / "unzipped")
-    assert "cevae/models/model.pt" in names and "cevae/scripts/inference.py" in names
+    assert {"cevae/models/model.pt", "cevae/models/config.json", "cevae/models/threshold.json",
+            "cevae/scripts/inference.py"} <= set(names)
     root = tmp_path / "unzipped" / "cevae"
     assert "pipeline." not in (root / "configs" / "inference.json").read_text()
     image = load_datalist(tiny_demo, "test")[0]["image"]
@@ -65,17 +69,32 @@ def test_self_contained_zip_runs_without_the_repository(evaluated_run, tiny_demo
     launcher = ("import sys, runpy; sys.modules['pipeline'] = None; sys.argv = ['monai.bundle'] + sys.argv[1:]; "
                 "runpy.run_module('monai.bundle', run_name='__main__')")
     cmd = [sys.executable, "-c", launcher, "run", "inference", "--config_file", "configs/inference.json",
-           "--input_image", image, "--output_dir", str(tmp_path / "pred"), *TINY_NET]
+           "--input_image", image, "--output_dir", str(tmp_path / "pred")]  # settings: models/config.json
     result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    (written,) = (tmp_path / "pred").glob("*_anomaly.nii.gz")
-    assert nib.load(written).shape == nib.load(image).shape
+    for kind in ("anomaly", "seg"):
+        (written,) = (tmp_path / "pred").glob(f"*_{kind}.nii.gz")
+        assert nib.load(written).shape == nib.load(image).shape
+    (score,) = (tmp_path / "pred").glob("*_score.json")
+    assert json.loads(score.read_text())["threshold_source"] == "healthy quantile 0.99"
     cmd = [sys.executable, "-c", launcher, "run", "training", "--config_file", "configs/train.json", "--datalist",
            str(tiny_demo), "--output_dir", str(tmp_path / "train"), "--epochs", "1", "--progress_bar", "False",
            "--batch_size", "16", *TINY_NET]
     result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "train" / "checkpoints" / "model.pt").is_file()
+
+
+def test_bundle_option_sets_are_the_library_ones():
+    """The knobs of configs/train.json's option sets (what the bundle runs) equal pipeline.scoring.OPTION_SETS
+    (what the library and inference use when no threshold.json names them)."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    assert parser.get_parsed_content("option_sets") == OPTION_SETS
+    changed = ConfigParser()
+    changed.read_config(str(BUNDLE / "configs" / "train.json"))
+    changed["option_sets#authors#grad_sigma"] = 2.0  # negative control: a changed knob is seen
+    assert changed.get_parsed_content("option_sets") != OPTION_SETS
 
 
 def test_export_requires_an_existing_checkpoint(tmp_path):

@@ -61,13 +61,18 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
     tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
     out = tmp_path / "compare"
     assert main(["--datalist-train", str(tiny_demo), "--seeds", "0", "--epochs", "1", "--output-dir", str(out),
-                 "--tracking-uri", mlflow_server, "--experiment", "tiny", *tiny,
-                 '--set=label_groups={"lesion": [1]}']) == 0
+                 "--tracking-uri", mlflow_server, "--experiment", "tiny", *tiny, "--ce-weights", "0", "0.5",
+                 "--overlays", "none", "legacy_likelihood", '--set=label_groups={"lesion": [1]}']) == 0
 
     rows = read_csv(out / "comparison.csv")
-    assert {r["variant"] for r in rows} == {"VAE (λ=0)", "ceVAE (λ=0.5)"}
+    legacy = "ceVAE (λ=0.5) + legacy_likelihood"
+    assert {r["variant"] for r in rows} == {"VAE (λ=0)", "ceVAE (λ=0.5)", "VAE (λ=0) + legacy_likelihood", legacy}
+    child = out / "runs" / "cevae-0.5-legacy_likelihood-seed0"
+    trained = json.loads((child / "checkpoints" / "config.json").read_text())
+    assert (trained["reconstruction"], trained["kl_weight"], trained["overlay_name"]) == ("l2", 1.0, legacy.split()[-1])
     by_key = {(r["variant"], r["metric"]): r for r in rows}
-    for variant, child in (("VAE (λ=0)", "vae-seed0"), ("ceVAE (λ=0.5)", "cevae-0.5-seed0")):
+    for variant, child in (("VAE (λ=0)", "vae-seed0"), ("ceVAE (λ=0.5)", "cevae-0.5-seed0"),
+                           (legacy, "cevae-0.5-legacy_likelihood-seed0")):
         metrics = json.loads((out / "runs" / child / "eval" / "metrics.json").read_text())
         row = by_key[(variant, "eval/paper/pixel_auroc/combined")]
         assert row["n"] == "1" and row["seeds"] == "0"
@@ -75,6 +80,13 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
         assert float(by_key[(variant, "eval/kl_q95")]["mean"]) == pytest.approx(metrics["kl_q95"], rel=1e-5)
     table = (out / "comparison.md").read_text()
     assert "| pixel AUROC combined |" in table and "ceVAE (λ=0.5)" in table
+    assert "## test set `eval`, option set `authors`" in table and "healthy_threshold" not in table.split("## every")[0]
+    metrics = json.loads((out / "runs" / "cevae-0.5-seed0" / "eval" / "metrics.json").read_text())
+    lo, hi = metrics["postprocessed"]["ci95"]["pixel_auroc"]["combined"]
+    row = next(line for line in table.split("## test set `eval`, option set `postprocessed`")[1].splitlines()
+               if line.startswith("| pixel AUROC combined |"))
+    assert f"[{lo:.3f}, {hi:.3f}]" in row, "the bootstrap interval beside the mean"
+    assert "| Dice of the whole brain, all subjects |" in table and "| Dice at healthy q0.99 combined" in table
     assert "| pixel AUROC combined, lesion vs healthy |" in table
     for name in ("roc.png", "bars.png"):
         assert (out / name).stat().st_size > 1000
@@ -95,7 +107,8 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
                                                                               "comparison/roc.png"}
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(r.info.run_name for r in children) == ["cevae-0.5-seed0", "vae-seed0"]
+    assert sorted(r.info.run_name for r in children) == ["cevae-0.5-legacy_likelihood-seed0", "cevae-0.5-seed0",
+                                                         "vae-legacy_likelihood-seed0", "vae-seed0"]
 
 
 def test_compare_reports_failures_in_one_line(tiny_demo, tmp_path, capsys):
@@ -108,3 +121,6 @@ def test_compare_reports_failures_in_one_line(tiny_demo, tmp_path, capsys):
     assert "unknown config key(s): 'epoch'" in err and "training.log" in err
     assert main(["--from-mlflow", "latest", "--experiment", "nothing", "--output-dir", str(tmp_path / "o")]) == 2
     assert "no comparison run in experiment 'nothing'" in capsys.readouterr().err
+    assert main(["--datalist-train", str(tiny_demo), "--overlays", "mine", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no overlay 'mine'" in err and "'legacy_likelihood'" in err and "'tuned_on_brats'" in err

@@ -6,6 +6,8 @@ import pytest
 import torch
 from monai.transforms import Compose
 
+from bundle_helpers import initialized_workflow
+
 from pipeline.data.context_encoding import ContextEncodingMask, ContextEncodingMaskd, ContextEncodingNoise
 
 
@@ -119,3 +121,34 @@ def test_invalid_arguments_are_rejected():
         ContextEncodingNoise(fill="blur")
     with pytest.raises(ValueError, match="B, C, H, W"):
         ContextEncodingNoise()(torch.rand(1, 32, 32))
+
+
+def test_authors_variant_keeps_at_most_one_constant_square_from_the_batch_range():
+    noise = ContextEncodingNoise(variant="authors")
+    n, side = 3000, 64
+    found = boxes(noise.squares(n, side, side, torch.Generator().manual_seed(0)))
+    assert max(len(f) for f in found) == 1, "their mask keeps one square at most"
+    sides = [f[0][2] for f in found if f]
+    assert max(sides) <= side // 2 - 1 and min(sides) >= 1
+    assert all(t + s < side and l + s < side for f in found for t, l, s, _ in f), "randint(0, S - side)"
+    # P(square) = P(0, 1 or 2 squares drawn is not 0) * P(side > 0) = 2/3 * 31/32; binomial sd ~0.009 here
+    assert abs(len(sides) / n - 2 / 3 * 31 / 32) < 0.03
+    x = torch.rand(8, 1, side, side) * 0.1
+    x[0] += 0.9  # one bright image widens the batch range
+    corrupted, mask = noise(x, torch.Generator().manual_seed(1))
+    assert torch.equal(corrupted[~mask.expand_as(x)], x[~mask.expand_as(x)]), "outside the square: untouched"
+    for b in range(1, 8):
+        inside = corrupted[b][mask[b].expand_as(x[b])]
+        if inside.numel():
+            assert torch.all(inside == inside[0]), "one constant per square"
+            assert float(x.min()) <= float(inside[0]) <= float(x.max())
+    filled = [float(corrupted[b][mask[b]][0]) for b in range(1, 8) if mask[b].any()]
+    assert max(filled) > 0.1, "values from the batch's range, beyond these images' own range [0, 0.1]"
+    with pytest.raises(ValueError, match="variant"):
+        ContextEncodingNoise(variant="mood")
+
+
+def test_bundle_builds_the_authors_variant_on_request(tiny_demo, tmp_path):
+    for variant in ("project", "authors"):
+        workflow = initialized_workflow(tmp_path / variant, tiny_demo, ce_variant=variant)
+        assert workflow.parser.get_parsed_content("context_encoding").variant == variant

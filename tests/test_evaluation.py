@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import shutil
 
+import numpy as np
 import pytest
-from bundle_helpers import run_bundle
+from scipy import ndimage
+from bundle_helpers import TINY, run_bundle
 from conftest import input_error
 from mlflow import MlflowClient
 
-from pipeline.data.datalist import write_datalist
+from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.data.preparers import prepare_entries
-from pipeline.scoring import SCORE_NAMES
+from pipeline.data.preprocessing import brain_volume_transform
+from pipeline.data.slices import brain_slice_indices
+from pipeline.evaluation import AnomalyEvaluation, _counts, _pooled_dice, _Subject
+from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions
 
 EVAL_FILES = ("train.json", "evaluate.json")
 # measured with this fixture (seed 0, CPU): pixel AUROC of `rec` 0.782 (paper scoring), 0.840 post-processed;
@@ -27,11 +34,52 @@ def test_metrics_json_has_every_key(evaluated_run):
         assert set(SCORE_NAMES) <= set(metrics[key]), key
     assert set(metrics["dice_split"]) == set(SCORE_NAMES)
     assert {"threshold", "dice", "dice_mean_per_subject", "calibration_dice"} <= set(metrics["dice_split"]["combined"])
-    for key in ("kl_q95", "active_units", "n_subjects", "n_slices", "checkpoint", "datalist"):
+    for key in ("kl_q95", "kl_q95_per_dim", "active_units", "n_subjects", "n_slices", "checkpoint", "datalist"):
         assert key in metrics
     assert metrics["n_subjects"] == 4 and len(metrics["calibration_subjects"]) == 1
-    assert set(metrics["postprocessed"]["pixel_auroc"]) == set(SCORE_NAMES)
     assert 0 < metrics["active_units"] <= 16 and metrics["kl_q95"] > 0
+    assert metrics["kl_q95_per_dim"] == pytest.approx(metrics["kl_q95"] / 16), "KL per latent dimension"
+    quantiles = ["0.95", "0.98", "0.99", "0.995", "0.999"]
+    for config in OPTION_SETS:
+        out = metrics[config]
+        assert set(out["pixel_auroc"]) == set(SCORE_NAMES)
+        assert out["prevalence"] == metrics["baselines"]["prevalence"] > 0, "prevalence beside every AUPRC"
+        for score in SCORE_NAMES:
+            assert list(out["dice_healthy"][score]) == quantiles
+            for entry in [out["dice_split"][score], *out["dice_healthy"][score].values()]:
+                assert 0 < entry["whole_brain"] < 1 and 0 <= entry["brain_fraction"] <= 1, "whole-brain Dice beside"
+                assert entry["covers_over_half_brain"] == (entry["brain_fraction"] > 0.5)
+            for where in ("calibrated", "healthy"):
+                found = out["lesion_detection"][where][score]
+                assert found["lesions"] >= 1 and 0 <= found["recall"] <= 1 and found["fp_per_volume"] >= 0
+            assert out["lesion_detection"]["healthy"][score]["subjects"] == 4
+            for key in ("pixel_auroc", "pixel_auprc"):
+                lo, hi = out["ci95"][key][score]
+                assert lo <= out[key][score] <= hi, f"{config}/{key}/{score}: the estimate lies in its interval"
+            lo, hi = out["ci95"]["dice_healthy"][score]
+            assert lo <= out["dice_healthy"][score]["0.99"]["dice"] <= hi
+            lo, hi = out["ci95"]["dice_split"][score]
+            assert lo <= out["dice_split"][score]["dice"] <= hi
+
+
+def test_slice_metrics_use_the_slices_training_would_use(evaluated_run, tiny_demo):
+    _, metrics = evaluated_run
+    transform = brain_volume_transform()
+    expected = sum(len(brain_slice_indices(transform(e)["brainmask"], TINY["min_brain_fraction"]))
+                   for e in load_datalist(tiny_demo, "test"))
+    assert metrics["n_slices_scored"] == expected < metrics["n_slices"]
+    assert metrics["n_slices_normal"] + metrics["n_slices_anomalous"] <= expected
+
+
+def test_dice_healthy_uses_the_thresholds_of_the_healthy_subjects(evaluated_run):
+    out, metrics = evaluated_run
+    content = json.loads((out / "checkpoints" / "threshold.json").read_text())
+    for config in OPTION_SETS:
+        for score in SCORE_NAMES:
+            for q, value in content["healthy"]["thresholds"][config][score].items():
+                assert metrics[config]["dice_healthy"][score][q]["threshold"] == value
+    assert metrics["default"] == {"option_set": "postprocessed", "score": "combined", "quantile": "0.99",
+                                  "threshold": content["healthy"]["thresholds"]["postprocessed"]["combined"]["0.99"]}
 
 
 def test_trained_model_scores_lesions_above_healthy_tissue(evaluated_run):
@@ -43,24 +91,43 @@ def test_outputs_threshold_and_mlflow(evaluated_run):
     out, metrics = evaluated_run
     for name in ("metrics.json", "per_subject.csv", "roc_pr.png", "panels.png"):
         assert (out / name).is_file(), name
-    assert len((out / "per_subject.csv").read_text().splitlines()) == 1 + 4
-    threshold = json.loads((out / "checkpoints" / "threshold.json").read_text())
-    default = threshold["default"]
-    assert default["threshold"] == metrics[default["postprocessing"]]["dice_split"]["combined"]["threshold"]
+    rows = list(csv.DictReader(io.StringIO((out / "per_subject.csv").read_text())))
+    assert len(rows) == 4
+    for row in rows:  # per-subject AUROC, AUPRC and Dice of every option set and score
+        for config in OPTION_SETS:
+            assert 0 <= float(row[f"auroc_{config}_combined"]) <= 1 and 0 <= float(row[f"auprc_{config}_rec"]) <= 1
+            assert 0 <= float(row[f"dice_healthy_q0.99_{config}_combined"]) <= 1
+    content = json.loads((out / "checkpoints" / "threshold.json").read_text())
+    assert set(content) == {"checkpoint_sha256", "options", "healthy", "calibrated"}
+    calibrated = content["calibrated"]["eval"]["thresholds"]
+    assert calibrated["postprocessed"]["combined"] == metrics["postprocessed"]["dice_split"]["combined"]["threshold"]
     client = MlflowClient(f"sqlite:///{out}/mlruns.db")
     (run,) = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
     assert run.info.run_name == "cevae", "evaluation logs into the run that trained the checkpoint"
     assert run.data.metrics["eval/paper/pixel_auroc/rec"] == pytest.approx(metrics["pixel_auroc"]["rec"])
+    logged = run.data.metrics
+    assert logged["eval/postprocessed/dice_healthy_q0.99/combined"] == pytest.approx(
+        metrics["postprocessed"]["dice_healthy"]["combined"]["0.99"]["dice"])
+    assert logged["eval/authors/pixel_auroc_ci95_lo/combined"] == pytest.approx(
+        metrics["authors"]["ci95"]["pixel_auroc"]["combined"][0])
+    assert logged["eval/dice_whole_brain_all"] == pytest.approx(metrics["baselines"]["dice_whole_brain_all"])
+    assert "eval/paper/lesion_recall_healthy/combined" in logged
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/eval")} >= {
         "evaluation/eval/metrics.json", "evaluation/eval/threshold.json", "evaluation/eval/roc_pr.png",
         "evaluation/eval/curves.json"}
 
 
+def copy_checkpoint(out, folder):
+    """The evaluated run's model.pt and threshold.json in ``folder`` (a copy: evaluations there add to it)."""
+    folder.mkdir()
+    for name in ("model.pt", "threshold.json"):
+        shutil.copy(out / "checkpoints" / name, folder / name)
+    return folder / "model.pt"
+
+
 def test_evaluation_on_real_labelled_scans(evaluated_run, shared_data, tmp_path):
     out, _ = evaluated_run
-    checkpoint = tmp_path / "checkpoint" / "model.pt"  # a copy: this evaluation writes its own threshold.json
-    checkpoint.parent.mkdir()
-    shutil.copy(out / "checkpoints" / "model.pt", checkpoint)
+    checkpoint = copy_checkpoint(out, tmp_path / "checkpoint")
     entries = prepare_entries("brats2013-deepmedic", shared_data / "brats2013", "T1c")[:2]
     entries += prepare_entries("open-ms", shared_data / "open_ms", "T1")
     datalist = write_datalist({"test": entries}, tmp_path / "real.json")
@@ -72,9 +139,7 @@ def test_evaluation_on_real_labelled_scans(evaluated_run, shared_data, tmp_path)
 
 def test_one_subject_and_label_groups(evaluated_run, tiny_demo, tmp_path):
     out, _ = evaluated_run
-    checkpoint = tmp_path / "checkpoint" / "model.pt"
-    checkpoint.parent.mkdir()
-    shutil.copy(out / "checkpoints" / "model.pt", checkpoint)
+    checkpoint = copy_checkpoint(out, tmp_path / "checkpoint")
     entry = json.loads(tiny_demo.read_text())["test"][0]
     entry = {k: str(tiny_demo.parent / v) if k in ("image", "brainmask", "label") else v for k, v in entry.items()}
     datalist = write_datalist({"test": [entry]}, tmp_path / "one.json")
@@ -92,5 +157,76 @@ def test_one_subject_and_label_groups(evaluated_run, tiny_demo, tmp_path):
 def test_evaluation_refuses_settings_that_differ_from_training(evaluated_run):
     out, _ = evaluated_run
     with pytest.raises(Exception) as info:
-        run_bundle(out, json.loads((out / "config.json").read_text())["datalist"], EVAL_FILES, normalization="zscore")
+        run_bundle(out, json.loads((out / "checkpoints" / "config.json").read_text())["datalist"], EVAL_FILES,
+                   normalization="zscore")
     assert "normalization='zscore' (trained with 'percentile')" in str(input_error(info.value))
+
+
+def synthetic_subjects(n=3, shape=(24, 24, 16), seed=0):
+    """Subjects with one small lesion each (0.2 % of the brain) and a score that is higher inside it, on smooth noise
+    (so that false positives form blobs that survive the removal of small components)."""
+    rng = np.random.default_rng(seed)
+    subjects = []
+    for i in range(n):
+        brain = np.ones(shape, bool)
+        label = np.zeros(shape, bool)
+        label[5 + i:8 + i, 10:13, 6:8] = True
+        noise = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
+        score = (noise / noise.std() + 4.0 * label).astype(np.float32)
+        subject = _Subject(f"s{i}", brain, label)
+        subject.voxels = {"cc": {"combined": score[brain]}}
+        subjects.append(subject)
+    return subjects
+
+
+def evaluation_for(subjects, tmp_path, min_component_size=7):
+    return AnomalyEvaluation(None, tmp_path / "model.pt", tmp_path / "d.json", None, tmp_path, loss=None,
+                             configs={"cc": ScoreOptions(min_component_size=min_component_size)},
+                             default_option_set="cc")
+
+
+def test_best_dice_with_component_removal_finds_small_lesions(tmp_path):
+    subjects = synthetic_subjects()
+    evaluation = evaluation_for(subjects, tmp_path)
+    _, found = evaluation._dice_search(subjects, "cc", "combined")
+    # reference: every distinct threshold that segments at most 5 % of the voxels (a larger segmentation cannot
+    # beat Dice 2 * 0.002 / (0.002 + 0.05) = 0.08 on lesions of 0.2 %), each with its components removed
+    voxels = np.sort(np.concatenate([s.voxels["cc"]["combined"] for s in subjects]))
+    candidates = voxels[-int(0.05 * voxels.size):]
+    brute = max(_pooled_dice(evaluation._counts(subjects, "cc", "combined", float(t))) for t in candidates)
+    assert found >= 0.98 * brute and brute > 0.5
+    # negative control: the former 64-point grid of quantiles in [0.5, 1] misses such small lesions
+    coarse = np.unique(np.quantile(voxels, np.linspace(0.5, 1.0, 64)))
+    old = max(_pooled_dice(evaluation._counts(subjects, "cc", "combined", float(t))) for t in coarse)
+    assert old < 0.8 * brute
+
+
+def test_a_segmentation_of_most_of_the_brain_is_flagged(tmp_path, caplog):
+    subjects = synthetic_subjects()
+    evaluation = evaluation_for(subjects, tmp_path, min_component_size=0)
+    whole = _pooled_dice(_counts([s.brain for s in subjects], subjects))
+    voxels = np.concatenate([s.voxels["cc"]["combined"] for s in subjects])
+    low, _ = evaluation._dice_entry(subjects, "cc", "combined", float(np.quantile(voxels, 0.1)), whole)  # 90 %
+    high, _ = evaluation._dice_entry(subjects, "cc", "combined", float(np.quantile(voxels, 0.99)), whole)
+    assert low["covers_over_half_brain"] and not high["covers_over_half_brain"]
+    assert low["dice"] == pytest.approx(whole, abs=0.01) and low["whole_brain"] == whole
+    warnings = evaluation._coverage_warnings("cc", {"dice_split": {"combined": low}, "dice_healthy": {
+        "combined": {"0.99": high}}})
+    assert len(warnings) == 1 and "cc/dice_split/combined" in warnings[0] and "whole-brain" in caplog.text
+
+
+def test_evaluation_recomputes_stale_healthy_thresholds_or_says_why(evaluated_run, tiny_demo, tmp_path):
+    out, metrics = evaluated_run
+    checkpoint = copy_checkpoint(out, tmp_path / "checkpoint")
+    stale = json.loads((checkpoint.parent / "threshold.json").read_text())
+    (checkpoint.parent / "threshold.json").write_text(json.dumps({**stale, "checkpoint_sha256": "0" * 64}))
+    test_only = write_datalist({"test": load_datalist(tiny_demo, "test")}, tmp_path / "test_only.json")
+    with pytest.raises(Exception) as info:  # a test-only datalist has no healthy subjects to recompute them from
+        run_bundle(tmp_path, test_only, EVAL_FILES, ckpt_path=str(checkpoint))
+    assert "another checkpoint" in str(input_error(info.value))
+    run_bundle(tmp_path, tiny_demo, EVAL_FILES, ckpt_path=str(checkpoint))  # with the training datalist: recomputed
+    fresh = json.loads((checkpoint.parent / "threshold.json").read_text())
+    assert fresh["checkpoint_sha256"] == stale["checkpoint_sha256"]
+    for config, per_score in stale["healthy"]["thresholds"].items():  # the same thresholds as training computed
+        for score, values in per_score.items():
+            assert fresh["healthy"]["thresholds"][config][score] == pytest.approx(values, rel=1e-5)

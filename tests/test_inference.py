@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import CONFIGS
+from bundle_helpers import CONFIGS, run_bundle
+from conftest import input_error
 from monai.bundle import ConfigWorkflow
 from scipy import ndimage
 
-from pipeline.data.datalist import load_datalist
+from pipeline.data.datalist import load_datalist, write_datalist
+from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
+from pipeline.data.validation import InputError
 from pipeline.inference import AnomalyInference
 from pipeline.metrics import dice
 from pipeline.networks import CeVAEReconstruction
@@ -85,7 +89,9 @@ def test_outputs_have_the_input_geometry_and_find_the_lesion(evaluated_run, layo
     anomaly = np.asanyarray(nib.load(written["anomaly"]).dataobj)
     assert anomaly[label].mean() > 1.5 * anomaly[brain & ~label].mean(), "the tumour stands out where it is"
     score = json.loads(open(written["score"]).read())
-    assert score["threshold"] == json.loads((out / "checkpoints" / "threshold.json").read_text())["default"]["threshold"]
+    healthy = json.loads((out / "checkpoints" / "threshold.json").read_text())["healthy"]["thresholds"]
+    assert score["threshold"] == healthy["postprocessed"]["combined"]["0.99"]
+    assert score["threshold_source"] == "healthy quantile 0.99" and score["option_set"] == "postprocessed"
 
 
 def test_the_three_layouts_give_the_same_map(layout_runs):
@@ -107,21 +113,44 @@ def test_inversion_puts_the_lesion_back_where_it_was(tumour_case):
     assert dice(back > 0.5, original > 0) > 0.8
 
 
-def test_missing_threshold_says_what_to_do(evaluated_run, tumour_case, tmp_path):
+def tiny_inference(checkpoint, output_dir, **kwargs):
+    return AnomalyInference(CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64)), checkpoint,
+                            brain_volume_transform(), output_dir, **kwargs)
+
+
+def test_missing_or_foreign_thresholds_say_what_to_do(evaluated_run, tumour_case, tmp_path):
     out, _ = evaluated_run
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes((out / "checkpoints" / "model.pt").read_bytes())
-    infer = AnomalyInference(CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64)), checkpoint,
-                             brain_volume_transform(), tmp_path)
-    with pytest.raises(FileNotFoundError, match="--threshold"):
-        infer(tumour_case["image"])
-    infer.threshold = 0.01
-    assert nib.load(infer(tumour_case["image"])["seg"]).shape == nib.load(tumour_case["image"]).shape
+    with pytest.raises(InputError, match="does not exist.*--threshold"):
+        tiny_inference(checkpoint, tmp_path)(tumour_case["image"])
+    content = json.loads((out / "checkpoints" / "threshold.json").read_text())
+    (tmp_path / "threshold.json").write_text(json.dumps({**content, "checkpoint_sha256": "0" * 64}))
+    with pytest.raises(InputError, match="another checkpoint"):  # thresholds of a model that was replaced
+        tiny_inference(checkpoint, tmp_path)(tumour_case["image"])
+    written = tiny_inference(checkpoint, tmp_path, threshold=0.01)(tumour_case["image"])
+    assert nib.load(written["seg"]).shape == nib.load(tumour_case["image"]).shape
+
+
+def test_threshold_choices(evaluated_run, tumour_case, tmp_path):
+    out, _ = evaluated_run
+    checkpoint = out / "checkpoints" / "model.pt"
+    content = json.loads((out / "checkpoints" / "threshold.json").read_text())
+    cases = [({"healthy_quantile": 0.995}, content["healthy"]["thresholds"]["postprocessed"]["combined"]["0.995"]),
+             ({"calibration": "eval", "option_set": "paper", "score": "rec"},
+              content["calibrated"]["eval"]["thresholds"]["paper"]["rec"])]
+    for i, (kwargs, expected) in enumerate(cases):
+        written = tiny_inference(checkpoint, tmp_path / str(i), **kwargs)(tumour_case["image"])
+        assert json.loads(open(written["score"]).read())["threshold"] == expected
+    for kwargs, message in (({"healthy_quantile": 0.97}, "quantile 0.97"), ({"calibration": "brats"}, "'brats'"),
+                            ({"option_set": "mine"}, "unknown option set")):
+        with pytest.raises(InputError, match=message):
+            tiny_inference(checkpoint, tmp_path / "x", **kwargs)(tumour_case["image"])
 
 
 def test_bundle_inference_config_single_and_batch(evaluated_run, tiny_demo, tumour_case, tmp_path):
     out, _ = evaluated_run
-    common = {"ckpt": str(out / "checkpoints" / "model.pt"), "z_dim": 16, "channels": [8, 16, 32, 64]}
+    common = {"ckpt": str(out / "checkpoints" / "model.pt")}  # network and likelihood: from the training's config
     for mode, extra in (("single", {"input_image": tumour_case["image"]}), ("batch", {"datalist": str(tiny_demo)})):
         workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=str(CONFIGS / "metadata.json"),
                                   logging_file=False, run_id="inference", output_dir=str(tmp_path / mode),
@@ -131,3 +160,49 @@ def test_bundle_inference_config_single_and_batch(evaluated_run, tiny_demo, tumo
     assert len(list((tmp_path / "single").glob("*_anomaly.nii.gz"))) == 1
     assert len(list((tmp_path / "batch").glob("*_seg.nii.gz"))) == 4
     assert torch.load(out / "checkpoints" / "model.pt", weights_only=True)["model"]
+
+
+def inference_workflow(**settings) -> ConfigWorkflow:
+    workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=str(CONFIGS / "metadata.json"),
+                              logging_file=False, run_id="inference", **settings)
+    workflow.initialize()
+    return workflow
+
+
+def test_inference_takes_scoring_settings_from_the_training_run(evaluated_run, tumour_case, tmp_path):
+    out, _ = evaluated_run
+    ckpt = str(out / "checkpoints" / "model.pt")
+    workflow = inference_workflow(ckpt=ckpt, input_image=tumour_case["image"], output_dir=str(tmp_path))
+    loss = workflow.parser.get_parsed_content("loss")
+    trained = json.loads((out / "checkpoints" / "config.json").read_text())
+    assert (loss.kl_weight, loss.reconstruction) == (trained["kl_weight"], trained["reconstruction"])
+    assert workflow.parser.get_parsed_content("z_dim") == 16
+    with pytest.raises(Exception) as info:  # an override that contradicts the training is refused
+        inference_workflow(ckpt=ckpt, input_image=tumour_case["image"], output_dir=str(tmp_path), kl_weight=0.5)
+    assert "kl_weight=0.5 (trained with 1.0)" in str(input_error(info.value))
+
+
+def train_then_infer(output_dir, datalist, image, epochs=2, **overrides):
+    """``run training`` then ``run inference`` on ``image``, nothing in between; returns the score file."""
+    run_bundle(output_dir, datalist, epochs=epochs, **overrides)
+    assert json.loads((output_dir / "checkpoints" / "threshold.json").read_text())["healthy"]
+    workflow = inference_workflow(ckpt=str(output_dir / "checkpoints" / "model.pt"), input_image=str(image),
+                                  output_dir=str(output_dir / "inference"))
+    workflow.run()
+    name = Path(image).name.split(".nii")[0]
+    seg = nib.load(output_dir / "inference" / f"{name}_seg.nii.gz")
+    assert seg.shape == nib.load(image).shape
+    return json.loads((output_dir / "inference" / f"{name}_score.json").read_text())
+
+
+def test_training_then_inference_segments_without_labels(tiny_demo, tumour_case, tmp_path):
+    score = train_then_infer(tmp_path, tiny_demo, tumour_case["image"])
+    assert score["threshold_source"] == "healthy quantile 0.99" and 0 < score["segmented_brain_fraction"] < 0.5
+
+
+def test_training_on_real_scans_then_inference_on_a_patient(shared_data, tmp_path):
+    healthy = prepare_entries("ixi", shared_data / "ixi_t1", "T1", skip_incomplete=True)[:4]
+    datalist = write_datalist({"training": healthy}, tmp_path / "ixi.json")
+    patient = prepare_entries("brats2013-deepmedic", shared_data / "brats2013", "T1c")[0]
+    score = train_then_infer(tmp_path / "run", datalist, patient["image"], val_fraction=0.25)
+    assert score["threshold_source"] == "healthy quantile 0.99" and score["segmented_brain_fraction"] < 0.5

@@ -5,12 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from pipeline.metrics import (
     ThresholdCurve,
     best_dice_threshold,
+    bootstrap_dice,
+    bootstrap_pixel_metrics,
+    bootstrap_weights,
     dice,
+    lesion_detection,
     remove_small_components,
     slice_labels,
     split_calibration,
@@ -18,7 +23,16 @@ from pipeline.metrics import (
 from pipeline.data.transforms import equalize_in_brain
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
-from pipeline.scoring import PAPER, ScoreOptions, elbo_terms, kl_gradient, postprocess_volume, raw_scores, score_maps
+from pipeline.scoring import (
+    AUTHORS,
+    PAPER,
+    ScoreOptions,
+    elbo_terms,
+    kl_gradient,
+    postprocess_volume,
+    raw_scores,
+    score_maps,
+)
 
 
 @pytest.mark.parametrize("case", ["random", "ties", "rare", "perfect", "inverted"])
@@ -98,24 +112,28 @@ def test_slice_score_is_the_vae_term_of_the_training_loss():
     x = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
         mu, logvar = net.encode(x)
-        for kl_weight in (1.0, 0.01):
-            terms = elbo_terms(net, x, kl_weight=kl_weight)
+        for kl_weight, reconstruction, sigma in ((1.0, "l2", 1.0), (0.01, "gaussian", 0.2), (1.0, "gaussian", 0.05)):
+            loss = CeVAELoss(ce_weight=0.0, kl_weight=kl_weight, reconstruction=reconstruction, sigma=sigma)
+            terms = elbo_terms(net, x, loss)
             torch.testing.assert_close(terms["neg_elbo"], terms["rec"] + kl_weight * terms["kl"])
             # the training loss of the plain VAE with the mean as its sample is the batch mean of this score
-            loss = CeVAELoss(ce_weight=0.0, kl_weight=kl_weight)(x, net.decode(mu), mu, logvar)
-            torch.testing.assert_close(loss["loss"], terms["neg_elbo"].mean())
+            torch.testing.assert_close(loss(x, net.decode(mu), mu, logvar)["loss"], terms["neg_elbo"].mean())
+        # a calibrated loss scores with its trained sigma: the same terms as a fixed loss of that sigma
+        calibrated = CeVAELoss(ce_weight=0.0)
+        calibrated.load_state_dict({"sigma": torch.tensor(0.05)})
+        torch.testing.assert_close(elbo_terms(net, x, calibrated)["neg_elbo"], terms["neg_elbo"])
 
 
 def test_score_maps_follow_their_options():
     torch.manual_seed(1)
     net = CeVAE(z_dim=8, channels=(4, 8, 8, 8)).eval()
     x = torch.rand(3, 1, 64, 64)
-    raw = raw_scores(net, x)
+    raw = raw_scores(net, x, CeVAELoss(reconstruction="l2"))
     plain = score_maps(raw, x, PAPER)
     torch.testing.assert_close(plain["rec"], (x - raw["recon"]).abs())
     torch.testing.assert_close(plain["combined"], plain["rec"] * plain["kl_grad"])
     torch.testing.assert_close(plain["intensity"], x)
-    post = score_maps(raw, x, ScoreOptions(positive_residuals=True, normalize_slices=True))
+    post = score_maps(raw, x, ScoreOptions(positive_residuals=True, grad_normalization="slice"))
     assert float(post["rec"].min()) >= 0 and torch.all(post["rec"][(x - raw["recon"]) < 0] == 0)
     torch.testing.assert_close(post["kl_grad"].flatten(1).amax(1), torch.ones(3))
     torch.testing.assert_close(post["kl_grad"].flatten(1).amin(1), torch.zeros(3))
@@ -137,3 +155,79 @@ def test_histogram_equalisation_gives_brain_quantiles():
     brain = np.array([[[1, 1], [1, 0]]])
     out = equalize_in_brain(volume, brain)
     np.testing.assert_allclose(out, [[[1.0, 1 / 3], [2 / 3, 0.0]]])
+
+
+def test_authors_set_normalises_over_the_volume_then_smooths():
+    torch.manual_seed(3)
+    grad = torch.rand(4, 1, 16, 16) * torch.arange(1.0, 5.0).view(4, 1, 1, 1)  # slices of different scales
+    x = torch.rand(4, 1, 16, 16)
+    raw = {"recon": torch.zeros_like(x), "kl_grad": grad}
+    maps = score_maps(raw, x, AUTHORS)
+    # reference: min-max over the whole volume, then a 7x7 Gaussian of sigma 3 with zero padding (scipy)
+    normalised = ((grad - grad.min()) / (grad.max() - grad.min())).numpy()
+    offsets = np.arange(-3, 4)
+    kernel_1d = np.exp(-(offsets**2) / (2 * 3.0**2))
+    kernel = np.outer(kernel_1d, kernel_1d) / kernel_1d.sum() ** 2
+    reference = np.stack([ndimage.convolve(n[0], kernel, mode="constant") for n in normalised])
+    np.testing.assert_allclose(maps["kl_grad"][:, 0].numpy(), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps["combined"], x * maps["kl_grad"])
+    # negative control: per-slice normalisation gives every slice the same range, the volume keeps their order
+    per_slice = score_maps(raw, x, ScoreOptions(grad_normalization="slice"))["kl_grad"].flatten(1).amax(1)
+    per_volume = score_maps(raw, x, ScoreOptions(grad_normalization="volume"))["kl_grad"].flatten(1).amax(1)
+    torch.testing.assert_close(per_slice, torch.ones(4))
+    assert per_volume.tolist() == sorted(per_volume.tolist()) and float(per_volume[0]) < 0.5
+
+
+def test_lesion_detection_counts_components():
+    label = np.zeros((20, 20, 10), bool)
+    label[2:5, 2:5, 2:4] = True  # lesion 1: found
+    label[10:12, 10:12, 5] = True  # lesion 2: found by one voxel
+    label[15:18, 2:4, 7:9] = True  # lesion 3: missed
+    seg = np.zeros_like(label)
+    seg[3:6, 3:6, 3] = True
+    seg[11, 11, 5] = True
+    seg[15:18, 15:18, 1:3] = True  # a false positive
+    seg[0, 19, 9] = True  # another one
+    assert lesion_detection(seg, label) == {"lesions": 3, "detected": 2, "false_positives": 2}
+    assert lesion_detection(label, label) == {"lesions": 3, "detected": 3, "false_positives": 0}
+    assert lesion_detection(np.zeros_like(label), label)["detected"] == 0
+
+
+def subjects_for_bootstrap(n_subjects=6, seed=0):
+    rng = np.random.default_rng(seed)
+    scores, labels = [], []
+    for s in range(n_subjects):
+        y = rng.random(4000) < rng.uniform(0.02, 0.1)
+        scores.append((rng.normal(size=4000) + (0.5 + 0.3 * s) * y).astype(np.float32))
+        labels.append(y)
+    return scores, labels
+
+
+def test_bootstrap_over_subjects_agrees_with_sklearn_and_covers_the_estimate():
+    scores, labels = subjects_for_bootstrap()
+    pooled_s, pooled_y = np.concatenate(scores), np.concatenate(labels)
+    auroc, auprc = roc_auc_score(pooled_y, pooled_s), average_precision_score(pooled_y, pooled_s)
+    # a resample that is the data itself: the binned metrics equal sklearn's to well under 0.001
+    ones = np.ones((1, len(scores)))
+    same = bootstrap_pixel_metrics(scores, labels, ones)
+    assert same["auroc"][0] == pytest.approx(auroc, abs=1e-3) and same["auprc"][0] == pytest.approx(auprc, abs=2e-3)
+    weights = bootstrap_weights(len(scores), 500, seed=0)
+    interval = bootstrap_pixel_metrics(scores, labels, weights)
+    assert interval["auroc"][0] < auroc < interval["auroc"][1]
+    assert interval["auprc"][0] < auprc < interval["auprc"][1]
+    # one resample by hand: the subjects drawn, pooled, through sklearn
+    row = weights[0].astype(int)
+    drawn = [i for i, k in enumerate(row) for _ in range(k)]
+    hand = roc_auc_score(np.concatenate([labels[i] for i in drawn]), np.concatenate([scores[i] for i in drawn]))
+    single = bootstrap_pixel_metrics(scores, labels, weights[:1])
+    assert single["auroc"][0] == pytest.approx(hand, abs=1e-3)
+    # negative control: another seed draws other resamples
+    assert bootstrap_pixel_metrics(scores, labels, bootstrap_weights(len(scores), 500, seed=1)) != interval
+
+
+def test_bootstrap_dice_pools_the_resampled_subjects():
+    counts = np.array([[10, 20, 30], [0, 5, 10], [40, 50, 45]])  # true positives, segmented, lesion voxels
+    assert bootstrap_dice(counts, np.ones((1, 3))) == [pytest.approx(100 / 160)] * 2
+    assert bootstrap_dice(counts, np.array([[2.0, 1.0, 0.0]])) == [pytest.approx(40 / 115)] * 2
+    lo, hi = bootstrap_dice(counts, bootstrap_weights(3, 1000, seed=0))
+    assert lo < 100 / 160 < hi

@@ -88,7 +88,7 @@ def test_invalid_network_arguments():
 def test_loss_terms_match_their_definitions():
     x, recon, recon_ce = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
     mu, logvar = torch.randn(4, 5), torch.randn(4, 5)
-    terms = CeVAELoss(ce_weight=0.3, kl_weight=2.0)(x, recon, mu, logvar, recon_ce)
+    terms = CeVAELoss(ce_weight=0.3, kl_weight=2.0, reconstruction="l2")(x, recon, mu, logvar, recon_ce)
     rec = ((x - recon) ** 2).sum(dim=(1, 2, 3)).mean()
     kl = (0.5 * (mu**2 + logvar.exp() - logvar - 1).sum(1)).mean()
     ce = ((x - recon_ce) ** 2).sum(dim=(1, 2, 3)).mean()
@@ -100,13 +100,14 @@ def test_loss_terms_match_their_definitions():
 
 def test_ce_term_compares_with_the_clean_input():
     x = torch.rand(2, 1, 8, 8)
-    terms = CeVAELoss()(x, torch.zeros_like(x), torch.zeros(2, 3), torch.zeros(2, 3), recon_ce=x.clone())
+    terms = CeVAELoss(reconstruction="l2")(x, torch.zeros_like(x), torch.zeros(2, 3), torch.zeros(2, 3),
+                                           recon_ce=x.clone())
     assert float(terms["loss_ce"]) == 0.0
 
 
 def test_plain_vae_and_reconstruction_kinds():
     x, recon = torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5)
-    vae = CeVAELoss(ce_weight=0.0)
+    vae = CeVAELoss(ce_weight=0.0, reconstruction="l2")
     terms = vae(x, recon, torch.zeros(1, 3), torch.zeros(1, 3))
     assert float(terms["loss"]) == pytest.approx(1.0) and float(terms["loss_ce"]) == 0.0
     assert float(reconstruction_error(x, recon, "l1")) == pytest.approx(2.0)
@@ -116,3 +117,66 @@ def test_plain_vae_and_reconstruction_kinds():
         CeVAELoss(ce_weight=0.5)(x, recon, torch.zeros(1, 3), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="reconstruction"):
         CeVAELoss(reconstruction="huber")
+    assert not CeVAELoss(reconstruction="l2", sigma="calibrated").calibrated, "sigma is a Gaussian's only"
+    with pytest.raises(ValueError, match="sigma"):
+        CeVAELoss(sigma=0.0)
+
+
+def gaussian_nll(x, recon, sigma):
+    """Reference: torch.distributions' Gaussian log-density, summed per sample."""
+    return -torch.distributions.Normal(recon, sigma).log_prob(x).flatten(1).sum(1)
+
+
+def test_calibrated_sigma_is_the_maximum_likelihood_one():
+    torch.manual_seed(0)
+    x, recon, recon_ce = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+    mu, logvar = torch.randn(4, 5), torch.randn(4, 5)
+    loss = CeVAELoss(ce_weight=0.5)
+    terms = loss(x, recon, mu, logvar, recon_ce)
+    sigma = ((x - recon) ** 2).mean().sqrt()
+    torch.testing.assert_close(terms["sigma"], sigma)
+    torch.testing.assert_close(terms["loss_rec"], gaussian_nll(x, recon, sigma).mean())
+    torch.testing.assert_close(terms["loss_ce"], gaussian_nll(x, recon_ce, sigma).mean())
+    # the likelihood at this sigma is the highest over sigma (a negative control: other sigmas give less)
+    for other in (0.8 * sigma, 1.25 * sigma):
+        assert float(gaussian_nll(x, recon, other).mean()) > float(terms["loss_rec"])
+
+
+def test_calibrated_loss_has_the_gradient_of_the_optimised_likelihood():
+    # sigma is detached; at its optimum the gradient through it vanishes, so the gradient equals the one of the
+    # profile likelihood D/2 log(MSE) in which sigma depends on the reconstruction (finite differences check it)
+    torch.manual_seed(1)
+    x, mu, logvar = torch.rand(3, 1, 4, 4, dtype=torch.float64), torch.zeros(3, 2), torch.zeros(3, 2)
+    recon = torch.rand(3, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    CeVAELoss(ce_weight=0.0)(x, recon, mu, logvar)["loss"].backward()
+
+    def profile(r):
+        sigma = ((x - r) ** 2).mean().sqrt()
+        return gaussian_nll(x, r, sigma).mean()
+
+    eps, numeric = 1e-6, torch.zeros_like(recon)
+    for i in range(recon.numel()):
+        step = torch.zeros(recon.numel(), dtype=torch.float64)
+        step[i] = eps
+        step = step.view_as(recon)
+        numeric.view(-1)[i] = (profile(recon.detach() + step) - profile(recon.detach() - step)) / (2 * eps)
+    torch.testing.assert_close(recon.grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_running_sigma_scores_and_travels_with_the_state_dict():
+    torch.manual_seed(2)
+    loss = CeVAELoss(ce_weight=0.0, sigma_momentum=0.5)
+    x, mu, logvar = torch.rand(2, 1, 8, 8), torch.zeros(2, 3), torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="not set"):
+        loss.terms(x, x, mu, logvar)  # never trained: no sigma to score with
+    errors = [0.2, 0.1]
+    for e in errors:
+        loss(x, x + e, mu, logvar)
+    assert float(loss.sigma) == pytest.approx(0.5 * 0.2 + 0.5 * 0.1)  # first batch sets it, then a running mean
+    loss.eval()
+    loss(x, x + 0.4, mu, logvar)
+    assert float(loss.sigma) == pytest.approx(0.15), "not updated outside training"
+    copy = CeVAELoss(ce_weight=0.0)
+    copy.load_state_dict(loss.state_dict())
+    recon = x + 0.05
+    torch.testing.assert_close(copy.terms(x, recon, mu, logvar)["rec"], gaussian_nll(x, recon, 0.15))

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
-from bundle_helpers import initialized_workflow, run_bundle
+from bundle_helpers import TINY, initialized_workflow, run_bundle
 from conftest import REPO
 from mlflow import MlflowClient
 
+from pipeline.bundle_support import train_val_split
 from pipeline.data.context_encoding import ContextEncodingNoise
+from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.engines import CeVAETrainer
 from pipeline.engines.checkpoint import AtomicCheckpointSaver
 from pipeline.engines.handlers import StopOnNonFiniteLoss
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
+from pipeline.scoring import OPTION_SETS, SCORE_NAMES
+from pipeline.thresholds import checkpoint_sha256
 
 
 def epoch_metric(output_dir, name):
@@ -54,9 +60,9 @@ def test_training_lowers_the_loss_and_writes_checkpoints(cevae_run):
     for name in ("model.pt", "last.pt"):
         assert (out / "checkpoints" / name).is_file()
     best = torch.load(out / "checkpoints" / "model.pt", weights_only=True)
-    assert set(best) == {"model"}
+    assert set(best) == {"model", "loss"} and 0 < float(best["loss"]["sigma"]) < 1, "the calibrated sigma is saved"
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert set(last) == {"model", "optimizer", "trainer", "rng"}
+    assert set(last) == {"model", "loss", "optimizer", "trainer", "rng"}
     assert last["trainer"]["iteration"] == 3 * last["trainer"]["epoch_length"]
     assert not list(out.glob("checkpoints/.*tmp*")), "no temporary files left behind"
 
@@ -67,19 +73,48 @@ def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
     experiment = client.get_experiment_by_name("cevae")
     (run,) = client.search_runs(experiment.experiment_id)
     assert run.info.run_name == "cevae" and run.info.status == "FINISHED"
-    hyper = {"model_variant", "seed", "epochs", "batch_size", "lr", "ce_weight", "kl_weight", "reconstruction",
-             "z_dim", "image_size", "channels", "norm", "ce_n_squares", "ce_square_size", "ce_fill",
+    hyper = {"model_variant", "overlay_name", "seed", "epochs", "batch_size", "lr", "ce_weight", "kl_weight",
+             "reconstruction", "sigma", "z_dim", "image_size", "channels", "norm", "ce_n_squares", "ce_square_size",
+             "ce_fill", "ce_variant",
              "normalization", "min_brain_fraction", "border_slices", "val_fraction"}
     extra = {"dataset", "datalist", "datalist_sha256", "version_monai", "version_torch", "version_ignite",
              "version_mlflow", "git_commit", "max_epochs", "epoch_length"}
     assert set(run.data.params) == hyper | extra
     assert run.data.params["model_variant"] == "cevae" and run.data.params["ce_weight"] == "0.5"
-    metrics = {"train_loss", "train_loss_rec", "train_loss_kl", "train_loss_ce", "val_neg_elbo", "val_rec", "val_kl",
-               "lr"}
+    metrics = {"train_loss", "train_loss_rec", "train_loss_kl", "train_loss_ce", "train_sigma", "val_neg_elbo",
+               "val_rec", "val_kl", "lr"}
+    metrics |= {f"healthy_{k}" for k in ("rec_mse", "mean_brain_mse", "rec_vs_mean_brain", "active_units",
+                                         "kl_per_dim")}
+    metrics |= {f"healthy_threshold/{c}/{s}/q{q}" for c in OPTION_SETS for s in SCORE_NAMES
+                for q in ("0.95", "0.98", "0.99", "0.995", "0.999")}
     assert set(run.data.metrics) == metrics
     assert len(client.get_metric_history(run.info.run_id, "val_neg_elbo")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert artifacts == {"config.json", "model.pt", "reconstructions.png"}
+    assert artifacts == {"config.json", "model.pt", "threshold.json", "reconstructions.png"}
+
+
+def test_training_ends_with_healthy_thresholds_of_the_selected_checkpoint(cevae_run, tiny_demo):
+    _, out = cevae_run
+    content = json.loads((out / "checkpoints" / "threshold.json").read_text())
+    assert content["checkpoint_sha256"] == checkpoint_sha256(out / "checkpoints" / "model.pt")
+    healthy = content["healthy"]
+    validation = train_val_split(tiny_demo, TINY["val_fraction"], 0)[1]
+    assert healthy["subjects"] == [e["image"] for e in validation] and healthy["quantiles"][2] == 0.99
+    # reference without the network: the `intensity` score of the plain option set is the preprocessed image, so
+    # its thresholds are numpy quantiles of the healthy validation subjects' brain voxels
+    transform = brain_volume_transform()
+    voxels = np.concatenate([np.asarray(d["image"][0])[np.asarray(d["brainmask"][0]) > 0]
+                             for d in (transform(e) for e in validation)])
+    expected = np.quantile(voxels, [0.95, 0.98, 0.99, 0.995, 0.999])
+    got = [healthy["thresholds"]["paper"]["intensity"][q] for q in ("0.95", "0.98", "0.99", "0.995", "0.999")]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert healthy["n_voxels"] == voxels.size
+    for config in OPTION_SETS:  # every option set and score, quantiles in increasing order
+        for score in SCORE_NAMES:
+            values = list(healthy["thresholds"][config][score].values())
+            assert values == sorted(values) and values[0] < values[-1], (config, score)
+    check = healthy["validation"]
+    assert check["rec_mse"] > 0 and check["mean_brain_mse"] > 0 and 0 <= check["active_units"] <= 16
 
 
 def test_vae_runs_one_forward_pass_per_step(tiny_demo, tmp_path):
@@ -100,12 +135,19 @@ def test_vae_runs_one_forward_pass_per_step(tiny_demo, tmp_path):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_path):
     run_bundle(tmp_path / "straight", tiny_demo, epochs=2)
     run_bundle(tmp_path / "resumed", tiny_demo, epochs=1)
+    first = json.loads((tmp_path / "resumed" / "checkpoints" / "threshold.json").read_text())
     run_bundle(tmp_path / "resumed", tiny_demo, epochs=2, resume=True)
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["trainer"]["iteration"] == 2 * resumed["trainer"]["epoch_length"]
     for key, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0)
+    torch.testing.assert_close(resumed["loss"]["sigma"], straight["loss"]["sigma"], rtol=0, atol=0)
+    # the resumed run ends with the healthy thresholds of its own selected checkpoint, like the straight one
+    thresholds = [json.loads((tmp_path / run / "checkpoints" / "threshold.json").read_text())
+                  for run in ("straight", "resumed")]
+    assert thresholds[1]["checkpoint_sha256"] == checkpoint_sha256(tmp_path / "resumed" / "checkpoints" / "model.pt")
+    assert thresholds[1]["healthy"] == thresholds[0]["healthy"] != first["healthy"]
 
 
 def test_resume_without_checkpoint_says_what_to_do(tiny_demo, tmp_path):
@@ -258,7 +300,7 @@ def test_cli_reports_bad_input_in_one_line(tiny_demo, tmp_path, problem):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 2
     expected = (f"error: datalist {datalist} does not exist" if problem == "missing datalist"
-                else f"Not a directory: '{output}'; check the path, or choose a writable --output_dir")
+                else f"Not a directory: '{output / 'checkpoints'}'; check the path, or choose a writable --output_dir")
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -8,6 +8,7 @@ import torch
 from conftest import brain_phantom, input_error, save_nifti
 from monai.data import MetaTensor
 from monai.transforms import Resize
+from scipy import ndimage
 
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slices import brain_slice_indices, slices_to_volume, volume_to_slices
@@ -39,37 +40,72 @@ def test_lps_and_ras_give_the_same_slices(tmp_path):
         torch.testing.assert_close(out_ras[key].as_tensor(), out_lps[key].as_tensor())
 
 
-def test_output_range_background_and_percentile_statistics(phantom_files):
-    out = brain_volume_transform(image_size=64)(phantom_files)
-    image, brain = out["image"].as_tensor(), out["brainmask"].as_tensor() > 0
-    assert image.dtype == torch.float32
-    assert float(image.min()) == 0.0 and float(image.max()) == 1.0
-    assert torch.all(image[~brain] == 0), "background must be exactly 0"
-    inside = image[brain]
+def native_phantom():
+    """The phantom's image and mask as channel-first tensors at their own resolution."""
+    image, mask, _ = brain_phantom()
+    return torch.as_tensor(image[None]), torch.as_tensor(mask[None]), torch.as_tensor(mask > 0)
+
+
+def test_percentile_normalisation_statistics():
+    image, mask, brain = native_phantom()
+    out = BrainIntensityNormalize("percentile")(image, mask)[0]
+    assert out.dtype == torch.float32 and float(out.min()) == 0.0 and float(out.max()) == 1.0
+    assert torch.all(out[~brain] == 0), "background must be exactly 0"
+    inside = out[brain]
     # clipping at the 0.5 / 99.5 percentiles puts ~0.5 % of brain voxels at each bound
     assert 0.002 < float((inside == 1.0).float().mean()) < 0.01
     assert 0.002 < float((inside == 0.0).float().mean()) < 0.01
 
 
-def test_zscore_normalisation_statistics(phantom_files):
-    out = brain_volume_transform(image_size=64, normalization="zscore")(phantom_files)
-    image, brain = out["image"].as_tensor(), out["brainmask"].as_tensor() > 0
-    assert abs(float(image[brain].mean())) < 1e-4
-    assert abs(float(image[brain].std()) - 1.0) < 1e-3
-    assert torch.all(image[~brain] == 0)
+def test_zscore_normalisation_statistics():
+    image, mask, brain = native_phantom()
+    out = BrainIntensityNormalize("zscore")(image, mask)[0]
+    assert abs(float(out[brain].mean())) < 1e-4 and abs(float(out[brain].std()) - 1.0) < 1e-3
+    assert torch.all(out[~brain] == 0)
+
+
+def test_chain_keeps_the_normalised_range_and_a_zero_background(phantom_files):
+    image, mask, brain = native_phantom()
+    for mode in ("percentile", "equalize"):
+        out = brain_volume_transform(image_size=64, normalization=mode)(phantom_files)
+        resized, resized_brain = out["image"].as_tensor(), out["brainmask"].as_tensor() > 0
+        assert resized.dtype == torch.float32 and torch.all(resized[~resized_brain] == 0)
+        assert 0.0 <= float(resized.min()) and float(resized.max()) <= 1.0
+        native_mean = float(BrainIntensityNormalize(mode)(image, mask)[0][brain].mean())
+        assert abs(float(resized[resized_brain].mean()) - native_mean) < 0.05, "resizing keeps the intensity scale"
+
+
+def test_skull_and_negative_background_do_not_bleed_into_the_brain(tmp_path):
+    image, mask, label = brain_phantom()
+    shell = ndimage.binary_dilation(mask > 0, iterations=3) & (mask == 0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    variants = {  # the same brain: with a bright skull around it, skull-stripped, and z-scored-style background
+        "head": np.where(shell, 2000.0, image),
+        "stripped": np.where(mask > 0, image, 0.0),
+        "negative": np.where(mask > 0, image, -1000.0),
+    }
+    chain = brain_volume_transform(image_size=64)
+    outputs = {}
+    for name, array in variants.items():
+        files = {"image": save_nifti(array.astype(np.float32), tmp_path / f"{name}.nii.gz", affine),
+                 "brainmask": save_nifti(mask, tmp_path / "mask.nii.gz", affine)}
+        outputs[name] = chain(files)["image"].as_tensor()
+    assert float(outputs["stripped"].max()) > 0.9
+    for name in ("head", "negative"):
+        torch.testing.assert_close(outputs[name], outputs["stripped"], rtol=0, atol=1e-6)
 
 
 def test_equalize_normalisation_makes_brains_uniform_and_keeps_tissue_order(phantom_files, tmp_path):
-    out = brain_volume_transform(image_size=64, normalization="equalize")(phantom_files)
-    image, brain = out["image"].as_tensor(), out["brainmask"].as_tensor() > 0
-    inside = image[brain].double()
-    assert torch.all(image[~brain] == 0) and float(inside.min()) > 0 and float(inside.max()) == 1.0
+    image_t, mask_t, brain = native_phantom()
+    inside = BrainIntensityNormalize("equalize")(image_t, mask_t)[0][brain].double()
+    assert float(inside.min()) > 0 and float(inside.max()) == 1.0
     # uniform on (0, 1]: mean 1/2, variance 1/12, deciles at 0.1 steps
     assert abs(float(inside.mean()) - 0.5) < 0.01 and abs(float(inside.var()) - 1 / 12) < 0.005
     deciles = torch.quantile(inside, torch.linspace(0.1, 0.9, 9, dtype=torch.float64))
     assert torch.allclose(deciles, torch.linspace(0.1, 0.9, 9, dtype=torch.float64), atol=0.01)
-    # a monotone change of contrast (another scanner, another weighting of the same tissue order) changes almost
-    # nothing (in-plane resizing interpolates before the normalisation); percentile scaling changes 30x more
+    # a monotone change of contrast (another scanner, another weighting of the same tissue order) changes nothing
+    # (the ranks are taken at the input's own resolution); percentile scaling changes it
+    image = brain_volume_transform(image_size=64, normalization="equalize")(phantom_files)["image"].as_tensor()
     image_np, mask, label = brain_phantom()
     warped = {"image": save_nifti(np.where(mask > 0, np.exp(image_np / 200.0), 0), tmp_path / "w.nii.gz",
                                   np.diag([2.0, 2.0, 2.0, 1.0])),

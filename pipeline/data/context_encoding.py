@@ -10,6 +10,13 @@ Per image: the number of squares is uniform in ``n_squares`` (inclusive); each s
 uniform among the positions where it lies fully inside the image. Squares may overlap. The fill is per-pixel
 uniform noise in the image's own ``[min, max]`` (``"noise"``), one uniform value in that range per square
 (``"constant"``), or 0 (``"zero"``). Every pixel outside the squares is left untouched.
+
+``variant="authors"`` reproduces the authors' code instead (``MIC-DKFZ/mood``, ``util/ce_noise.py``): it draws 0, 1
+or 2 squares per image, but each square is drawn on a fresh empty mask, so **at most one survives** (an image gets
+one square with probability 2/3, none otherwise); the side is ``int(U(0, S/2))`` pixels (0, i.e. no square, is
+possible); the square is filled with **one constant** drawn uniformly in the **batch's** ``[min, max]``. The
+project's default keeps 1-3 squares, each of at least 1/8 of the side, filled with noise in each image's own range:
+the CE branch then always has something to inpaint, and an image's corruption does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Transform
 
-__all__ = ["FILL_MODES", "ContextEncodingMask", "ContextEncodingMaskd", "ContextEncodingNoise"]
+__all__ = ["FILL_MODES", "VARIANTS", "ContextEncodingMask", "ContextEncodingMaskd", "ContextEncodingNoise"]
 
 FILL_MODES = ("noise", "constant", "zero")
+VARIANTS = ("project", "authors")
 
 
 @dataclass(frozen=True)
@@ -34,11 +42,14 @@ class ContextEncodingNoise:
         n_squares: inclusive range of the number of squares per image.
         square_size: inclusive range of the square side, as fractions of ``min(H, W)``.
         fill: ``"noise"``, ``"constant"`` or ``"zero"`` (see the module docstring).
+        variant: ``"project"`` (the above) or ``"authors"``: the sampling of the authors' code, which ignores
+            ``n_squares``, ``square_size`` and ``fill`` (see the module docstring).
     """
 
     n_squares: tuple[int, int] = (1, 3)
     square_size: tuple[float, float] = (1 / 8, 1 / 2)
     fill: str = "noise"
+    variant: str = "project"
 
     def __post_init__(self) -> None:
         lo, hi = self.n_squares
@@ -49,6 +60,8 @@ class ContextEncodingNoise:
             raise ValueError(f"square_size must be (lo, hi) with 0 < lo <= hi <= 1, got {self.square_size}.")
         if self.fill not in FILL_MODES:
             raise ValueError(f"fill must be one of {FILL_MODES}, got {self.fill!r}.")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}.")
 
     def side_range(self, height: int, width: int) -> tuple[int, int]:
         """Inclusive range of square sides in pixels for an image of ``height x width``."""
@@ -60,12 +73,17 @@ class ContextEncodingNoise:
     def squares(self, batch: int, height: int, width: int, generator: torch.Generator | None = None,
                 device: torch.device | str = "cpu") -> torch.Tensor:
         """Boolean ``(B, K, H, W)``: square ``k`` of image ``b`` (all False for squares beyond its count)."""
-        k_max = self.n_squares[1]
-        count = torch.randint(self.n_squares[0], k_max + 1, (batch,), generator=generator, device=device)
-        lo, hi = self.side_range(height, width)
-        size = torch.randint(lo, hi + 1, (batch, k_max), generator=generator, device=device)
-        top = (torch.rand((batch, k_max), generator=generator, device=device) * (height - size + 1)).long()
-        left = (torch.rand((batch, k_max), generator=generator, device=device) * (width - size + 1)).long()
+        if self.variant == "authors":
+            k_max, fits = 1, 0  # positions randint(0, S - side): the square never touches the last row/column
+            count = (torch.randint(0, 3, (batch,), generator=generator, device=device) > 0).long()
+            size = (torch.rand((batch, 1), generator=generator, device=device) * (min(height, width) // 2)).long()
+        else:
+            k_max, fits = self.n_squares[1], 1
+            count = torch.randint(self.n_squares[0], k_max + 1, (batch,), generator=generator, device=device)
+            lo, hi = self.side_range(height, width)
+            size = torch.randint(lo, hi + 1, (batch, k_max), generator=generator, device=device)
+        top = (torch.rand((batch, k_max), generator=generator, device=device) * (height - size + fits)).long()
+        left = (torch.rand((batch, k_max), generator=generator, device=device) * (width - size + fits)).long()
         rows = torch.arange(height, device=device)
         cols = torch.arange(width, device=device)
         in_rows = (rows >= top[..., None]) & (rows < (top + size)[..., None])
@@ -88,11 +106,13 @@ class ContextEncodingNoise:
         b, c, h, w = x.shape
         squares = self.squares(b, h, w, generator, x.device)
         mask = squares.any(dim=1, keepdim=True)
-        lo = x.amin(dim=(1, 2, 3)).view(b, 1, 1, 1)
-        hi = x.amax(dim=(1, 2, 3)).view(b, 1, 1, 1)
-        if self.fill == "noise":
+        dims = (0, 1, 2, 3) if self.variant == "authors" else (1, 2, 3)  # the authors fill from the batch's range
+        lo = x.amin(dim=dims).expand(b).reshape(b, 1, 1, 1)
+        hi = x.amax(dim=dims).expand(b).reshape(b, 1, 1, 1)
+        fill_mode = "constant" if self.variant == "authors" else self.fill
+        if fill_mode == "noise":
             fill = lo + (hi - lo) * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        elif self.fill == "constant":
+        elif fill_mode == "constant":
             k_max = squares.shape[1]
             values = lo.view(b, 1) + (hi - lo).view(b, 1) * torch.rand(
                 (b, k_max), generator=generator, device=x.device, dtype=x.dtype)

@@ -2,10 +2,13 @@
 
 Output of :func:`brain_volume_transform` for a data dict ``{"image": path, "brainmask": path?, "label": path?}``:
 
-* ``image``: ``(1, S, S, D)`` float32, RAS, cropped to the brain bounding box (+ ``margin``), padded to a square
-  in-plane and resized in-plane to ``S = image_size`` (Gaussian anti-aliasing first, as in skimage); the slice
-  axis (last, axial) keeps its voxels. Brain voxels are normalised
-  (:class:`~pipeline.data.transforms.BrainIntensityNormalize`), background is exactly 0.
+* ``image``: ``(1, S, S, D)`` float32, RAS. Brain voxels are normalised at the input's own resolution
+  (:class:`~pipeline.data.transforms.BrainIntensityNormalize`) and everything outside the brain mask set to 0
+  **before** any interpolation, so a skull (images that are not skull-stripped, given with a brain mask) or a
+  negative background (z-scored files) never bleeds into the brain rim. Then cropped to the brain bounding box
+  (+ ``margin``), padded to a square in-plane and resized in-plane to ``S = image_size`` (Gaussian anti-aliasing
+  first, as in skimage; the slice axis, last and axial, keeps its voxels), and masked again with the resized mask:
+  background exactly 0. A whole-head image with its brain mask and its skull-stripped twin give the same output.
 * ``brainmask``: ``(1, S, S, D)`` float32 0/1: the given mask (``> 0``, so label maps work) or, without one, the
   image foreground (:class:`~pipeline.data.transforms.ForegroundMask`).
 * ``label``: ``(1, S, S, D)`` float32 0/1 (``label > 0``), through the same spatial chain with nearest-neighbour
@@ -26,6 +29,7 @@ from monai.transforms import (
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
+    MaskIntensityd,
     Orientationd,
     Resized,
     Spacingd,
@@ -57,7 +61,8 @@ def brain_volume_transform(
         image_size: in-plane output side ``S`` (64 as in the paper; 128, 192, 256 work too).
         pixdim: optional target spacing in mm (e.g. ``(1, 1, 1)``) applied after reorientation.
         margin: voxels kept around the brain bounding box before padding.
-        normalization: ``"percentile"`` (clip to the brain's percentiles, scale to [0, 1]) or ``"zscore"``.
+        normalization: ``"percentile"`` (clip to the brain's percentiles, scale to [0, 1]), ``"zscore"`` or
+            ``"equalize"`` (:class:`~pipeline.data.transforms.BrainIntensityNormalize`).
         lower_percentile, upper_percentile: the percentiles for ``"percentile"``.
         background: background value used to derive a mask when none is given, or ``"corner"``.
         class_key: if given, a copy of the label under this key keeps its original values (see above).
@@ -83,13 +88,16 @@ def brain_volume_transform(
     steps += [
         ForegroundMaskd(image_key, mask_key=mask_key, background=background),
         Binarized(label_key, allow_missing_keys=True),
+        # normalised at native resolution, background exactly 0: skull or a negative background cannot bleed into
+        # brain-rim voxels through the interpolation below
+        BrainIntensityNormalized(image_key, mask_key=mask_key, mode=normalization,
+                                 lower=lower_percentile, upper=upper_percentile),
         CropForegroundd(keys, source_key=mask_key, margin=margin, allow_smaller=True, allow_missing_keys=True),
         SquarePadd(keys, allow_missing_keys=True),
         AntiAliasd(image_key, spatial_size=(image_size, image_size, -1)),  # = MONAI's anti-aliasing, faster
         Resized(keys, spatial_size=(image_size, image_size, -1), mode=spatial_modes, allow_missing_keys=True),
         Binarized([mask_key, label_key], threshold=0.5, allow_missing_keys=True),
-        BrainIntensityNormalized(image_key, mask_key=mask_key, mode=normalization,
-                                 lower=lower_percentile, upper=upper_percentile),
+        MaskIntensityd(image_key, mask_key=mask_key),  # re-mask on the resized grid: background exactly 0 again
         EnsureTyped(keys, dtype="float32", allow_missing_keys=True),
     ]
     return Compose(steps)

@@ -48,7 +48,9 @@ class BrainSliceDataset(torch.utils.data.Dataset):
     Each volume of ``data`` goes through ``transform`` once (in ``num_workers`` processes); the slices picked
     by :func:`brain_slice_indices` are stacked into ``self.tensors[key]`` of shape ``(N, 1, H, W)`` for every key
     present (``image`` float32; ``brainmask``/``label`` bool). ``self.subject`` and ``self.slice`` give each
-    slice's volume index and slice index. Items are dicts of ``(1, H, W)`` tensors plus ``subject``/``slice``.
+    slice's volume index and slice index, ``self.position`` its relative axial position in its (brain-cropped)
+    volume, 0 at the first slice and 1 at the last. Items are dicts of ``(1, H, W)`` tensors plus
+    ``subject``/``slice``.
 
     Args:
         data: datalist entries (``image`` and optionally ``brainmask``, ``label``).
@@ -79,7 +81,7 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         loader = torch.utils.data.DataLoader(volumes, batch_size=None, num_workers=num_workers,
                                              collate_fn=_unchanged)
         parts: dict[str, list[torch.Tensor]] = {}
-        subject, slice_index = [], []
+        subject, slice_index, position = [], [], []
         for i, item in enumerate(tqdm(loader, total=len(data), desc="preprocessing", disable=not progress)):
             picked = brain_slice_indices(item[mask_key], min_brain_fraction, border_slices)
             for key in keys:
@@ -88,6 +90,8 @@ class BrainSliceDataset(torch.utils.data.Dataset):
                     parts.setdefault(key, []).append(vol[picked] if key == "image" else vol[picked] > 0)
             subject += [i] * len(picked)
             slice_index += picked
+            depth = item[mask_key].shape[-1]
+            position += [s / max(depth - 1, 1) for s in picked]
         if not subject:
             raise ValueError("no slice passed the selection (min_brain_fraction / border_slices too strict?).")
         uneven = [key for key, chunks in parts.items() if len(chunks) != len(data)]
@@ -96,6 +100,7 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         self.tensors = {key: torch.cat(chunks) for key, chunks in parts.items()}
         self.subject = torch.tensor(subject)
         self.slice = torch.tensor(slice_index)
+        self.position = torch.tensor(position)
 
     def __len__(self) -> int:
         return len(self.subject)

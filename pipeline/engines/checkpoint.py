@@ -4,10 +4,11 @@ MONAI's ``CheckpointSaver`` writes with ``atomic=False``; a crash during a save 
 ``model.pt``. :class:`AtomicCheckpointSaver` writes every file under a temporary name and renames it
 (:func:`pipeline.io.atomic_path`), never saves non-finite weights, and keeps fixed names:
 
-* ``last.pt``: ``{"model", "optimizer", "trainer", "rng"}`` after every ``save_interval`` epochs (for ``--resume``
-  with MONAI's ``CheckpointLoader``, which loads with ``weights_only=True``);
-* ``model.pt``: ``{"model"}`` of the best validation epoch (the Model Zoo convention; the last epoch when
-  there is no validator).
+* ``last.pt``: ``{"model", "loss", "optimizer", "trainer", "rng"}`` after every ``save_interval`` epochs (for
+  ``--resume`` with MONAI's ``CheckpointLoader``, which loads with ``weights_only=True``);
+* ``model.pt``: ``{"model", "loss"}`` of the best validation epoch (the last epoch when there is no validator).
+  ``loss`` is the loss's state (its likelihood ``sigma``, calibrated during training), which scoring needs to
+  compute the same ELBO as training; :func:`load_trained` restores both.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ignite.engine import Engine, Events
 
 from pipeline.io import atomic_path
 
-__all__ = ["AtomicCheckpointSaver", "RNGState", "save_checkpoint"]
+__all__ = ["AtomicCheckpointSaver", "RNGState", "load_trained", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,23 @@ def save_checkpoint(objects: Mapping[str, object], path: str | os.PathLike) -> P
     return Path(path)
 
 
+def load_trained(checkpoint: str | os.PathLike, network: torch.nn.Module, loss: torch.nn.Module | None = None,
+                 device: str | torch.device = "cpu") -> dict:
+    """Load a ``model.pt`` (``{"model", "loss"?}``, or a bare state dict) into ``network`` and ``loss`` with
+    ``weights_only=True``; returns the loaded dict. A checkpoint without a ``loss`` entry (older runs, or weights
+    from elsewhere) leaves ``loss`` as constructed, which is right for a fixed likelihood; a calibrated loss then
+    refuses to score (:meth:`pipeline.losses.CeVAELoss.scoring_sigma`)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train first, or pass the path of a trained "
+                                "model.pt.")
+    state = torch.load(path, map_location=device, weights_only=True)
+    getattr(network, "module", network).load_state_dict(state.get("model", state))
+    if loss is not None and "loss" in state:
+        loss.load_state_dict(state["loss"])
+    return state
+
+
 def _finite(module: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
@@ -62,6 +80,7 @@ class AtomicCheckpointSaver:
     Args:
         save_dir: checkpoint folder.
         network, optimizer: what to save (``network`` may be DDP-wrapped; its inner module is saved).
+        loss_function: the loss, whose state (the likelihood ``sigma``) is saved with the network.
         validator: the evaluator whose key metric picks the best epoch (None: the last epoch is the best).
         save_interval: epochs between ``last.pt`` saves.
 
@@ -69,11 +88,14 @@ class AtomicCheckpointSaver:
     """
 
     def __init__(self, save_dir: str | os.PathLike, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 validator: Engine | None = None, save_interval: int = 1, last_filename: str = "last.pt",
+                 loss_function: torch.nn.Module | None = None, validator: Engine | None = None,
+                 save_interval: int = 1, last_filename: str = "last.pt",
                  best_filename: str = "model.pt") -> None:
         self.save_dir = Path(save_dir)
         self.network = getattr(network, "module", network)
         self.optimizer = optimizer
+        self.weights = {"model": self.network} if loss_function is None else {"model": self.network,
+                                                                              "loss": loss_function}
         self.validator = validator
         self.save_interval = save_interval
         self.last_path = self.save_dir / last_filename
@@ -91,10 +113,10 @@ class AtomicCheckpointSaver:
                          epoch, self.last_path, self.last_saved_epoch)
             return
         if self.validator is None or self.validator.state.best_metric_epoch == epoch:
-            save_checkpoint({"model": self.network}, self.best_path)
+            save_checkpoint(self.weights, self.best_path)
         if epoch % self.save_interval == 0 or epoch == engine.state.max_epochs:
-            save_checkpoint({"model": self.network, "optimizer": self.optimizer, "trainer": engine,
-                             "rng": RNGState()}, self.last_path)
+            save_checkpoint({**self.weights, "optimizer": self.optimizer, "trainer": engine, "rng": RNGState()},
+                            self.last_path)
             self.last_saved_epoch = epoch
 
     def terminated(self, engine: Engine) -> None:

@@ -12,6 +12,7 @@ from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.utils import CommonKeys
 from torch.utils.data import DataLoader
 
+from pipeline.losses import CeVAELoss
 from pipeline.scoring import elbo_terms
 
 __all__ = ["ELBOEvaluator", "SampleMean"]
@@ -40,7 +41,8 @@ class ELBOEvaluator(Evaluator):
 
     Args:
         network: the trained :class:`~pipeline.networks.CeVAE`.
-        reconstruction, sigma, kl_weight: the reconstruction term and KL weight, as in the loss.
+        loss_function: the training loss (:class:`~pipeline.losses.CeVAELoss`), whose ``terms`` give the ELBO
+            (same likelihood, current sigma, same KL weight).
         Others: as for ``monai.engines.SupervisedEvaluator``.
     """
 
@@ -49,9 +51,7 @@ class ELBOEvaluator(Evaluator):
         device: str | torch.device,
         val_data_loader: DataLoader,
         network: torch.nn.Module,
-        reconstruction: str = "l2",
-        sigma: float = 1.0,
-        kl_weight: float = 1.0,
+        loss_function: CeVAELoss,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -87,13 +87,13 @@ class ELBOEvaluator(Evaluator):
             amp_kwargs=amp_kwargs,
         )
         self.network = network
-        self.reconstruction, self.sigma, self.kl_weight = reconstruction, sigma, kl_weight
+        self.loss_function = loss_function
 
     def _iteration(self, engine: ELBOEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:
         x, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         engine.network.eval()
         with engine.mode(engine.network), torch.no_grad():
-            terms = elbo_terms(engine.network, x, engine.reconstruction, engine.sigma, engine.kl_weight)
+            terms = elbo_terms(engine.network, x, engine.loss_function)
         engine.state.output = {CommonKeys.IMAGE: x, CommonKeys.PRED: terms.pop("recon"), **terms}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

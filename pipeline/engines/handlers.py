@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import copy
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import TerminateOnNan
 from torch.optim import Optimizer
 
-__all__ = ["CopyMetrics", "RecordLearningRate", "StopOnNonFiniteLoss"]
+from pipeline.data.slices import BrainSliceDataset
+from pipeline.engines.checkpoint import load_trained
+from pipeline.healthy import HEALTHY_QUANTILES, healthy_thresholds, mean_brain_check
+from pipeline.losses import CeVAELoss
+from pipeline.scoring import ScoreOptions
+from pipeline.thresholds import update_thresholds
+
+__all__ = ["CopyMetrics", "HealthyCalibration", "RecordLearningRate", "StopOnNonFiniteLoss"]
+
+logger = logging.getLogger(__name__)
+
+CHECK_METRICS = ("rec_mse", "mean_brain_mse", "rec_vs_mean_brain", "active_units", "kl_per_dim")
 
 
 class CopyMetrics:
@@ -53,3 +70,63 @@ class RecordLearningRate:
     def __call__(self, engine: Engine) -> None:
         for i, group in enumerate(self.optimizer.param_groups):
             engine.state.metrics["lr" if i == 0 else f"lr_{i}"] = float(group["lr"])
+
+
+class HealthyCalibration:
+    """At the end of training, score the healthy validation subjects with the **selected** checkpoint and write the
+    ``healthy`` section of its ``threshold.json`` (:func:`pipeline.healthy.healthy_thresholds`), with the
+    mean-brain check of the decoder (:func:`pipeline.healthy.mean_brain_check`) under ``healthy.validation``.
+
+    Runs when the last epoch completes (so also at the end of a resumed run), after the checkpoint saver, on copies
+    of the network and loss loaded from ``checkpoint``; puts ``healthy_<check>`` and
+    ``healthy_threshold/<option set>/<score>/q<quantile>`` into ``engine.state.metrics`` for the epoch loggers
+    (attach it before the MLflow handler).
+
+    Args:
+        checkpoint: the selected ``model.pt``.
+        network, loss_function: the trained network (optionally DDP-wrapped) and loss (copied, never changed).
+        data: the healthy validation entries; transform: the training's volume chain.
+        option_sets: ``{name: ScoreOptions}`` to compute thresholds for.
+        quantiles: brain-voxel quantiles to record.
+        train_slices, validation_slices: the training and validation slices, for the mean-brain check (skipped
+            when either is None).
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, network: torch.nn.Module, loss_function: CeVAELoss,
+                 data: Sequence[dict], transform: Callable, option_sets: Mapping[str, ScoreOptions],
+                 quantiles: Sequence[float] = HEALTHY_QUANTILES, train_slices: BrainSliceDataset | None = None,
+                 validation_slices: BrainSliceDataset | None = None, batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> None:
+        self.checkpoint, self.network, self.loss_function = checkpoint, network, loss_function
+        self.data, self.transform, self.option_sets = list(data), transform, dict(option_sets)
+        self.quantiles, self.batch_size, self.device = tuple(quantiles), batch_size, device
+        self.train_slices, self.validation_slices = train_slices, validation_slices
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        if engine.state.epoch == engine.state.max_epochs:
+            engine.state.metrics.update(self.calibrate())
+
+    def calibrate(self) -> dict[str, float]:
+        """Compute, write and return the flat metrics (see the class docstring)."""
+        network = copy.deepcopy(getattr(self.network, "module", self.network)).eval()
+        loss = copy.deepcopy(self.loss_function).eval()
+        load_trained(self.checkpoint, network, loss, self.device)
+        healthy = healthy_thresholds(network, loss, self.data, self.transform, self.option_sets, self.quantiles,
+                                     self.batch_size, self.device)
+        if self.train_slices is not None and self.validation_slices is not None:
+            healthy["validation"] = mean_brain_check(network, self.train_slices, self.validation_slices,
+                                                     device=self.device)
+        update_thresholds(self.checkpoint, {c: o.to_dict() for c, o in self.option_sets.items()}, healthy=healthy)
+        check = healthy.get("validation", {})
+        metrics = {f"healthy_{k}": float(check[k]) for k in CHECK_METRICS if k in check}
+        for config, per_score in healthy["thresholds"].items():
+            for score, values in per_score.items():
+                metrics.update({f"healthy_threshold/{config}/{score}/q{q}": v for q, v in values.items()})
+        logger.info("healthy calibration of %s on %d validation subjects: thresholds written; reconstruction MSE "
+                    "%.4g vs %.4g for the mean brain, %s active latent units", self.checkpoint, len(self.data),
+                    check.get("rec_mse", float("nan")), check.get("mean_brain_mse", float("nan")),
+                    check.get("active_units", "?"))
+        return metrics

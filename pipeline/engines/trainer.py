@@ -24,7 +24,7 @@ class CeVAETrainer(Trainer):
     the device, then one network call ``network(x, x~) -> (recon, mu, logvar, recon_ce)`` (see
     :meth:`pipeline.networks.CeVAE.forward`); with ``ce_weight == 0`` (plain VAE) the CE pass is skipped entirely.
     ``engine.state.output`` holds ``image``, ``pred`` and the detached loss terms ``loss``, ``loss_rec``,
-    ``loss_kl``, ``loss_ce`` (scalars) before ``MODEL_COMPLETED`` fires. AMP (``amp=True``) applies on CUDA only:
+    ``loss_kl``, ``loss_ce`` and the likelihood's ``sigma`` (scalars) before ``MODEL_COMPLETED`` fires. AMP (``amp=True``) applies on CUDA only:
     autocast to ``amp_dtype`` (bfloat16 by default: no loss scaling needed; float16 adds a ``GradScaler``).
 
     Args:
@@ -96,7 +96,7 @@ class CeVAETrainer(Trainer):
         )
         self.network = network
         self.optimizer = optimizer
-        self.loss_function = loss_function
+        self.loss_function = loss_function.to(device)  # its state (the calibrated sigma) lives with the batches
         self.context_encoding = context_encoding or ContextEncodingNoise()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:

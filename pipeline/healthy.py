@@ -1,0 +1,122 @@
+"""What a trained model does on healthy validation subjects, with no labels anywhere.
+
+* :func:`healthy_thresholds`: for every option set and score, quantiles of the anomaly maps over the brain voxels
+  of healthy validation volumes: segmentation thresholds with a known false-positive rate on healthy tissue (the
+  protocol of Baur et al. 2021, MedIA 69:101952; Behrendt et al. report Dice at healthy false-positive rates of
+  1/5/10 %). The 0.99 quantile (1 % of healthy brain voxels above it before post-processing) is the default of
+  inference: the strictest of those rates, so that a healthy scan gets few false positives, yet low enough that
+  a lesion a hundredth of the brain's size can still be found.
+* :func:`mean_brain_check`: is the decoder more than a mean brain? The reconstruction error of the model on healthy
+  validation slices against the error of the mean training slice at the same relative axial position, and the
+  active latent units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.data.slices import BrainSliceDataset
+from pipeline.losses import CeVAELoss, kl_divergence
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, score_volume
+from pipeline.thresholds import quantile_key
+
+__all__ = [
+    "ACTIVE_UNIT_VARIANCE",
+    "DEFAULT_OPTION_SET",
+    "DEFAULT_QUANTILE",
+    "DEFAULT_SCORE",
+    "HEALTHY_QUANTILES",
+    "active_units",
+    "healthy_thresholds",
+    "mean_brain_check",
+]
+
+HEALTHY_QUANTILES = (0.95, 0.98, 0.99, 0.995, 0.999)
+DEFAULT_QUANTILE = 0.99
+DEFAULT_OPTION_SET = "postprocessed"  # the paper's score with the authors' gradient smoothing and Baur et al.'s
+DEFAULT_SCORE = "combined"  # post-processing: nothing in it was chosen on lesion labels
+ACTIVE_UNIT_VARIANCE = 0.01  # a latent unit is active if Var_x[mu_d(x)] exceeds this (Burda et al. 2016)
+
+
+def active_units(mu: torch.Tensor | np.ndarray) -> int:
+    """Latent units whose posterior mean varies over the data: ``Var_x[mu_d] > 0.01``; ``mu`` is ``(N, Z)``."""
+    return int((torch.as_tensor(mu).double().var(dim=0) > ACTIVE_UNIT_VARIANCE).sum())
+
+
+def healthy_thresholds(network: torch.nn.Module, loss: CeVAELoss, entries: Sequence[dict], transform: Callable,
+                       option_sets: Mapping[str, ScoreOptions], quantiles: Sequence[float] = HEALTHY_QUANTILES,
+                       batch_size: int = 64, device: str | torch.device = "cpu") -> dict:
+    """Quantiles of every option set's and score's maps over the brain voxels of the healthy volumes ``entries``.
+
+    Each entry goes through ``transform`` (the training's volume chain) and :func:`~pipeline.scoring.score_volume`;
+    the brain voxels of all volumes are pooled, every voxel counting once. Returns the ``healthy`` section of
+    ``threshold.json``: ``quantiles``, ``subjects``, ``n_voxels`` and ``thresholds[option set][score][q]``.
+    """
+    if not entries:
+        raise ValueError("healthy thresholds need at least one healthy validation subject.")
+    pooled: dict[str, dict[str, list[np.ndarray]]] = {c: {s: [] for s in SCORE_NAMES} for c in option_sets}
+    for entry in entries:
+        data = transform(dict(entry))
+        image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
+        brain = np.asarray(data["brainmask"][0] > 0)
+        _, maps = score_volume(network, image, brain, option_sets, loss, batch_size, device=device)
+        for config, volumes in maps.items():
+            for score, volume in volumes.items():
+                pooled[config][score].append(volume[brain])
+    thresholds: dict = {}
+    n_voxels = 0
+    for config, per_score in pooled.items():
+        thresholds[config] = {}
+        for score, parts in per_score.items():
+            voxels = np.concatenate(parts)
+            n_voxels = voxels.size
+            values = np.quantile(voxels, list(quantiles))
+            thresholds[config][score] = {quantile_key(q): float(v) for q, v in zip(quantiles, values)}
+    return {"quantiles": [float(q) for q in quantiles], "subjects": [str(e["image"]) for e in entries],
+            "n_voxels": int(n_voxels), "thresholds": thresholds}
+
+
+@torch.no_grad()
+def mean_brain_check(network: torch.nn.Module, train: BrainSliceDataset, validation: BrainSliceDataset,
+                     n_bins: int = 20, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
+    """Reconstruction error on healthy validation slices: the model against a mean brain.
+
+    The mean brain at a slice is the mean of the training slices in the same bin of relative axial position
+    (``n_bins`` bins over the brain's extent, :attr:`BrainSliceDataset.position`). Squared errors are averaged over
+    the brain pixels of the validation slices (their ``brainmask`` if the data set keeps it, else the nonzero pixels).
+
+    Returns ``rec_mse`` (the model's reconstruction from the posterior mean), ``mean_brain_mse``, their ratio
+    ``rec_vs_mean_brain`` (1: the decoder is no better than a mean brain), ``active_units`` (of ``z_dim``),
+    ``kl_per_dim`` (mean KL per slice and latent dimension) and ``n_slices``.
+    """
+    net = getattr(network, "module", network)
+    images = train.tensors["image"]
+    train_bins = (train.position * n_bins).long().clamp(max=n_bins - 1)
+    sums = torch.zeros((n_bins, *images.shape[1:]), dtype=torch.float64).index_add_(0, train_bins, images.double())
+    counts = torch.bincount(train_bins, minlength=n_bins).double().view(-1, *([1] * (images.ndim - 1)))
+    overall = images.double().mean(dim=0, keepdim=True)
+    mean_brain = torch.where(counts > 0, sums / counts.clamp_min(1), overall).float()
+    x_all = validation.tensors["image"]
+    brain_all = validation.tensors.get("brainmask", x_all != 0)
+    val_bins = (validation.position * n_bins).long().clamp(max=n_bins - 1)
+    squared = {"rec": 0.0, "mean_brain": 0.0}
+    mus, kl_total, n_pixels = [], 0.0, 0
+    for start in range(0, x_all.shape[0], batch_size):
+        x = x_all[start:start + batch_size].to(device)
+        brain = brain_all[start:start + batch_size].to(device)
+        mu, logvar = net.encode(x)
+        recon = net.decode(mu)
+        squared["rec"] += float(((x - recon) ** 2 * brain).sum())
+        squared["mean_brain"] += float(((x - mean_brain[val_bins[start:start + batch_size]].to(device)) ** 2
+                                        * brain).sum())
+        n_pixels += int(brain.sum())
+        kl_total += float(kl_divergence(mu, logvar).sum())
+        mus.append(mu.cpu())
+    mu = torch.cat(mus)
+    rec_mse, mean_mse = squared["rec"] / max(n_pixels, 1), squared["mean_brain"] / max(n_pixels, 1)
+    return {"rec_mse": rec_mse, "mean_brain_mse": mean_mse, "rec_vs_mean_brain": rec_mse / max(mean_mse, 1e-12),
+            "active_units": active_units(mu), "z_dim": int(mu.shape[1]),
+            "kl_per_dim": kl_total / (mu.shape[0] * mu.shape[1]), "n_slices": int(mu.shape[0]), "position_bins": n_bins}
