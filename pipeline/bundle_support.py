@@ -17,6 +17,7 @@ from monai.handlers import CheckpointLoader
 from pipeline.data.datalist import load_datalist, split_subjects
 from pipeline.data.demo import make_demo_dataset
 from pipeline.data.validation import InputError
+from pipeline.io import WriteError
 
 __all__ = [
     "active_config_parser",
@@ -172,7 +173,7 @@ def check_matches_training(checkpoint: str | os.PathLike, keys: Sequence[str] = 
 
 
 USER_ERRORS = (InputError, FileNotFoundError, ConnectionError, PermissionError, NotADirectoryError,
-               IsADirectoryError)
+               IsADirectoryError, WriteError)
 
 
 def _user_error(exc: BaseException | None) -> BaseException | None:

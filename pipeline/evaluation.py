@@ -524,13 +524,14 @@ class AnomalyEvaluation:
         from mlflow.entities import Metric
 
         from pipeline.tracking import RUN_INFO_FILENAME, experiment_id, resolve_tracking_uri, store_lock
+        from pipeline.tracking_spool import SPOOL_DIRNAME, SpooledClient, report_pending
 
         info_path = self.checkpoint.parent / RUN_INFO_FILENAME
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         uri = info.get("tracking_uri") or resolve_tracking_uri(self.tracking_uri, self.output_dir)
         run_id = info.get("run_id")
         with store_lock(uri):  # the client creates a new store's schema
-            client = MlflowClient(uri)
+            client = SpooledClient(MlflowClient(uri), self.output_dir / SPOOL_DIRNAME)  # survives an outage
         if run_id is None:
             run_id = client.create_run(experiment_id(client, self.experiment_name), run_name="evaluation",
                                        tags={"evaluated_checkpoint": str(self.checkpoint)}).info.run_id
@@ -546,6 +547,7 @@ class AnomalyEvaluation:
         client.log_artifact(run_id, str(self.checkpoint.parent / "threshold.json"), artifact_path=folder)
         if close:
             client.set_terminated(run_id)
+        report_pending(client, f"evaluation {self.name!r}")
 
 
 def _safe(metric: Callable, y: np.ndarray, scores: np.ndarray) -> float:

@@ -22,12 +22,19 @@ from typing import Any
 
 import nibabel as nib
 
-__all__ = ["atomic_path", "atomic_save_nifti", "atomic_write_json", "atomic_write_text", "file_lock", "parallel_gzip"]
+__all__ = ["WriteError", "atomic_path", "atomic_save_nifti", "atomic_write_json", "atomic_write_text", "file_lock",
+           "parallel_gzip"]
+
+
+class WriteError(OSError):
+    """Writing an output failed (disk full, I/O error, ...); the message names the file and says that its previous
+    version, if any, is intact."""
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ""):
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed.
+    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed (a failed write
+    raises :class:`WriteError`, naming the file).
 
     ``suffix`` is kept on the temporary name, for writers that infer the format from it (``.nii.gz``).
     """
@@ -42,8 +49,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) or "PytorchStreamWriter failed writing" in str(err):  # disk full, I/O error
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            kept = f"the previous {target.name} is intact" if target.exists() else f"no {target.name} was written"
+            raise WriteError(f"cannot write {target}: {reason}; {kept}. Free disk space or choose another output "
+                             "folder, then run again (training: --resume True).") from err
         raise
 
 

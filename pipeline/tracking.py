@@ -25,6 +25,7 @@ from monai.utils import path_to_sqlite_uri
 
 from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.io import atomic_path, atomic_write_json, file_lock
+from pipeline.tracking_spool import SpooledClient, report_pending
 
 __all__ = [
     "RUN_INFO_FILENAME",
@@ -146,14 +147,18 @@ class MLflowRunHandler(MLFlowHandler):
     earlier, killed process left open. With ``run_info_path`` the tracking URI and run id are written there
     (:data:`RUN_INFO_FILENAME` next to the checkpoints), so that evaluation logs into the run that trained them.
     With ``parent_run_id`` a new run is created nested under that run (``scripts/compare.py`` groups the runs of
-    one comparison this way).
+    one comparison this way). With ``spool_dir`` every write survives an outage of the tracking server during the
+    run (:class:`~pipeline.tracking_spool.SpooledClient`, probing it every ``retry_s`` seconds).
     """
 
     def __init__(self, *args, resume: bool = False, run_info_path: str | os.PathLike | None = None,
-                 parent_run_id: str | None = None, **kwargs) -> None:
+                 parent_run_id: str | None = None, spool_dir: str | os.PathLike | None = None,
+                 retry_s: float = 30.0, **kwargs) -> None:
         self.store_uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
         with store_lock(self.store_uri):  # the client creates a new store's schema
             super().__init__(*args, **kwargs)
+        if spool_dir is not None:  # writes survive a tracking-server outage (pipeline.tracking_spool)
+            self.client = SpooledClient(self.client, spool_dir, retry_s)
         self.resume = resume
         self.run_info_path = run_info_path
         self.parent_run_id = parent_run_id
@@ -177,6 +182,10 @@ class MLflowRunHandler(MLFlowHandler):
                 atomic_write_json({"tracking_uri": self.client.tracking_uri, "run_id": self.cur_run.info.run_id,
                                    "experiment_id": self.experiment.experiment_id}, self.run_info_path)
         super().start(engine)
+
+    def close(self) -> None:
+        super().close()
+        report_pending(self.client, "training")
 
 
 class ReconstructionFigure:

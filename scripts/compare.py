@@ -5,6 +5,7 @@ from MLflow.
     python scripts/compare.py --datalist-train T.json --datalist-test E.json [E2.json ...] --seeds 0 1 2 \\
         --paper --output-dir O --experiment ixi-t1                                         # real data, 60 epochs
     python scripts/compare.py --from-mlflow latest --output-dir O [--tracking-uri URI]     # tables only
+    python scripts/compare.py --resume --output-dir O                                      # after a kill or a failure
 
 Every (CE weight, seed) pair is one child run, nested under one parent run: ``python -m monai.bundle run training``
 then ``run evaluating`` once per test set, as subprocesses (exactly the commands a user types; their logs go to
@@ -17,7 +18,9 @@ parent's children), so it can be rebuilt later or on another machine that sees t
 * ``O/bars.png``: headline metrics per variant, bars at the mean and one dot per seed.
 
 The four files are logged to the parent run (artifact folder ``comparison``). Tracking goes to ``--tracking-uri``,
-else ``MLFLOW_TRACKING_URI``, else ``sqlite:///O/mlruns.db``.
+else ``MLFLOW_TRACKING_URI``, else ``sqlite:///O/mlruns.db``. ``O`` is locked for the comparison's life; a folder
+that holds another comparison is refused unless ``--resume`` (continue it with its recorded settings: finished
+children are reused, a killed training resumes from its last checkpoint) or ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +44,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "cevae" / "configs"
 COMPARISON_TAG = "cevae.comparison"
+PARENT_FILE = "parent_run.json"
+COMPARISON_OUTPUTS = ("runs", PARENT_FILE, "comparison.md", "comparison.csv", "roc.png", "bars.png")
+SETTINGS = ("seeds", "ce_weights", "overlays", "epochs", "datalist_train", "test_sets", "overrides")
 NO_OVERLAY = "none"
 CI_ENDS = ("lo", "hi")
 CI_SUFFIXES = tuple(f"_ci95_{end}" for end in CI_ENDS)
@@ -131,8 +138,8 @@ def test_sets(paths: list[Path], names: list[str] | None) -> dict[str, Path]:
     return dict(zip(names, paths))
 
 
-def train_and_evaluate(args: argparse.Namespace, client, out: Path) -> str:
-    """Create the parent run, train and evaluate every child through the bundle; returns the parent run id."""
+def new_comparison(args: argparse.Namespace, client, out: Path) -> tuple[str, dict]:
+    """Create the parent run of a new comparison and record its settings; returns ``(parent run id, settings)``."""
     from pipeline.bundle_support import resolve_datalist
     from pipeline.io import atomic_write_json
     from pipeline.tracking import experiment_id
@@ -142,42 +149,109 @@ def train_and_evaluate(args: argparse.Namespace, client, out: Path) -> str:
     for path in [train, *sets.values()]:
         if not path.is_file():
             raise FileNotFoundError(f"datalist {path} does not exist; write it with scripts/prepare_datalist.py")
-    epochs = args.epochs or (PAPER_EPOCHS if args.paper else DEMO_EPOCHS)
-    overrides = parse_overrides(args.set)
-    uri = client.tracking_uri
+    for overlay in args.overlays:
+        overlay_files(overlay)
+    settings = {"seeds": args.seeds, "ce_weights": args.ce_weights, "overlays": args.overlays,
+                "epochs": args.epochs or (PAPER_EPOCHS if args.paper else DEMO_EPOCHS), "datalist_train": str(train),
+                "test_sets": {k: str(v) for k, v in sets.items()}, "overrides": parse_overrides(args.set)}
     run_name = args.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     parent = client.create_run(experiment_id(client, args.experiment), run_name=run_name,
                                tags={COMPARISON_TAG: "true"}).info.run_id
-    overlays = {overlay: overlay_files(overlay) for overlay in args.overlays}
-    params = {"seeds": args.seeds, "ce_weights": args.ce_weights, "overlays": args.overlays, "epochs": epochs,
-              "datalist_train": train,
-              "test_sets": {k: str(v) for k, v in sets.items()}, "overrides": overrides}
-    for key, value in params.items():
+    for key, value in settings.items():
         client.log_param(parent, key, json.dumps(value, default=str))
-    atomic_write_json({"tracking_uri": uri, "run_id": parent, "experiment": args.experiment}, out / "parent_run.json")
+    atomic_write_json({"tracking_uri": client.tracking_uri, "run_id": parent, "experiment": args.experiment},
+                      out / PARENT_FILE)
+    return parent, settings
+
+
+def recorded_comparison(client, out: Path) -> tuple[str, dict]:
+    """``(parent run id, settings)`` of the comparison that ``out`` holds, for ``--resume``."""
+    path = out / PARENT_FILE
+    if not path.is_file():
+        raise LookupError(f"{out} holds no comparison to resume ({path} is missing); start one without --resume")
+    parent = json.loads(path.read_text())["run_id"]
+    params = client.get_run(parent).data.params
+    settings = {key: json.loads(params[key]) for key in SETTINGS}
+    client.update_run(parent, status="RUNNING")
+    return parent, settings
+
+
+def child_progress(client, parent: str, name: str, sets: list[str], child_dir: Path) -> tuple[dict | None, list[str]]:
+    """What is left of child ``name`` of ``parent``: ``(how to train, test sets to evaluate)``, where training is
+    None (done), ``{}`` (from scratch), ``{"resume": True}`` (a killed training continues from ``last.pt``) or
+    ``{"overwrite": True}`` (a failed one starts over). Superseded MLflow runs of the child are marked FAILED, so
+    that the comparison counts each child once."""
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"])
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished and (child_dir / "checkpoints" / "model.pt").is_file():
+        return None, [s for s in sets if f"{s}/kl_q95" not in finished[0].data.metrics]
+    running = [r for r in runs if r.info.status == "RUNNING"]
+    if running and (child_dir / "checkpoints" / "last.pt").is_file():
+        stale, how = [r for r in runs if r is not running[0]], {"resume": True}
+    else:
+        stale, how = runs, ({"overwrite": True} if (child_dir / "checkpoints").exists() else {})
+    for run in stale:
+        if run.info.status != "FAILED":
+            client.set_terminated(run.info.run_id, "FAILED")
+    return how, sets
+
+
+def run_children(client, parent: str, settings: dict, out: Path, experiment: str, resume: bool) -> None:
+    """Train and evaluate every (seed, overlay, CE weight) child of ``parent`` through the bundle; with ``resume``
+    only what an interrupted comparison left undone."""
+    sets = settings["test_sets"]
     try:
-        for seed in args.seeds:
-            for overlay, extra in overlays.items():
-                for ce_weight in args.ce_weights:
+        for seed in settings["seeds"]:
+            for overlay in settings["overlays"]:
+                extra = overlay_files(overlay)
+                for ce_weight in settings["ce_weights"]:
                     name = child_name(ce_weight, seed, overlay)
                     child_dir = out / "runs" / name
-                    common = {"datalist": train, "output_dir": child_dir, "seed": seed, "ce_weight": ce_weight,
-                              "epochs": epochs, "run_name": name, "experiment_name": args.experiment,
-                              "tracking_uri": uri, "progress_bar": False, **overrides}
+                    training, to_evaluate = (child_progress(client, parent, name, list(sets), child_dir) if resume
+                                             else ({}, list(sets)))
+                    if training is None and not to_evaluate:
+                        print(f"{name}: done before, reused", flush=True)
+                        continue
+                    common = {"datalist": settings["datalist_train"], "output_dir": child_dir, "seed": seed,
+                              "ce_weight": ce_weight, "epochs": settings["epochs"], "run_name": name,
+                              "experiment_name": experiment, "tracking_uri": client.tracking_uri,
+                              "progress_bar": False, **settings["overrides"]}
                     start = time.perf_counter()
-                    bundle("training", ["train.json", *extra], child_dir / "training.log",
-                           {**common, "parent_run_id": parent})
-                    for set_name, datalist in sets.items():
+                    if training is not None:
+                        bundle("training", ["train.json", *extra], child_dir / "training.log",
+                               {**common, "parent_run_id": parent, **training})
+                    for set_name in to_evaluate:
                         bundle("evaluating", ["train.json", *extra, "evaluate.json"],
                                child_dir / f"evaluating_{set_name}.log",
-                               {**common, "eval_datalist": datalist, "eval_name": set_name,
-                                "eval_output_dir": child_dir / set_name})
+                               {**common, "eval_datalist": sets[set_name], "eval_name": set_name,
+                                "eval_output_dir": child_dir / set_name, "overwrite": resume})
                     print(f"{name}: trained and evaluated in {time.perf_counter() - start:.0f} s", flush=True)
     except BaseException:
         client.set_terminated(parent, "FAILED")
         raise
     client.set_terminated(parent)
-    return parent
+
+
+def prepare_output_dir(out: Path, args: argparse.Namespace) -> None:
+    """Refuse to start a comparison in a folder that holds another one, unless ``--resume`` (continue it) or
+    ``--overwrite`` (delete :data:`COMPARISON_OUTPUTS` first; the MLflow store keeps the old runs)."""
+    if not (out / PARENT_FILE).is_file() or args.resume:
+        return
+    if args.from_mlflow:
+        held = json.loads((out / PARENT_FILE).read_text())["run_id"]
+        if args.from_mlflow in (held, "latest") and not args.overwrite:
+            return  # rebuilding this folder's own tables
+    if not args.overwrite:
+        raise ValueError(f"{out} holds the comparison {out / PARENT_FILE}; continue it with --resume, replace it with "
+                         f"--overwrite (deletes {', '.join(COMPARISON_OUTPUTS)}), or choose another --output-dir")
+    for name in COMPARISON_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -388,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
                         "sqlite:///<output-dir>/mlruns.db)")
     parser.add_argument("--from-mlflow", metavar="RUN_ID", help="no training: rebuild the comparison of this parent "
                         "run ('latest': the newest comparison in --experiment)")
+    parser.add_argument("--resume", action="store_true", help="continue the comparison that --output-dir holds "
+                        "(killed, or a child failed) with its recorded settings: children finished in MLflow are "
+                        "reused, a killed training resumes from its last checkpoint, the rest runs again")
+    parser.add_argument("--overwrite", action="store_true", help="replace the comparison that --output-dir holds")
     parser.add_argument("--primary", default="postprocessed/pixel_auroc/combined",
                         help="metric below '<test set>/' that picks each variant's best seed for roc.png")
     args = parser.parse_args(argv)
@@ -395,15 +473,30 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.tracking import resolve_tracking_uri
 
+    from pipeline.output_dir import claim, release
+
     out = Path(args.output_dir).resolve()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        uri = resolve_tracking_uri(args.tracking_uri, out)
-        client = MlflowClient(uri)
-        parent = (find_parent(client, args.from_mlflow, args.experiment) if args.from_mlflow
-                  else train_and_evaluate(args, client, out))
-        comparison = Comparison(client, parent)
-        files = comparison.write(out, f"{comparison.sets[0]}/{args.primary}")
+        claim(out, "comparison")
+        try:
+            prepare_output_dir(out, args)
+            if args.resume:
+                recorded = json.loads((out / PARENT_FILE).read_text()) if (out / PARENT_FILE).is_file() else {}
+                uri = recorded.get("tracking_uri") or resolve_tracking_uri(args.tracking_uri, out)
+            else:
+                uri = resolve_tracking_uri(args.tracking_uri, out)
+            client = MlflowClient(uri)
+            if args.from_mlflow:
+                parent = find_parent(client, args.from_mlflow, args.experiment)
+            else:
+                parent, settings = (recorded_comparison(client, out) if args.resume
+                                    else new_comparison(args, client, out))
+                experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
+                run_children(client, parent, settings, out, experiment, args.resume)
+            comparison = Comparison(client, parent)
+            files = comparison.write(out, f"{comparison.sets[0]}/{args.primary}")
+        finally:
+            release(out)
     except (OSError, ValueError, LookupError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

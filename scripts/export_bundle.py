@@ -19,6 +19,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from pipeline.thresholds import read_thresholds, threshold_path
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cevae"
 LIBRARY = REPO / "pipeline"
@@ -45,6 +47,8 @@ def build(out_dir: Path, checkpoint: Path | None = None) -> Path:
         models = root / "models"
         models.mkdir(exist_ok=True)
         shutil.copy(checkpoint, models / "model.pt")
+        if threshold_path(checkpoint).is_file():
+            read_thresholds(checkpoint)  # refuses thresholds computed for other weights
         for name in ("config.json", "threshold.json"):
             if (checkpoint.parent / name).is_file():
                 shutil.copy(checkpoint.parent / name, models / name)
@@ -62,9 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint is not None and not args.checkpoint.is_file():
         print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
         return 2
+    from pipeline.data.validation import InputError
+
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
-        root = build(Path(tmp), args.checkpoint)
+        try:
+            root = build(Path(tmp), args.checkpoint)
+        except InputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         partial = out.with_name(f".{out.name}.tmp")
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(root.rglob("*")):

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import runpy
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import nibabel as nib
@@ -91,3 +96,49 @@ def evaluated_run(tiny_demo, tmp_path_factory):
     run_bundle(out, tiny_demo, epochs=TRAIN_EPOCHS)
     run_bundle(out, tiny_demo, ("train.json", "evaluate.json"))
     return out, json.loads((out / "metrics.json").read_text())
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite store and served artifacts in ``folder``) that can be stopped
+    and started again on the same port and store, as a tracking server that goes down and comes back."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        log = open(self.folder / "server.log", "a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers",
+             "1", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
+             "--artifacts-destination", str(self.folder / "server_artifacts")], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start:\n{(self.folder / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A running :class:`MlflowServer` (its ``uri``), stopped at the end of the test."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -4,50 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
 from bundle_helpers import TINY
 from conftest import script_main
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """``mlflow server`` on 127.0.0.1 with a free port, a temporary SQLite store and served artifacts."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server_artifacts")],
-        stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def read_csv(path):
@@ -61,7 +22,7 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
     tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
     out = tmp_path / "compare"
     assert main(["--datalist-train", str(tiny_demo), "--seeds", "0", "--epochs", "1", "--output-dir", str(out),
-                 "--tracking-uri", mlflow_server, "--experiment", "tiny", *tiny, "--ce-weights", "0", "0.5",
+                 "--tracking-uri", mlflow_server.uri, "--experiment", "tiny", *tiny, "--ce-weights", "0", "0.5",
                  "--overlays", "none", "legacy_likelihood", '--set=label_groups={"lesion": [1]}']) == 0
 
     rows = read_csv(out / "comparison.csv")
@@ -93,7 +54,7 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
 
     # the same table again, from the server alone: no training, no files of the first call
     again = tmp_path / "again"
-    assert main(["--from-mlflow", "latest", "--experiment", "tiny", "--tracking-uri", mlflow_server,
+    assert main(["--from-mlflow", "latest", "--experiment", "tiny", "--tracking-uri", mlflow_server.uri,
                  "--output-dir", str(again)]) == 0
     assert (again / "comparison.md").read_text() == table
     assert read_csv(again / "comparison.csv") == rows
@@ -101,7 +62,7 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.uri)
     parent = json.loads((out / "parent_run.json").read_text())["run_id"]
     assert {a.path for a in client.list_artifacts(parent, "comparison")} >= {"comparison/comparison.md",
                                                                               "comparison/roc.png"}

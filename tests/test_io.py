@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import zlib
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 
 from pipeline.engines import checkpoint as checkpoint_module
 from pipeline.engines.checkpoint import save_checkpoint
-from pipeline.io import atomic_save_nifti, atomic_write_json, parallel_gzip
+from pipeline.io import WriteError, atomic_save_nifti, atomic_write_json, parallel_gzip
 
 
 def test_failed_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -66,3 +68,17 @@ def test_nifti_round_trips(tmp_path, name):
     np.testing.assert_array_equal(np.asarray(loaded.dataobj), volume)
     np.testing.assert_array_equal(loaded.affine, affine)
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_failed_metrics_write_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = atomic_write_json({"auroc": 0.9}, tmp_path / "metrics.json")
+
+    def disk_full(self, text, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(WriteError, match=r"metrics.json: No space left on device; the previous metrics.json is intact"):
+        atomic_write_json({"auroc": 0.5}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"auroc": 0.9}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"], "no temporary file left behind"

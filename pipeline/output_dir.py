@@ -1,0 +1,145 @@
+"""An output folder belongs to one run at a time, and what a run wrote there is never replaced without being asked.
+
+* :func:`claim` takes an exclusive ``fcntl`` lock on ``<folder>/.cevae.lock`` for the life of the run (released by
+  :func:`release`, or by the operating system when the process ends, crash or kill included) and records the
+  holder (process, host, command, start time) in it: a second run on the same folder stops at once with one line
+  naming the holder, instead of interleaving checkpoints, metrics and MLflow runs with the first.
+* :func:`prepare_training_dir` / :func:`prepare_evaluation_dir`: a folder that holds a trained run (or an
+  evaluation) is refused unless the run continues it (``--resume True``) or replaces it (``--overwrite True``,
+  which deletes the files listed in :data:`TRAINING_OUTPUTS` / :data:`EVALUATION_OUTPUTS` first; the MLflow store
+  keeps the replaced run's history).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from pipeline.data.validation import InputError
+
+__all__ = ["EVALUATION_OUTPUTS", "LOCK_FILENAME", "TRAINING_OUTPUTS", "claim", "prepare_evaluation_dir",
+           "prepare_training_dir", "release"]
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILENAME = ".cevae.lock"
+EVALUATION_OUTPUTS = ("metrics.json", "per_subject.csv", "curves.json", "roc_pr.png", "panels.png")
+TRAINING_OUTPUTS = ("checkpoints", "reconstructions.png", *EVALUATION_OUTPUTS)  # all derived from the checkpoint
+
+_held: dict[Path, tuple[TextIO, int]] = {}  # folder -> (open lock file, claims by this process)
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        info = json.loads(lock_path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        info = {}
+    if not info:
+        return "another process"
+    return (f"process {info.get('pid')} of {info.get('user')} on {info.get('host')} since {info.get('started')}: "
+            f"{info.get('command')}")
+
+
+def claim(folder: str | os.PathLike, what: str = "run") -> Path:
+    """Lock ``folder`` (created if missing) for this process; raises :class:`InputError` naming the holder if another
+    process holds it. Claims by the same process nest (each needs its :func:`release`)."""
+    folder = Path(folder).resolve()
+    if folder in _held:
+        handle, count = _held[folder]
+        _held[folder] = (handle, count + 1)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder / LOCK_FILENAME
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InputError(f"{folder} is in use by {_holder(lock_path)}; wait for that {what} to end, or choose another "
+                         "output folder.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "user": getpass.getuser(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}))
+    handle.flush()
+    _held[folder] = (handle, 1)
+    return folder
+
+
+def release(folder: str | os.PathLike) -> None:
+    """Undo one :func:`claim` of ``folder`` by this process; the last one unlocks it."""
+    folder = Path(folder).resolve()
+    if folder not in _held:
+        return
+    handle, count = _held.pop(folder)
+    if count > 1:
+        _held[folder] = (handle, count - 1)
+        return
+    handle.seek(0)
+    handle.truncate()
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
+
+
+def _delete(folder: Path, names: tuple[str, ...]) -> list[str]:
+    deleted = []
+    for name in names:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        deleted.append(name)
+    return deleted
+
+
+def prepare_training_dir(output_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
+    """Claim ``output_dir`` for a training run and refuse to replace a trained run in it silently.
+
+    A folder whose ``checkpoints/`` holds ``model.pt`` or ``last.pt`` is a trained run: ``resume`` continues it,
+    ``overwrite`` deletes :data:`TRAINING_OUTPUTS` (checkpoints with their thresholds and config, the reconstruction
+    figure, evaluation outputs: all derived from the replaced weights) and starts over; neither raises
+    :class:`InputError`. Returns the folder.
+    """
+    if resume and overwrite:
+        raise InputError("--resume True continues the run in the output folder and --overwrite True replaces it: "
+                         "pass only one of them.")
+    folder = claim(output_dir, "training")
+    trained = [folder / "checkpoints" / name for name in ("model.pt", "last.pt")
+               if (folder / "checkpoints" / name).is_file()]
+    if not trained or resume:
+        return folder
+    if not overwrite:
+        release(folder)
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(trained[0].stat().st_mtime))
+        raise InputError(f"{folder} holds a trained run ({trained[0]}, {stamp}); continue it with --resume True, replace "
+                         f"it with --overwrite True (deletes {', '.join(TRAINING_OUTPUTS)}), or choose another "
+                         "--output_dir.")
+    logger.warning("--overwrite: deleted %s from %s", ", ".join(_delete(folder, TRAINING_OUTPUTS)), folder)
+    return folder
+
+
+def prepare_evaluation_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Claim ``output_dir`` for an evaluation and refuse to replace another evaluation's results in it silently
+    (``overwrite`` deletes :data:`EVALUATION_OUTPUTS` first). Returns the folder."""
+    folder = claim(output_dir, "evaluation")
+    if not (folder / "metrics.json").is_file():
+        return folder
+    if not overwrite:
+        release(folder)
+        raise InputError(f"{folder} holds the results of an evaluation ({folder / 'metrics.json'}); replace them with "
+                         f"--overwrite True (deletes {', '.join(EVALUATION_OUTPUTS)}), or choose another "
+                         "--eval_output_dir.")
+    logger.warning("--overwrite: deleted %s from %s", ", ".join(_delete(folder, EVALUATION_OUTPUTS)), folder)
+    return folder

@@ -1,0 +1,206 @@
+"""MLflow writes that survive a tracking-server outage: nothing logged is lost, and training never waits for it.
+
+:class:`SpooledClient` wraps an ``MlflowClient``. Its writes (``log_batch``, ``log_param``, ``set_tag``,
+``log_artifact``, ``set_terminated``) go to the server with a short timeout and no retry loop
+(:func:`bounded_http`); when the server cannot be reached, the write is appended to a spool in the output folder
+(``tracking_spool/spool.jsonl``, one JSON line per write, artifacts copied beside it), the log says so once, and
+later writes go straight to the spool. At a later write, at most every ``retry_s`` seconds, one health probe of a
+few seconds checks whether the server is back; if it is, the spool is sent in order, then the write. What is still
+spooled when the run ends is sent by ``python scripts/sync_tracking.py OUTPUT_DIR`` (:func:`sync`). Reads are
+passed to the wrapped client unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from contextlib import nullcontext
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+
+from pipeline.io import atomic_write_text, file_lock
+
+__all__ = ["SPOOL_DIRNAME", "SpooledClient", "bounded_http", "is_unreachable", "report_pending", "sync"]
+
+logger = logging.getLogger(__name__)
+
+SPOOL_DIRNAME = "tracking_spool"
+SPOOL_FILENAME = "spool.jsonl"
+HTTP_TIMEOUT_S, PROBE_TIMEOUT_S = "10", 3.0
+
+
+def bounded_http() -> None:
+    """Make MLflow's HTTP requests of this process fail within seconds instead of retrying for minutes (its defaults:
+    7 retries with exponential backoff, 120 s timeouts); explicit settings in the environment are kept."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether ``err`` (or its cause chain) says the tracking server could not be reached or is unavailable."""
+    import requests
+
+    while err is not None:
+        if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                            TimeoutError, urllib.error.URLError)):
+            return True
+        if getattr(err, "error_code", None) == "TEMPORARILY_UNAVAILABLE":
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _server_answers(uri: str) -> bool:
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class SpooledClient:
+    """An ``MlflowClient`` whose writes are spooled to ``spool_dir`` while the server is unreachable (see the module
+    docstring). ``retry_s``: seconds between probes of an unreachable server."""
+
+    def __init__(self, client, spool_dir: str | os.PathLike, retry_s: float = 30.0) -> None:
+        bounded_http()
+        self.client, self.spool_dir, self.retry_s = client, Path(spool_dir), retry_s
+        self.spool = self.spool_dir / SPOOL_FILENAME
+        self._offline_since: float | None = None
+        self._next_probe = 0.0
+
+    def __getattr__(self, name: str):  # reads and everything not spooled: the wrapped client
+        return getattr(self.client, name)
+
+    # ------------------------------------------------------------------------------------------ writes
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=(), synchronous=None) -> None:
+        self._write({"op": "log_batch", "run_id": run_id,
+                     "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
+                     "params": [[p.key, p.value] for p in params], "tags": [[t.key, t.value] for t in tags]})
+
+    def log_param(self, run_id: str, key: str, value) -> None:
+        self.log_batch(run_id, params=[Param(key, str(value))])
+
+    def set_tag(self, run_id: str, key: str, value) -> None:
+        self.log_batch(run_id, tags=[RunTag(key, str(value))])
+
+    def log_artifact(self, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._write({"op": "log_artifact", "run_id": run_id, "local_path": str(local_path),
+                     "artifact_path": artifact_path})
+
+    def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
+        self._write({"op": "set_terminated", "run_id": run_id, "status": status or "FINISHED",
+                     "end_time": end_time or int(time.time() * 1000)})
+
+    # ------------------------------------------------------------------------------------------ spool
+    @property
+    def pending(self) -> int:
+        """Writes waiting in the spool."""
+        return len(self._entries())
+
+    def _entries(self) -> list[dict]:
+        if not self.spool.is_file():
+            return []
+        return [json.loads(line) for line in self.spool.read_text().splitlines() if line.strip()]
+
+    def _send(self, entry: dict) -> None:
+        op = entry["op"]
+        if op == "log_batch":
+            self.client.log_batch(entry["run_id"], metrics=[Metric(*m) for m in entry["metrics"]],
+                                  params=[Param(*p) for p in entry["params"]], tags=[RunTag(*t) for t in entry["tags"]])
+        elif op == "log_artifact":
+            self.client.log_artifact(entry["run_id"], entry["local_path"], entry["artifact_path"])
+        elif op == "set_terminated":
+            self.client.set_terminated(entry["run_id"], entry["status"], entry["end_time"])
+        else:
+            raise ValueError(f"unknown spooled operation {op!r} in {self.spool}")
+
+    def _append(self, entry: dict) -> None:
+        with file_lock(self.spool_dir / ".lock"):
+            if entry["op"] == "log_artifact":  # keep the file as it is now: the run may overwrite it later
+                kept = self.spool_dir / "artifacts" / f"{len(self._entries()):06d}" / Path(entry["local_path"]).name
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(entry["local_path"], kept)
+                entry = {**entry, "local_path": str(kept)}
+            with open(self.spool, "a") as handle:
+                handle.write(json.dumps({**entry, "tracking_uri": self.client.tracking_uri}) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def _went_offline(self, err: BaseException) -> None:
+        if self._offline_since is None:
+            self._offline_since = time.monotonic()
+            logger.warning("MLflow tracking server %s is unreachable (%s); training goes on and what it logs is kept in "
+                           "%s, sent when the server is back (or run: python scripts/sync_tracking.py %s)",
+                           self.client.tracking_uri, type(err).__name__, self.spool, self.spool_dir.parent)
+        self._next_probe = time.monotonic() + self.retry_s
+
+    def flush(self) -> bool:
+        """Send the spool in order if the server answers; True when nothing is left in it. Errors other than an
+        unreachable server (a rejected write) propagate and leave the spool as it was."""
+        with file_lock(self.spool_dir / ".lock") if self.spool_dir.is_dir() else nullcontext():
+            entries = self._entries()
+            if not entries:
+                return True
+            if not _server_answers(self.client.tracking_uri):
+                return False
+            for sent, entry in enumerate(entries):
+                try:
+                    self._send(entry)
+                except Exception as err:
+                    if not is_unreachable(err):
+                        raise
+                    atomic_write_text("".join(json.dumps(e) + "\n" for e in entries[sent:]), self.spool)
+                    return False
+            self.spool.unlink()
+            shutil.rmtree(self.spool_dir / "artifacts", ignore_errors=True)
+        if self._offline_since is not None:
+            logger.warning("MLflow tracking server %s is back: sent the %d writes kept in %s", self.client.tracking_uri,
+                           len(entries), self.spool)
+        self._offline_since = None
+        return True
+
+    def _write(self, entry: dict) -> None:
+        if self._offline_since is not None or self.spool.is_file():
+            if time.monotonic() < self._next_probe or not self.flush():
+                self._next_probe = time.monotonic() + self.retry_s
+                self._append(entry)
+                return
+        try:
+            self._send(entry)
+        except Exception as err:
+            if not is_unreachable(err):
+                raise
+            self._went_offline(err)
+            self._append(entry)
+
+
+def sync(folder: str | os.PathLike) -> dict[str, int]:
+    """Send every spool under ``folder`` (training and evaluation output folders) to the tracking server its entries
+    name; returns ``{spool: writes still pending}`` (0 when all went through)."""
+    from mlflow import MlflowClient
+
+    bounded_http()
+    left = {}
+    for spool in sorted(Path(folder).rglob(f"{SPOOL_DIRNAME}/{SPOOL_FILENAME}")):
+        first = json.loads(spool.read_text().splitlines()[0])
+        client = SpooledClient(MlflowClient(first["tracking_uri"]), spool.parent)
+        client.flush()
+        left[str(spool)] = client.pending
+    return left
+
+
+def report_pending(client: SpooledClient, what: str) -> None:
+    """At the end of a run: one last attempt to send the spool, and one line if writes are still kept."""
+    if isinstance(client, SpooledClient) and not client.flush():
+        logger.warning("%s: %d writes to MLflow (%s) could not be sent and are kept in %s; send them with: python "
+                       "scripts/sync_tracking.py %s", what, client.pending, client.client.tracking_uri, client.spool,
+                       client.spool_dir.parent)

@@ -1,0 +1,210 @@
+"""Nothing trained is lost or silently mixed: output-folder guard and lock, artefacts bound to their checkpoint,
+tracking-server outages, an interrupted comparison that resumes, a full disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from bundle_helpers import TINY, initialized_workflow, run_bundle
+from conftest import REPO, MlflowServer, input_error, script_main
+from ignite.engine import Events
+from mlflow import MlflowClient
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+TRAIN = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundles/cevae/configs/train.json"]
+TINY_ARGS = ["--epochs", "1", "--batch_size", "16", "--z_dim", "16", "--channels", "[8,16,32,64]",
+             "--progress_bar", "False", "--min_brain_fraction", "0.3", "--val_fraction", "0.34"]
+
+
+def cli(cmd, **kwargs):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV, **kwargs)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+    return line
+
+
+def epochs_done(output_dir) -> int:
+    """Epochs completed in a run's ``last.pt``."""
+    trainer = torch.load(output_dir / "checkpoints" / "last.pt", weights_only=True)["trainer"]
+    return trainer["iteration"] // trainer["epoch_length"]
+
+
+# ------------------------------------------------------------------------------------------ 1. guard and lock
+def test_a_trained_run_is_continued_or_replaced_only_when_asked(tiny_demo, tmp_path):
+    run_bundle(tmp_path, tiny_demo, epochs=1)
+    weights = (tmp_path / "checkpoints" / "model.pt").read_bytes()
+    with pytest.raises(Exception) as info:
+        run_bundle(tmp_path, tiny_demo, epochs=1, seed=5)
+    assert "holds a trained run" in str(input_error(info.value)) and "--resume True" in str(input_error(info.value))
+    assert (tmp_path / "checkpoints" / "model.pt").read_bytes() == weights, "refused before any work"
+    run_bundle(tmp_path, tiny_demo, epochs=2, resume=True)  # continues
+    assert epochs_done(tmp_path) == 2
+    (tmp_path / "metrics.json").write_text("{}")  # an evaluation of the old weights
+    run_bundle(tmp_path, tiny_demo, epochs=1, seed=5, overwrite=True)  # replaces
+    assert epochs_done(tmp_path) == 1
+    assert not (tmp_path / "metrics.json").exists(), "outputs derived from the replaced weights are deleted"
+    with pytest.raises(Exception) as info:
+        run_bundle(tmp_path, tiny_demo, epochs=1, resume=True, overwrite=True)
+    assert "only one of them" in str(input_error(info.value))
+
+
+def test_an_evaluation_does_not_replace_another_silently(evaluated_run, tiny_demo):
+    out, metrics = evaluated_run
+    before = (out / "metrics.json").read_text()
+    with pytest.raises(Exception) as info:
+        run_bundle(out, tiny_demo, ("train.json", "evaluate.json"), eval_name="again")
+    assert "holds the results of an evaluation" in str(input_error(info.value))
+    assert (out / "metrics.json").read_text() == before
+
+
+def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_holder(tiny_demo, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.output_dir import claim; "
+                               f"claim(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        line = one_line_error(cli(TRAIN + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS]))
+        assert f"is in use by process {holder.pid}" in line and time.monotonic() - start < 60
+        assert not (tmp_path / "checkpoints").exists(), "nothing written"
+        evaluate = cli([sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
+                        str(["bundles/cevae/configs/train.json", "bundles/cevae/configs/evaluate.json"]),
+                        "--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS])
+        assert f"is in use by process {holder.pid}" in one_line_error(evaluate)
+        assert script_main("compare")(["--output-dir", str(tmp_path), "--seeds", "0"]) == 2
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash releases the lock
+        holder.wait()
+    result = cli(TRAIN + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ 2. bound artefacts
+def test_export_refuses_thresholds_of_other_weights(evaluated_run, tmp_path):
+    out, _ = evaluated_run
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("model.pt", "threshold.json", "config.json"):
+        (folder / name).write_bytes((out / "checkpoints" / name).read_bytes())
+    export = script_main("export_bundle")
+    assert export(["--out", str(tmp_path / "ok.zip"), "--checkpoint", str(folder / "model.pt")]) == 0
+    torch.save({"model": {}}, folder / "model.pt")  # the weights were replaced, the thresholds were not
+    assert export(["--out", str(tmp_path / "b.zip"), "--checkpoint", str(folder / "model.pt")]) == 2
+    assert not (tmp_path / "b.zip").exists()
+
+
+# ------------------------------------------------------------------------------------------ 3. tracking outages
+def logged_epochs(client, run_id, key):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tmp_path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    out = tmp_path / "run"
+    try:
+        workflow = initialized_workflow(out, tiny_demo, epochs=6, tracking_uri=server.uri, tracking_retry_s=0)
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        times = {}
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: times.setdefault(e.state.epoch, time.monotonic()))
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: server.stop())  # down after epoch 2
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=4), lambda e: server.start())  # back after epoch 4
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=5), lambda e: server.stop())  # down to the end
+        workflow.run()
+        workflow.finalize()
+        assert times[4] - times[2] < 30, "the epochs without a server were not slowed down by it"
+        spool = out / "tracking_spool" / "spool.jsonl"
+        assert spool.is_file(), "what the run could not send is kept"
+        run_id = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
+        # evaluation while the server is down: kept beside its outputs too
+        run_bundle(out, tiny_demo, ("train.json", "evaluate.json"), tracking_uri=server.uri)
+        assert (out / "metrics.json").is_file() and (out / "tracking_spool").is_dir()
+        server.start()
+        client = MlflowClient(server.uri)
+        assert logged_epochs(client, run_id, "train_loss") == [1, 2, 3, 4, 5], "3 and 4 sent when it came back"
+        result = cli([sys.executable, "scripts/sync_tracking.py", str(out)])
+        assert result.returncode == 0, result.stdout + result.stderr
+        run = client.get_run(run_id)
+        assert logged_epochs(client, run_id, "train_loss") == [1, 2, 3, 4, 5, 6]
+        assert logged_epochs(client, run_id, "val_neg_elbo") == [1, 2, 3, 4, 5, 6]
+        assert "healthy_rec_mse" in run.data.metrics and "eval/paper/pixel_auroc/rec" in run.data.metrics
+        assert run.info.status == "FINISHED"
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"model.pt", "threshold.json", "evaluation"} <= artifacts
+        assert not spool.exists() and "nothing to send" in cli([sys.executable, "scripts/sync_tracking.py",
+                                                                 str(out)]).stdout
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------ 4. compare --resume
+def comparison_values(folder):
+    with open(folder / "comparison.csv") as handle:
+        return {(r["variant"], r["metric"]): r["values"] for r in csv.DictReader(handle)}
+
+
+@pytest.mark.slow
+def test_an_interrupted_comparison_resumes_to_the_same_tables(tiny_demo, tmp_path):
+    tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
+    args = ["--datalist-train", str(tiny_demo), "--seeds", "0", "--epochs", "2", "--ce-weights", "0", "0.5", *tiny]
+    compare = [sys.executable, "scripts/compare.py"]
+    reference = cli(compare + args + ["--output-dir", str(tmp_path / "straight")])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(compare + args + ["--output-dir", str(interrupted)], cwd=REPO, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout.readline().startswith("vae-seed0: trained and evaluated")
+    killed = interrupted / "runs" / "cevae-0.5-seed0" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not killed.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()  # the comparison dies in the middle of its second child's training
+    process.wait()
+    subprocess.run(["pkill", "-9", "-f", str(interrupted)], check=False)  # and that training with it
+    first_child = (interrupted / "runs" / "vae-seed0" / "checkpoints" / "model.pt").stat().st_mtime
+    assert not (interrupted / "comparison.csv").exists()
+    again = cli(compare + args + ["--output-dir", str(interrupted)])
+    assert "holds the comparison" in one_line_error(again), "a plain restart is refused"
+    resumed = cli(compare + ["--resume", "--output-dir", str(interrupted)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "vae-seed0: done before, reused" in resumed.stdout
+    assert (interrupted / "runs" / "vae-seed0" / "checkpoints" / "model.pt").stat().st_mtime == first_child
+    assert comparison_values(interrupted) == comparison_values(tmp_path / "straight")
+
+
+# ------------------------------------------------------------------------------------------ 5. write errors
+FAIL_SECOND_SAVE = """
+import errno, runpy, sys, torch
+calls, save = [0], torch.save
+def failing(obj, f, *args, **kwargs):
+    calls[0] += ".last.pt." in str(f)
+    if calls[0] == 2:  # the disk is full when epoch 2 saves last.pt
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return save(obj, f, *args, **kwargs)
+torch.save = failing
+sys.argv = ["monai.bundle"] + sys.argv[1:]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_in_one_line(tiny_demo, tmp_path):
+    settings = [a if a != "1" else "3" for a in TINY_ARGS]  # 3 epochs
+    cmd = [sys.executable, "-c", FAIL_SECOND_SAVE] + TRAIN[3:] + ["--datalist", str(tiny_demo), "--output_dir",
+                                                                  str(tmp_path), *settings]
+    line = one_line_error(cli(cmd))
+    assert "cannot write" in line and "last.pt: No space left on device" in line and "previous last.pt" in line
+    assert epochs_done(tmp_path) == 1, "epoch 1's last.pt is intact"
+    assert torch.load(tmp_path / "checkpoints" / "model.pt", weights_only=True)
+    assert not list((tmp_path / "checkpoints").glob(".*tmp*")), "no temporary file left behind"
