@@ -135,12 +135,12 @@ class SpooledClient:
                 handle.flush()
                 os.fsync(handle.fileno())
 
-    def _went_offline(self, err: BaseException) -> None:
+    def _went_offline(self) -> None:
         if self._offline_since is None:
             self._offline_since = time.monotonic()
-            logger.warning("MLflow tracking server %s is unreachable (%s); training goes on and what it logs is kept in "
-                           "%s, sent when the server is back (or run: python scripts/sync_tracking.py %s)",
-                           self.client.tracking_uri, type(err).__name__, self.spool, self.spool_dir.parent)
+            logger.warning("MLflow tracking server %s is unreachable; the run goes on and what it logs is kept in %s, "
+                           "sent when the server is back (or run: python scripts/sync_tracking.py %s)",
+                           self.client.tracking_uri, self.spool, self.spool_dir.parent)
         self._next_probe = time.monotonic() + self.retry_s
 
     def flush(self) -> bool:
@@ -169,9 +169,9 @@ class SpooledClient:
         return True
 
     def _write(self, entry: dict) -> None:
-        if self._offline_since is not None or self.spool.is_file():
+        if self._offline_since is not None or self.spool.is_file():  # earlier writes wait: keep the order
             if time.monotonic() < self._next_probe or not self.flush():
-                self._next_probe = time.monotonic() + self.retry_s
+                self._went_offline()
                 self._append(entry)
                 return
         try:
@@ -179,7 +179,7 @@ class SpooledClient:
         except Exception as err:
             if not is_unreachable(err):
                 raise
-            self._went_offline(err)
+            self._went_offline()
             self._append(entry)
 
 

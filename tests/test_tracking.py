@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
+import requests
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 from pipeline.tracking import resolve_tracking_uri
+from pipeline.tracking_spool import SpooledClient
 
 
 def free_port() -> int:
@@ -30,3 +35,52 @@ def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, monkeypatch):
     with pytest.raises(ConnectionError, match=f"MLflow tracking server {uri} is unreachable"):
         resolve_tracking_uri(uri, tmp_path)
     assert time.perf_counter() - start < 10
+
+
+class FlakyStore:
+    """A stand-in for MlflowClient whose server is down while ``down`` is set (a requests ConnectionError, as
+    MLflow raises it) and that records what reached it."""
+
+    tracking_uri = "sqlite:///unused.db"  # not HTTP: no health probe
+
+    def __init__(self):
+        self.down, self.received = False, []
+
+    def _receive(self, *entry):
+        if self.down:
+            raise MlflowException("API request failed") from requests.exceptions.ConnectionError("refused")
+        self.received.append(entry)
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self._receive("batch", [(m.key, m.step) for m in metrics], [(p.key, p.value) for p in params])
+
+    def log_artifact(self, run_id, local_path, artifact_path=None):
+        self._receive("artifact", Path(local_path).name, Path(local_path).read_text())
+
+    def set_terminated(self, run_id, status=None, end_time=None):
+        self._receive("terminated", status)
+
+
+def test_spooled_writes_keep_their_order_and_content(tmp_path):
+    store = FlakyStore()
+    client = SpooledClient(store, tmp_path / "tracking_spool", retry_s=0)
+    client.log_batch("r", metrics=[Metric("loss", 1.0, 0, 1)])
+    store.down = True
+    client.log_batch("r", metrics=[Metric("loss", 0.9, 0, 2)])
+    figure = tmp_path / "figure.txt"
+    figure.write_text("epoch 2")
+    client.log_artifact("r", figure)
+    figure.write_text("epoch 3")  # the run rewrites the file later: the spool keeps the version it logged
+    client.log_param("r", "note", "x")
+    assert client.pending == 3 and store.received == [("batch", [("loss", 1)], [])]
+    store.down = False
+    client.set_terminated("r")  # the server is back: the spool first, in order, then this write
+    assert store.received == [("batch", [("loss", 1)], []), ("batch", [("loss", 2)], []),
+                              ("artifact", "figure.txt", "epoch 2"), ("batch", [], [("note", "x")]),
+                              ("terminated", "FINISHED")]
+    assert client.pending == 0 and not (tmp_path / "tracking_spool" / "spool.jsonl").exists()
+    # an error that is not an outage (a rejected write) is raised, not spooled
+    store.log_batch = lambda *a, **k: (_ for _ in ()).throw(MlflowException("INVALID_PARAMETER_VALUE"))
+    with pytest.raises(MlflowException, match="INVALID_PARAMETER_VALUE"):
+        client.log_batch("r", metrics=[Metric("loss", float("nan"), 0, 3)])
+    assert client.pending == 0

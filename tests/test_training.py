@@ -300,7 +300,7 @@ def test_cli_reports_bad_input_in_one_line(tiny_demo, tmp_path, problem):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 2
     expected = (f"error: datalist {datalist} does not exist" if problem == "missing datalist"
-                else f"Not a directory: '{output / 'checkpoints'}'; check the path, or choose a writable --output_dir")
+                else f"Not a directory: '{output}'; check the path, or choose a writable --output_dir")
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
 
