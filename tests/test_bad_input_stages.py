@@ -63,7 +63,7 @@ def test_each_stage_names_the_bad_file_and_keeps_earlier_outputs(evaluated_run, 
     files, extra = STAGES[stage]
     output_dir = tmp_path / "out"
     output_dir.mkdir()
-    sentinel = output_dir / "metrics.json"
+    sentinel = output_dir / "earlier_output.json"  # not an evaluation's own file: --overwrite would delete those
     sentinel.write_text('{"earlier": true}')
     settings = {"output_dir": str(output_dir), "datalist": str(datalist), "z_dim": 16, "channels": [8, 16, 32, 64]}
     if stage == "inference":
