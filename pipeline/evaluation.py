@@ -532,7 +532,8 @@ class AnomalyEvaluation:
                     lo, hi = intervals[score]
                     values[f"{prefix}/{config}/{key}_ci95_lo/{score}"] = lo
                     values[f"{prefix}/{config}/{key}_ci95_hi/{score}"] = hi
-        return {k: float(v) for k, v in values.items() if np.isfinite(v)}
+        # NaN is logged too (MLflow keeps it): a re-evaluation must not leave an earlier value standing
+        return {k: float(v) for k, v in values.items() if not np.isinf(v)}
 
     def _log_to_mlflow(self, results: dict) -> None:
         from mlflow import MlflowClient
