@@ -67,6 +67,7 @@ logger = logging.getLogger(__name__)
 CURVE_POINTS = 201  # grid of the FPR / recall axis in curves.json
 GRID_POINTS, REFINE_POINTS = 48, 24  # Dice threshold search when connected components make Dice non-monotone
 HALF_BRAIN = 0.5  # a segmentation covering more of the brain than this is flagged
+NO_INTERVAL = [float("nan"), float("nan")]  # ci95 where fewer than two subjects allow no bootstrap over subjects
 
 
 class _Subject:
@@ -173,7 +174,7 @@ class AnomalyEvaluation:
         else:
             reason = "its option sets differ from this evaluation's"
         if content.get("healthy") and all(content.get("options", {}).get(c) == o for c, o in options.items()):
-            return content["healthy"]
+            return self._with_default(content["healthy"])
         if not self.healthy_data:
             raise InputError(f"no usable healthy thresholds for {self.checkpoint} ({reason}); evaluate with the "
                              "training datalist (--datalist, its healthy validation subjects give them) or use the "
@@ -182,7 +183,16 @@ class AnomalyEvaluation:
                     len(self.healthy_data))
         healthy = healthy_thresholds(self.network, self.loss, self.healthy_data, self.transform, self.configs,
                                      self.healthy_quantiles, self.batch_size, self.device)
-        return update_thresholds(self.checkpoint, options, healthy=healthy)["healthy"]
+        return self._with_default(update_thresholds(self.checkpoint, options, healthy=healthy)["healthy"])
+
+    def _with_default(self, healthy: dict) -> dict:
+        """``healthy`` if it holds the default quantile, else an :class:`InputError` naming the stored ones."""
+        stored = next(iter(healthy["thresholds"].values()))[self.default["score"]]
+        if self.default["quantile"] not in stored:
+            raise InputError(f"the healthy thresholds of {self.checkpoint} hold the quantiles "
+                             f"{sorted(stored, key=float)}, not {self.default['quantile']}; pass --healthy_quantile "
+                             "with one of them.")
+        return healthy
 
     def score_subject(self, name: str, data: Mapping[str, torch.Tensor]) -> tuple[_Subject, dict]:
         """Score one preprocessed volume; returns the compact results and the per-slice arrays for panels."""
@@ -276,8 +286,9 @@ class AnomalyEvaluation:
             "dice_whole_brain_all": _pooled_dice(_counts([s.brain for s in subjects], subjects)),
             "dice_whole_brain_reported": _pooled_dice(_counts([s.brain for s in rep], rep)) if rep else float("nan"),
         }
-        weights = bootstrap_weights(len(subjects), self.n_bootstrap, self.seed)
-        weights_rep = bootstrap_weights(len(rep), self.n_bootstrap, self.seed) if rep else None
+        # intervals over subjects need two of them at least: one subject's resamples are all the same
+        weights = bootstrap_weights(len(subjects), self.n_bootstrap, self.seed) if len(subjects) > 1 else None
+        weights_rep = bootstrap_weights(len(rep), self.n_bootstrap, self.seed) if len(rep) > 1 else None
         results: dict = {
             "n_subjects": len(subjects),
             "n_slices": int(kl.size),
@@ -312,8 +323,11 @@ class AnomalyEvaluation:
             for score in SCORE_NAMES:
                 out["pixel_auroc"][score] = curves[config][score]["auroc"]
                 out["pixel_auprc"][score] = curves[config][score]["auprc"]
-                interval = bootstrap_pixel_metrics([s.voxels[config][score] for s in subjects],
-                                                   [s.lesion_voxels for s in subjects], weights)
+                interval = (bootstrap_pixel_metrics([s.voxels[config][score] for s in subjects],
+                                                    [s.lesion_voxels for s in subjects], weights,
+                                                    exact={"auroc": out["pixel_auroc"][score],
+                                                           "auprc": out["pixel_auprc"][score]})
+                            if weights is not None else {"auroc": NO_INTERVAL, "auprc": NO_INTERVAL})
                 out["ci95"]["pixel_auroc"][score] = interval["auroc"]
                 out["ci95"]["pixel_auprc"][score] = interval["auprc"]
                 threshold, cal_dice = self._dice_search(cal, config, score)
@@ -322,8 +336,8 @@ class AnomalyEvaluation:
                 out["dice_split"][score] = {**split, "calibration_dice": cal_dice,
                                             "dice_mean_per_subject": float(np.mean(list(per_subject.values())))
                                             if rep else float("nan"), "per_subject": per_subject}
-                out["ci95"]["dice_split"][score] = (bootstrap_dice(counts, weights_rep) if rep
-                                                    else [float("nan"), float("nan")])
+                out["ci95"]["dice_split"][score] = (bootstrap_dice(counts, weights_rep) if weights_rep is not None
+                                                    else NO_INTERVAL)
                 out["lesion_detection"]["calibrated"][score] = self._detection(rep, config, score, threshold)
                 out["dice_best"][score] = self._dice_search(subjects, config, score)[1]
                 out["dice_healthy"][score] = {}
@@ -331,7 +345,8 @@ class AnomalyEvaluation:
                     entry, counts = self._dice_entry(subjects, config, score, value, baselines["dice_whole_brain_all"])
                     out["dice_healthy"][score][q] = entry
                     if q == self.default["quantile"]:
-                        out["ci95"]["dice_healthy"][score] = bootstrap_dice(counts, weights)
+                        out["ci95"]["dice_healthy"][score] = (bootstrap_dice(counts, weights) if weights is not None
+                                                              else NO_INTERVAL)
                         out["lesion_detection"]["healthy"][score] = {
                             "quantile": q, **self._detection(subjects, config, score, value)}
             out.update(self._group_metrics(subjects, config))
@@ -517,7 +532,8 @@ class AnomalyEvaluation:
                     lo, hi = intervals[score]
                     values[f"{prefix}/{config}/{key}_ci95_lo/{score}"] = lo
                     values[f"{prefix}/{config}/{key}_ci95_hi/{score}"] = hi
-        return {k: float(v) for k, v in values.items() if np.isfinite(v)}
+        # NaN is logged too (MLflow keeps it): a re-evaluation must not leave an earlier value standing
+        return {k: float(v) for k, v in values.items() if not np.isinf(v)}
 
     def _log_to_mlflow(self, results: dict) -> None:
         from mlflow import MlflowClient

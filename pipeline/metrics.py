@@ -176,14 +176,17 @@ def _interval(values: np.ndarray, level: float = 0.95) -> list[float]:
 
 
 def bootstrap_pixel_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], weights: np.ndarray,
-                            n_bins: int = 4096, level: float = 0.95) -> dict[str, list[float]]:
+                            exact: dict[str, float] | None = None, n_bins: int = 4096,
+                            level: float = 0.95) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of the pooled pixel AUROC and average precision over subjects.
 
     ``scores[s]``/``labels[s]``: subject ``s``'s brain voxels; ``weights``: :func:`bootstrap_weights`. Each
     subject's voxels are counted in bins whose edges are quantiles of all scores and of the positive scores (so
     the few high-scoring lesion voxels get fine bins too); a resample's pooled counts are the weighted sum of its
     subjects' counts. Voxels sharing a bin count as tied, as sklearn counts equal scores, which moves an AUROC by
-    well under 0.001 at 4096 bins. Returns ``{"auroc": [lo, hi], "auprc": [lo, hi]}``.
+    well under 0.001 at 4096 bins; with ``exact`` (``{"auroc", "auprc"}`` of all the data, e.g. from
+    :class:`ThresholdCurve`) every resample is shifted by the binning error of the full sample, so that the data
+    itself maps to its exact value. Returns ``{"auroc": [lo, hi], "auprc": [lo, hi]}``.
     """
     pooled = np.concatenate(scores)
     positives = pooled[np.concatenate(labels).astype(bool)]
@@ -196,6 +199,15 @@ def bootstrap_pixel_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.nd
                     for s, y in zip(scores, labels)]).astype(np.float64)
     neg = np.stack([np.bincount(np.searchsorted(edges, s[~y.astype(bool)], side="right"), minlength=edges.size + 1)
                     for s, y in zip(scores, labels)]).astype(np.float64)
+    values = _binned_metrics(pos, neg, weights)
+    if exact is not None:
+        full = _binned_metrics(pos, neg, np.ones((1, len(scores))))
+        values = {k: np.clip(v + (exact[k] - full[k][0]), 0.0, 1.0) for k, v in values.items()}
+    return {k: _interval(v, level) for k, v in values.items()}
+
+
+def _binned_metrics(pos: np.ndarray, neg: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """AUROC and average precision of each row of ``weights`` from per-subject positive/negative bin counts."""
     tp = np.cumsum((weights @ pos)[:, ::-1], axis=1)  # thresholds from the highest bin down
     fp = np.cumsum((weights @ neg)[:, ::-1], axis=1)
     p, n = tp[:, -1:], fp[:, -1:]
@@ -207,7 +219,7 @@ def bootstrap_pixel_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.nd
         auprc = np.sum(np.diff(tpr, axis=1) * precision, axis=1)
     auroc[(p[:, 0] == 0) | (n[:, 0] == 0)] = np.nan
     auprc[p[:, 0] == 0] = np.nan
-    return {"auroc": _interval(auroc, level), "auprc": _interval(auprc, level)}
+    return {"auroc": auroc, "auprc": auprc}
 
 
 def bootstrap_dice(counts: np.ndarray, weights: np.ndarray, level: float = 0.95) -> list[float]:

@@ -98,6 +98,11 @@ def overlay_files(overlay: str) -> list[str]:
     return [f"{overlay}.json"]
 
 
+def finite(values: list[float] | None) -> list[float]:
+    """The finite values (an evaluation logs NaN where a metric is undefined, e.g. an interval from one subject)."""
+    return [v for v in values or [] if np.isfinite(v)]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -305,14 +310,14 @@ class Comparison:
     def cell(self, variant: str, key: str, digits: int = 3, ci_metric: str | None = None) -> str:
         """``mean ± std`` over seeds; with ``ci_metric``, the seeds' mean 95 % bootstrap interval ``[lo, hi]`` beside
         it (the interval over test subjects that each evaluation logs as ``<ci_metric>_ci95_lo/hi``)."""
-        values = self.values[variant].get(key)
+        values = finite(self.values[variant].get(key))
         if not values:
             return "–"
         mean, std = mean_std(values)
         text = f"{mean:.{digits}f} ± {std:.{digits}f}"
         if ci_metric is not None:
             test_set, config, _, score = key.split("/")
-            bounds = [self.values[variant].get(f"{test_set}/{config}/{ci_metric}_ci95_{end}/{score}")
+            bounds = [finite(self.values[variant].get(f"{test_set}/{config}/{ci_metric}_ci95_{end}/{score}"))
                       for end in CI_ENDS]
             if all(bounds):
                 text += " [" + ", ".join(f"{np.mean(b):.{digits}f}" for b in bounds) + "]"
@@ -348,7 +353,7 @@ class Comparison:
         writer.writerow(["variant", "ce_weight", "metric", "mean", "std", "n", "seeds", "values"])
         for variant, members in self.variants.items():
             for key in self.metrics:
-                values = self.values[variant].get(key, [])
+                values = finite(self.values[variant].get(key))
                 if values:
                     mean, std = mean_std(values)
                     writer.writerow([variant, members[0].data.params["ce_weight"], key, f"{mean:.6g}",
@@ -400,7 +405,7 @@ class Comparison:
         for ax, (test_set, config, metric) in zip(axes.ravel(), panels):
             key = f"{test_set}/{config}/{metric}"
             for i, variant in enumerate(self.variants):
-                values = self.values[variant].get(key, [])
+                values = finite(self.values[variant].get(key))
                 if values:
                     ax.bar(i, np.mean(values), color=f"C{i}", alpha=0.6)
                     ax.plot(np.full(len(values), i), values, "k.", ms=5)

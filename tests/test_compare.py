@@ -22,18 +22,17 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
     tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
     out = tmp_path / "compare"
     assert main(["--datalist-train", str(tiny_demo), "--seeds", "0", "--epochs", "1", "--output-dir", str(out),
-                 "--tracking-uri", mlflow_server.uri, "--experiment", "tiny", *tiny, "--ce-weights", "0", "0.5",
+                 "--tracking-uri", mlflow_server.uri, "--experiment", "tiny", *tiny, "--ce-weights", "0.5",
                  "--overlays", "none", "legacy_likelihood", '--set=label_groups={"lesion": [1]}']) == 0
 
     rows = read_csv(out / "comparison.csv")
     legacy = "ceVAE (λ=0.5) + legacy_likelihood"
-    assert {r["variant"] for r in rows} == {"VAE (λ=0)", "ceVAE (λ=0.5)", "VAE (λ=0) + legacy_likelihood", legacy}
+    assert {r["variant"] for r in rows} == {"ceVAE (λ=0.5)", legacy}
     child = out / "runs" / "cevae-0.5-legacy_likelihood-seed0"
     trained = json.loads((child / "checkpoints" / "config.json").read_text())
     assert (trained["reconstruction"], trained["kl_weight"], trained["overlay_name"]) == ("l2", 1.0, legacy.split()[-1])
     by_key = {(r["variant"], r["metric"]): r for r in rows}
-    for variant, child in (("VAE (λ=0)", "vae-seed0"), ("ceVAE (λ=0.5)", "cevae-0.5-seed0"),
-                           (legacy, "cevae-0.5-legacy_likelihood-seed0")):
+    for variant, child in (("ceVAE (λ=0.5)", "cevae-0.5-seed0"), (legacy, "cevae-0.5-legacy_likelihood-seed0")):
         metrics = json.loads((out / "runs" / child / "eval" / "metrics.json").read_text())
         row = by_key[(variant, "eval/paper/pixel_auroc/combined")]
         assert row["n"] == "1" and row["seeds"] == "0"
@@ -68,8 +67,7 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
                                                                               "comparison/roc.png"}
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(r.info.run_name for r in children) == ["cevae-0.5-legacy_likelihood-seed0", "cevae-0.5-seed0",
-                                                         "vae-legacy_likelihood-seed0", "vae-seed0"]
+    assert sorted(r.info.run_name for r in children) == ["cevae-0.5-legacy_likelihood-seed0", "cevae-0.5-seed0"]
 
 
 def test_compare_reports_failures_in_one_line(tiny_demo, tmp_path, capsys):

@@ -148,6 +148,8 @@ def test_one_subject_and_label_groups(evaluated_run, tiny_demo, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     split = metrics["paper"]["dice_split"]["combined"]
     assert math.isnan(split["dice"]) and math.isfinite(split["threshold"]), "no held-out Dice from one subject"
+    intervals = metrics["postprocessed"]["ci95"]
+    assert all(math.isnan(v) for key in intervals for v in intervals[key]["rec"]), "no interval over one subject"
     # a group holding every label value is the plain pixel metric; a value that never occurs gives NaN
     assert metrics["paper"]["pixel_auroc_lesion"] == pytest.approx(metrics["paper"]["pixel_auroc"])
     assert metrics["postprocessed"]["pixel_auprc_lesion"] == pytest.approx(metrics["postprocessed"]["pixel_auprc"])

@@ -211,8 +211,11 @@ def test_bootstrap_over_subjects_agrees_with_sklearn_and_covers_the_estimate():
     ones = np.ones((1, len(scores)))
     same = bootstrap_pixel_metrics(scores, labels, ones)
     assert same["auroc"][0] == pytest.approx(auroc, abs=1e-3) and same["auprc"][0] == pytest.approx(auprc, abs=2e-3)
+    exact = bootstrap_pixel_metrics(scores, labels, ones, exact={"auroc": auroc, "auprc": auprc})
+    assert exact["auroc"] == pytest.approx([auroc] * 2, abs=1e-12), "the binning error of the data is removed"
+    assert exact["auprc"] == pytest.approx([auprc] * 2, abs=1e-12)
     weights = bootstrap_weights(len(scores), 500, seed=0)
-    interval = bootstrap_pixel_metrics(scores, labels, weights)
+    interval = bootstrap_pixel_metrics(scores, labels, weights, exact={"auroc": auroc, "auprc": auprc})
     assert interval["auroc"][0] < auroc < interval["auroc"][1]
     assert interval["auprc"][0] < auprc < interval["auprc"][1]
     # one resample by hand: the subjects drawn, pooled, through sklearn
