@@ -26,8 +26,8 @@ from typing import TextIO
 
 from pipeline.data.validation import InputError
 
-__all__ = ["EVALUATION_OUTPUTS", "LOCK_FILENAME", "TRAINING_OUTPUTS", "claim", "prepare_evaluation_dir",
-           "prepare_training_dir", "release"]
+__all__ = ["EVALUATION_OUTPUTS", "LOCK_FILENAME", "TRAINING_OUTPUTS", "claim", "delete_outputs",
+           "prepare_evaluation_dir", "prepare_training_dir", "release"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def release(folder: str | os.PathLike) -> None:
     handle.close()
 
 
-def _delete(folder: Path, names: tuple[str, ...]) -> list[str]:
+def delete_outputs(folder: Path, names: tuple[str, ...]) -> list[str]:
+    """Delete the files or folders ``names`` of ``folder`` that exist; returns the names deleted."""
     deleted = []
     for name in names:
         path = folder / name
@@ -123,10 +124,10 @@ def prepare_training_dir(output_dir: str | os.PathLike, resume: bool = False, ov
     if not overwrite:
         release(folder)
         stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(trained[0].stat().st_mtime))
-        raise InputError(f"{folder} holds a trained run ({trained[0]}, {stamp}); continue it with --resume True, replace "
-                         f"it with --overwrite True (deletes {', '.join(TRAINING_OUTPUTS)}), or choose another "
+        raise InputError(f"{folder} holds a trained run ({trained[0]}, {stamp}); continue it with --resume True, "
+                         f"replace it with --overwrite True (deletes {', '.join(TRAINING_OUTPUTS)}), or choose another "
                          "--output_dir.")
-    logger.warning("--overwrite: deleted %s from %s", ", ".join(_delete(folder, TRAINING_OUTPUTS)), folder)
+    logger.warning("--overwrite: deleted %s from %s", ", ".join(delete_outputs(folder, TRAINING_OUTPUTS)), folder)
     return folder
 
 
@@ -141,5 +142,5 @@ def prepare_evaluation_dir(output_dir: str | os.PathLike, overwrite: bool = Fals
         raise InputError(f"{folder} holds the results of an evaluation ({folder / 'metrics.json'}); replace them with "
                          f"--overwrite True (deletes {', '.join(EVALUATION_OUTPUTS)}), or choose another "
                          "--eval_output_dir.")
-    logger.warning("--overwrite: deleted %s from %s", ", ".join(_delete(folder, EVALUATION_OUTPUTS)), folder)
+    logger.warning("--overwrite: deleted %s from %s", ", ".join(delete_outputs(folder, EVALUATION_OUTPUTS)), folder)
     return folder

@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -248,15 +247,12 @@ def prepare_output_dir(out: Path, args: argparse.Namespace) -> None:
         held = json.loads((out / PARENT_FILE).read_text())["run_id"]
         if args.from_mlflow in (held, "latest") and not args.overwrite:
             return  # rebuilding this folder's own tables
+    from pipeline.output_dir import delete_outputs
+
     if not args.overwrite:
         raise ValueError(f"{out} holds the comparison {out / PARENT_FILE}; continue it with --resume, replace it with "
                          f"--overwrite (deletes {', '.join(COMPARISON_OUTPUTS)}), or choose another --output-dir")
-    for name in COMPARISON_OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    delete_outputs(out, COMPARISON_OUTPUTS)
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -476,9 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from mlflow import MlflowClient
 
-    from pipeline.tracking import resolve_tracking_uri
-
     from pipeline.output_dir import claim, release
+    from pipeline.tracking import resolve_tracking_uri
 
     out = Path(args.output_dir).resolve()
     try:

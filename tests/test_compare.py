@@ -80,6 +80,6 @@ def test_compare_reports_failures_in_one_line(tiny_demo, tmp_path, capsys):
     assert "unknown config key(s): 'epoch'" in err and "training.log" in err
     assert main(["--from-mlflow", "latest", "--experiment", "nothing", "--output-dir", str(tmp_path / "o")]) == 2
     assert "no comparison run in experiment 'nothing'" in capsys.readouterr().err
-    assert main(["--datalist-train", str(tiny_demo), "--overlays", "mine", "--output-dir", str(tmp_path / "o")]) == 2
+    assert main(["--datalist-train", str(tiny_demo), "--overlays", "mine", "--output-dir", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "no overlay 'mine'" in err and "'legacy_likelihood'" in err and "'tuned_on_brats'" in err

@@ -156,11 +156,11 @@ def test_one_subject_and_label_groups(evaluated_run, tiny_demo, tmp_path):
     assert math.isnan(metrics["paper"]["pixel_auroc_absent"]["rec"])
 
 
-def test_evaluation_refuses_settings_that_differ_from_training(evaluated_run):
+def test_evaluation_refuses_settings_that_differ_from_training(evaluated_run, tmp_path):
     out, _ = evaluated_run
     with pytest.raises(Exception) as info:
         run_bundle(out, json.loads((out / "checkpoints" / "config.json").read_text())["datalist"], EVAL_FILES,
-                   normalization="zscore")
+                   normalization="zscore", eval_output_dir=str(tmp_path))
     assert "normalization='zscore' (trained with 'percentile')" in str(input_error(info.value))
 
 

@@ -150,6 +150,29 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_pa
     assert thresholds[1]["healthy"] == thresholds[0]["healthy"] != first["healthy"]
 
 
+def test_resume_after_the_last_epoch_finishes_the_run_without_training_again(tiny_demo, tmp_path):
+    """A run killed after its last epoch (here: its MLflow run left RUNNING) resumes by closing, not by training
+    the trained weights again (ignite restarts a finished engine), and keeps its best epoch."""
+    out = tmp_path / "run"
+    straight = run_bundle(out, tiny_demo, epochs=2)
+    best_epoch = straight.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch
+    before = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    model_sha = checkpoint_sha256(out / "checkpoints" / "model.pt")
+    assert before["validator"]["best_metric_epoch"] == best_epoch > 0
+    tracked = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())
+    client = MlflowClient(tracked["tracking_uri"])
+    client.update_run(tracked["run_id"], status="RUNNING")  # what a kill before the run's end leaves
+    resumed = run_bundle(out, tiny_demo, epochs=2, resume=True)
+    after = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert after["trainer"]["iteration"] == before["trainer"]["iteration"]
+    for key, value in before["model"].items():
+        torch.testing.assert_close(after["model"][key], value, rtol=0, atol=0)
+    assert checkpoint_sha256(out / "checkpoints" / "model.pt") == model_sha
+    assert resumed.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == best_epoch
+    runs = client.search_runs([tracked["experiment_id"]])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(tracked["run_id"], "FINISHED")]
+
+
 def test_resume_without_checkpoint_says_what_to_do(tiny_demo, tmp_path):
     with pytest.raises(Exception) as info:
         run_bundle(tmp_path / "none", tiny_demo, epochs=1, resume=True)

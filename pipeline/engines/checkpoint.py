@@ -4,8 +4,10 @@ MONAI's ``CheckpointSaver`` writes with ``atomic=False``; a crash during a save 
 ``model.pt``. :class:`AtomicCheckpointSaver` writes every file under a temporary name and renames it
 (:func:`pipeline.io.atomic_path`), never saves non-finite weights, and keeps fixed names:
 
-* ``last.pt``: ``{"model", "loss", "optimizer", "trainer", "rng"}`` after every ``save_interval`` epochs (for
-  ``--resume`` with MONAI's ``CheckpointLoader``, which loads with ``weights_only=True``);
+* ``last.pt``: ``{"model", "loss", "optimizer", "trainer", "rng", "validator"}`` after every ``save_interval``
+  epochs (for ``--resume`` with MONAI's ``CheckpointLoader``, which loads with ``weights_only=True``); after the
+  last epoch only at ``COMPLETED``, once every end-of-training handler (the healthy calibration) has run, so that a
+  run killed before then resumes from the epoch before and repeats the last one exactly;
 * ``model.pt``: ``{"model", "loss"}`` of the best validation epoch (the last epoch when there is no validator).
   ``loss`` is the loss's state (its likelihood ``sigma``, calibrated during training), which scoring needs to
   compute the same ELBO as training; :func:`load_trained` restores both.
@@ -23,7 +25,7 @@ from ignite.engine import Engine, Events
 
 from pipeline.io import atomic_path
 
-__all__ = ["AtomicCheckpointSaver", "RNGState", "load_trained", "save_checkpoint"]
+__all__ = ["AtomicCheckpointSaver", "BestMetric", "RNGState", "load_trained", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,22 @@ class RNGState:
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class BestMetric:
+    """``state_dict``/``load_state_dict`` of a validator's best key metric and its epoch: a resumed run then keeps
+    the interrupted run's checkpoint selection instead of taking its first epoch as the best."""
+
+    def __init__(self, validator: Engine) -> None:
+        self.validator = validator
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best_metric": float(self.validator.state.best_metric),
+                "best_metric_epoch": int(self.validator.state.best_metric_epoch)}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.validator.state.best_metric = float(state["best_metric"])
+        self.validator.state.best_metric_epoch = int(state["best_metric_epoch"])
 
 
 def save_checkpoint(objects: Mapping[str, object], path: str | os.PathLike) -> Path:
@@ -104,6 +122,7 @@ class AtomicCheckpointSaver:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
         engine.add_event_handler(Events.TERMINATE, self.terminated)
 
     def epoch_completed(self, engine: Engine) -> None:
@@ -114,10 +133,18 @@ class AtomicCheckpointSaver:
             return
         if self.validator is None or self.validator.state.best_metric_epoch == epoch:
             save_checkpoint(self.weights, self.best_path)
-        if epoch % self.save_interval == 0 or epoch == engine.state.max_epochs:
-            save_checkpoint({**self.weights, "optimizer": self.optimizer, "trainer": engine, "rng": RNGState()},
-                            self.last_path)
-            self.last_saved_epoch = epoch
+        if epoch % self.save_interval == 0 and epoch < engine.state.max_epochs:
+            self.save_last(engine)
+
+    def completed(self, engine: Engine) -> None:
+        if engine.state.epoch == engine.state.max_epochs and _finite(self.network):
+            self.save_last(engine)
+
+    def save_last(self, engine: Engine) -> None:
+        best = {} if self.validator is None else {"validator": BestMetric(self.validator)}
+        save_checkpoint({**self.weights, "optimizer": self.optimizer, "trainer": engine, "rng": RNGState(), **best},
+                        self.last_path)
+        self.last_saved_epoch = engine.state.epoch
 
     def terminated(self, engine: Engine) -> None:
         logger.error("training stopped early at epoch %d, iteration %d (non-finite loss?); the last good "

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
+import logging
+
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.utils import CommonKeys
@@ -16,6 +19,8 @@ from pipeline.losses import CeVAELoss
 
 __all__ = ["CeVAETrainer"]
 
+logger = logging.getLogger(__name__)
+
 
 class CeVAETrainer(Trainer):
     """``monai.engines.Trainer`` for Eq. 1 of the paper.
@@ -24,8 +29,9 @@ class CeVAETrainer(Trainer):
     the device, then one network call ``network(x, x~) -> (recon, mu, logvar, recon_ce)`` (see
     :meth:`pipeline.networks.CeVAE.forward`); with ``ce_weight == 0`` (plain VAE) the CE pass is skipped entirely.
     ``engine.state.output`` holds ``image``, ``pred`` and the detached loss terms ``loss``, ``loss_rec``,
-    ``loss_kl``, ``loss_ce`` and the likelihood's ``sigma`` (scalars) before ``MODEL_COMPLETED`` fires. AMP (``amp=True``) applies on CUDA only:
-    autocast to ``amp_dtype`` (bfloat16 by default: no loss scaling needed; float16 adds a ``GradScaler``).
+    ``loss_kl``, ``loss_ce`` and the likelihood's ``sigma`` (scalars) before ``MODEL_COMPLETED`` fires. AMP
+    (``amp=True``) applies on CUDA only: autocast to ``amp_dtype`` (bfloat16 by default: no loss scaling needed;
+    float16 adds a ``GradScaler``).
 
     Args:
         device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, iteration_update,
@@ -102,6 +108,18 @@ class CeVAETrainer(Trainer):
         if channels_last:
             network.to(memory_format=torch.channels_last)
         self.forward_network = torch.compile(network, **(compile_kwargs or {})) if compile else network
+
+    def run(self) -> None:
+        """Train up to ``max_epochs``. An engine that has already reached them (restored by ``--resume`` from the
+        checkpoint of a training that finished its epochs and was killed while closing) does not start over, as
+        ignite would with the trained weights; it fires only ``STARTED`` and ``COMPLETED``, so that the closing
+        handlers (the final ``last.pt``, the figure, the tracking run) do what the kill left undone."""
+        if 0 < self.state.max_epochs <= self.state.epoch:
+            logger.info("training had finished its %d epochs; completing the run without training", self.state.epoch)
+            self.fire_event(Events.STARTED)
+            self.fire_event(Events.COMPLETED)
+            return
+        super().run()
 
     @property
     def uses_context_encoding(self) -> bool:
