@@ -62,7 +62,7 @@ def test_training_lowers_the_loss_and_writes_checkpoints(cevae_run):
     best = torch.load(out / "checkpoints" / "model.pt", weights_only=True)
     assert set(best) == {"model", "loss"} and 0 < float(best["loss"]["sigma"]) < 1, "the calibrated sigma is saved"
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert set(last) == {"model", "loss", "optimizer", "trainer", "rng"}
+    assert set(last) == {"model", "loss", "optimizer", "trainer", "rng", "validator"}
     assert last["trainer"]["iteration"] == 3 * last["trainer"]["epoch_length"]
     assert not list(out.glob("checkpoints/.*tmp*")), "no temporary files left behind"
 
