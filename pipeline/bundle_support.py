@@ -75,7 +75,7 @@ def resume_if_requested(resume: bool, checkpoint: str | os.PathLike, objects: Ma
                                 "the --output_dir of the run to resume.")
     trainer = objects["trainer"]
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).keys()
-    if "validator" in objects and "validator" not in saved:  # a last.pt of bundle < 0.5.0
+    if "validator" in objects and "validator" not in saved:  # a last.pt of bundle < 0.6.0
         logger.warning("%s has no best validation epoch (an older run): the best checkpoint is chosen anew from "
                        "the first resumed epoch on", checkpoint)
         objects = {name: obj for name, obj in objects.items() if name != "validator"}

@@ -93,25 +93,26 @@ def mean_brain_check(network: torch.nn.Module, train: BrainSliceDataset, validat
     ``kl_per_dim`` (mean KL per slice and latent dimension) and ``n_slices``.
     """
     net = getattr(network, "module", network)
-    images = train.tensors["image"]
     train_bins = (train.position * n_bins).long().clamp(max=n_bins - 1)
-    sums = torch.zeros((n_bins, *images.shape[1:]), dtype=torch.float64).index_add_(0, train_bins, images.double())
-    counts = torch.bincount(train_bins, minlength=n_bins).double().view(-1, *([1] * (images.ndim - 1)))
-    overall = images.double().mean(dim=0, keepdim=True)
+    sums, counts = None, torch.bincount(train_bins, minlength=n_bins).double()
+    for batch in _index_batches(len(train), batch_size):  # streamed: the training set need not fit in memory
+        images = torch.stack([train.read("image", i) for i in batch]).double()
+        sums = torch.zeros((n_bins, *images.shape[1:]), dtype=torch.float64) if sums is None else sums
+        sums.index_add_(0, train_bins[batch], images)
+    overall = sums.sum(dim=0, keepdim=True) / counts.sum()
+    counts = counts.view(-1, *([1] * (sums.ndim - 1)))
     mean_brain = torch.where(counts > 0, sums / counts.clamp_min(1), overall).float()
-    x_all = validation.tensors["image"]
-    brain_all = validation.tensors.get("brainmask", x_all != 0)
     val_bins = (validation.position * n_bins).long().clamp(max=n_bins - 1)
     squared = {"rec": 0.0, "mean_brain": 0.0}
     mus, kl_total, n_pixels = [], 0.0, 0
-    for start in range(0, x_all.shape[0], batch_size):
-        x = x_all[start:start + batch_size].to(device)
-        brain = brain_all[start:start + batch_size].to(device)
+    for batch in _index_batches(len(validation), batch_size):
+        x = torch.stack([validation.read("image", i) for i in batch]).to(device)
+        brain = (torch.stack([validation.read("brainmask", i) for i in batch]).to(device)
+                 if "brainmask" in validation.keys else (x != 0).float())
         mu, logvar = net.encode(x)
         recon = net.decode(mu)
         squared["rec"] += float(((x - recon) ** 2 * brain).sum())
-        squared["mean_brain"] += float(((x - mean_brain[val_bins[start:start + batch_size]].to(device)) ** 2
-                                        * brain).sum())
+        squared["mean_brain"] += float(((x - mean_brain[val_bins[batch]].to(device)) ** 2 * brain).sum())
         n_pixels += int(brain.sum())
         kl_total += float(kl_divergence(mu, logvar).sum())
         mus.append(mu.cpu())
@@ -120,3 +121,7 @@ def mean_brain_check(network: torch.nn.Module, train: BrainSliceDataset, validat
     return {"rec_mse": rec_mse, "mean_brain_mse": mean_mse, "rec_vs_mean_brain": rec_mse / max(mean_mse, 1e-12),
             "active_units": active_units(mu), "z_dim": int(mu.shape[1]),
             "kl_per_dim": kl_total / (mu.shape[0] * mu.shape[1]), "n_slices": int(mu.shape[0]), "position_bins": n_bins}
+
+
+def _index_batches(n: int, batch_size: int) -> list[torch.Tensor]:
+    return [torch.arange(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]

@@ -1,6 +1,7 @@
 """Performance benchmark: the bundle's training and scoring against a plain PyTorch loop and the machine's limit.
 
     python scripts/benchmark.py --out runs/bench/bench.json [--quick]
+    python scripts/benchmark.py --scale --out runs/bench/scale.json [--quick]     # cohort scale (the slice cache)
 
 Everything runs in one process. Scoring is measured first (so that the peak resident memory is the scoring's),
 then training: the bundle's trainer (``configs/train.json`` with all its handlers, on the demo data) and a minimal
@@ -8,6 +9,15 @@ plain PyTorch loop of the same network, loss and context-encoding noise on the s
 each, interleaved with a measurement of the CPU's matmul peak, ``--repeats`` times. Ratios and FLOP fractions are
 taken within each repeat (same machine load on both sides), then the median over repeats is reported. Writes the
 JSON and a markdown summary next to it.
+
+``--scale``: the slice cache (:mod:`pipeline.data.slice_cache`) against the cohort's size. On the distinct demo
+training volumes (or ``--scale-datalist``'s): the first, cold-cache data preparation with 0 worker processes against
+``--workers`` (``preprocess_workers_speedup``), a second preparation on the warm cache against the first
+(``cache_reuse_speedup``) and a shuffled ``DataLoader`` pass over the cached slices (``cache_read_slices_per_s``).
+Then cohorts of ``--scale-sizes`` subjects (links to those volumes under new names, so the cache holds each distinct
+volume once), each in a fresh process: data preparation, one training epoch, the process's peak resident memory
+(``scale_rss_mb``) and epoch time (``scale_epoch_s``), both keyed by the number of subjects; and, as the negative
+control, the peak memory of the smallest and largest cohorts with the slices in memory (``scale_rss_mb_in_memory``).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,8 +46,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from monai.transforms import GaussianSmooth
 
 from pipeline.data.context_encoding import ContextEncodingNoise
+from pipeline.data.datalist import load_datalist
 from pipeline.data.demo import load_template, make_demo_dataset
 from pipeline.data.preprocessing import brain_volume_transform
+from pipeline.data.slices import BrainSliceDataset
 from pipeline.data.transforms import AntiAlias
 from pipeline.engines import CeVAETrainer
 from pipeline.inference import AnomalyInference
@@ -51,10 +64,22 @@ KEYS = ("train_slices_per_s", "plain_slices_per_s", "train_ratio_vs_plain", "dat
         "score_peak_rss_mb", "score_ratio_vs_loop", "model_gflop_per_slice", "train_gflop_per_slice",
         "matmul_gflops", "flops_fraction", "plain_flops_fraction", "epoch_s_by_size", "score_s_by_volumes",
         "speedup_latent_matmul", "speedup_anti_alias", "speedup_parallel_gzip")
+SCALE_KEYS = ("scale_rss_mb", "scale_epoch_s", "scale_slices", "scale_slices_per_s", "scale_rss_growth",
+              "scale_rss_mb_in_memory", "scale_epoch_s_per_slice_spread", "cache_first_s", "cache_reuse_s",
+              "cache_reuse_speedup", "cache_read_slices_per_s", "cache_volumes", "preprocess_workers",
+              "preprocess_first_s_by_workers", "preprocess_workers_speedup")
+SMALL_NET = {"channels": [8, 16, 32, 64], "z_dim": 16}  # --quick: the scale section's training, cheap
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory: ``VmHWM`` of its address space where Linux gives it (``ru_maxrss``
+    of a process started by ``subprocess`` also counts the parent's resident memory at the fork), else
+    ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -170,7 +195,7 @@ class DataWait:
 def training(tmp: Path, datalist: Path, repeats: int, sizes: list[int]) -> dict:
     workflow = bundle_workflow(datalist, tmp / "bundle_run")
     trainer = workflow.parser.get_parsed_content("train#trainer")
-    images = workflow.parser.get_parsed_content("train#dataset").tensors["image"]
+    images = workflow.parser.get_parsed_content("train#dataset").stacked("image")
     waits = DataWait(trainer)
     net = CeVAE().to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
@@ -339,6 +364,93 @@ def gpu_training(sizes: list[int], epochs: int, modes: Sequence[str] = tuple(GPU
     return result
 
 
+def prepare(entries: list[dict], cache_dir: Path, workers: int) -> tuple[BrainSliceDataset, float]:
+    """The training slices of ``entries`` through the slice cache, and the seconds it took."""
+    start = time.perf_counter()
+    dataset = BrainSliceDataset(entries, brain_volume_transform(), keys=("image",), num_workers=workers,
+                                progress=False, cache_dir=cache_dir)
+    return dataset, time.perf_counter() - start
+
+
+def scale_child(entries_file: Path, cache_dir: Path | None, small: bool) -> dict:
+    """One cohort, in this (fresh) process: data preparation, one training epoch, peak resident memory. Without
+    ``cache_dir`` (the negative control: slices in memory) only the preparation."""
+    dataset, prepared = prepare(json.loads(entries_file.read_text()), cache_dir, 0)
+    if cache_dir is None:
+        return {"slices": len(dataset), "prepare_s": prepared, "rss_mb": peak_rss_mb()}
+    torch.manual_seed(0)
+    net = CeVAE(**(SMALL_NET if small else {}))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True)
+    trainer = CeVAETrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters(), lr=2e-4), CeVAELoss(),
+                           ContextEncodingNoise(), channels_last=True)
+    trainer.run()
+    return {"slices": len(dataset), "prepare_s": prepared, "epoch_s": trainer.state.times[Events.EPOCH_COMPLETED.name],
+            "rss_mb": peak_rss_mb()}
+
+
+def cohort(entries: list[dict], n: int, folder: Path) -> Path:
+    """A datalist of ``n`` subjects whose files are links to ``entries``' files under new names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subjects = []
+    for i in range(n):
+        source = entries[i % len(entries)]
+        subject = {}
+        for key, path in source.items():
+            link = folder / f"sub{i:05d}_{key}.nii.gz"
+            if not link.exists():
+                link.symlink_to(Path(path).resolve())
+            subject[key] = str(link)
+        subjects.append(subject)
+    out = folder / f"cohort_{n}.json"
+    out.write_text(json.dumps(subjects))
+    return out
+
+
+def scale_benchmark(quick: bool, sizes: Sequence[int], workers: int, datalist: Path | None = None) -> dict:
+    """The ``--scale`` section (the module docstring); ``datalist``: its ``training`` volumes instead of the demo
+    volumes."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        datalist = datalist or make_demo_dataset(tmp / "demo", n_train=8 if quick else 16, n_test=0, seed=0)
+        entries = [{key: entry[key] for key in ("image", "brainmask") if key in entry}
+                   for entry in load_datalist(datalist, "training")]
+        prepare(entries[:1], tmp / "warm_up", 0)  # first-call costs (imports, file cache) out of the comparison
+        first = {n: prepare(entries, tmp / f"cache_{n}_workers", n)[1] for n in (0, workers)}
+        warm, reuse = prepare(entries, tmp / "cache_0_workers", 0)
+        loader = torch.utils.data.DataLoader(warm, batch_size=64, shuffle=True)
+        start = time.perf_counter()
+        read = sum(batch["image"].shape[0] for batch in loader)
+        result = {"preprocess_workers": workers, "preprocess_first_s_by_workers": {str(k): v for k, v in first.items()},
+                  "preprocess_workers_speedup": first[0] / first[workers], "cache_first_s": first[0],
+                  "cache_reuse_s": reuse, "cache_reuse_speedup": first[0] / reuse,
+                  "cache_read_slices_per_s": read / (time.perf_counter() - start), "cache_volumes": len(entries)}
+        def child(n: int, cache: str) -> dict:
+            run = subprocess.run([sys.executable, __file__, "--out", str(tmp / "unused.json"), "--scale-child",
+                                  str(cohort(entries, n, tmp / "cohort")), cache, *(["--quick"] if quick else [])],
+                                 capture_output=True, text=True)
+            if run.returncode:
+                raise RuntimeError(f"the {n}-subject cohort failed: {run.stderr.strip().splitlines()[-1]}")
+            figures = json.loads(run.stdout.strip().splitlines()[-1])
+            print(f"{n} subjects, cache {cache}: {figures}", flush=True)
+            return figures
+
+        runs = {str(n): child(n, str(tmp / "cache_0_workers")) for n in sizes}
+        in_memory = {str(n): child(n, "none")["rss_mb"] for n in (sizes[0], sizes[-1])}
+    per_slice = [r["epoch_s"] / r["slices"] for r in runs.values()]
+    rss = [r["rss_mb"] for r in runs.values()]
+    result.update({
+        "scale_rss_mb": {n: r["rss_mb"] for n, r in runs.items()},
+        "scale_epoch_s": {n: r["epoch_s"] for n, r in runs.items()},
+        "scale_slices": {n: r["slices"] for n, r in runs.items()},
+        "scale_slices_per_s": {n: r["slices"] / r["epoch_s"] for n, r in runs.items()},
+        "scale_prepare_s": {n: r["prepare_s"] for n, r in runs.items()},
+        "scale_rss_growth": rss[-1] / rss[0] - 1,
+        "scale_rss_mb_in_memory": in_memory,
+        "scale_epoch_s_per_slice_spread": max(per_slice) / min(per_slice),
+    })
+    return result
+
+
 def summary(results: dict, keys: Sequence[str]) -> str:
     """Markdown table of ``results[key]`` for ``keys``: numbers to 4 digits, dicts of numbers rounded to 3."""
     lines = ["| figure | value |", "|---|---|"]
@@ -362,13 +474,30 @@ def main(argv: list[str] | None = None) -> int:
                              "bfloat16 autocast and torch.compile")
     parser.add_argument("--gpu-modes", nargs="+", choices=list(GPU_MODES), default=list(GPU_MODES),
                         help="with --gpu: the trainer configurations to run (default all)")
+    parser.add_argument("--scale", action="store_true", help="only the cohort-scale section (the slice cache)")
+    parser.add_argument("--scale-sizes", type=int, nargs="+", default=None,
+                        help="with --scale: cohort sizes in subjects (default 50 200 1000; quick 25 100 200)")
+    parser.add_argument("--workers", type=int, default=2, help="with --scale: preprocessing processes to compare "
+                        "with none (default 2)")
+    parser.add_argument("--scale-datalist", type=Path, default=None, help="with --scale: the training volumes of "
+                        "this datalist instead of the demo data's (e.g. real scans)")
+    parser.add_argument("--scale-child", nargs=2, metavar=("COHORT", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.scale_child:  # one cohort of --scale, in its own process
+        cohort_file, cache = args.scale_child
+        print(json.dumps(scale_child(Path(cohort_file), None if cache == "none" else Path(cache), args.quick)))
+        return 0
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device, and this torch build sees none; run it on a GPU machine.")
     if args.gpu:
         results = {"torch": torch.__version__,
                    **gpu_training([64] if args.quick else [64, 192], 3 if args.quick else 6, args.gpu_modes)}
         keys: Sequence[str] = list(results)
+    elif args.scale:
+        sizes = args.scale_sizes or ([25, 100, 200] if args.quick else [50, 200, 1000])
+        results = {"quick": args.quick, "machine": f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+                   "torch": torch.__version__, **scale_benchmark(args.quick, sizes, args.workers, args.scale_datalist)}
+        keys = SCALE_KEYS
     else:
         results, keys = cpu_benchmark(args.quick, args.repeats or (1 if args.quick else 5)), KEYS
     out = Path(args.out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -50,6 +51,13 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
     assert "| pixel AUROC combined, lesion vs healthy |" in table
     for name in ("roc.png", "bars.png"):
         assert (out / name).stat().st_size > 1000
+    # the children share one slice cache: the second preprocesses nothing
+    logs = [(out / "runs" / child / "training.log").read_text() for child in ("cevae-0.5-seed0",
+                                                                           "cevae-0.5-legacy_likelihood-seed0")]
+    found = [re.findall(r"slice cache (\S+): (\d+) of (\d+) volumes preprocessed", log) for log in logs]
+    assert len(found[0]) == len(found[1]) == 2 and {f[0] for f in found[0] + found[1]} == {str(out / "runs" /
+                                                                                               "slice_cache")}
+    assert all(built == total for _, built, total in found[0]) and all(built == "0" for _, built, _ in found[1])
 
     # the same table again, from the server alone: no training, no files of the first call
     again = tmp_path / "again"

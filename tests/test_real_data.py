@@ -48,7 +48,7 @@ def test_slice_dataset_on_two_ixi_volumes(shared_data):
     entries = prepare_entries("ixi", shared_data / "ixi_t1", skip_incomplete=True)[:2]
     ds = BrainSliceDataset(entries, brain_volume_transform(image_size=64), min_brain_fraction=0.1, border_slices=3,
                            progress=False)
-    assert ds.tensors["image"].shape[1:] == (1, 64, 64) and ds.tensors["image"].is_contiguous()
+    assert ds.stacked("image").shape[1:] == (1, 64, 64) and len(ds) == ds.stacked("image").shape[0]
     assert set(ds.subject.tolist()) == {0, 1}
     item = ds[0]
     assert item["image"].shape == (1, 64, 64) and item["brainmask"].dtype == torch.float32

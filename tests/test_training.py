@@ -171,7 +171,7 @@ def test_resume_after_the_last_epoch_finishes_the_run_without_training_again(tin
     assert resumed.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == best_epoch
     runs = client.search_runs([tracked["experiment_id"]])
     assert [(r.info.run_id, r.info.status) for r in runs] == [(tracked["run_id"], "FINISHED")]
-    # a last.pt of bundle < 0.5.0 (no best epoch in it) still resumes
+    # a last.pt of bundle < 0.6.0 (no best epoch in it) still resumes
     torch.save({key: value for key, value in after.items() if key != "validator"}, out / "checkpoints" / "last.pt")
     run_bundle(out, tiny_demo, epochs=3, resume=True)
     trainer = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["trainer"]

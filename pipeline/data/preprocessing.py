@@ -38,7 +38,9 @@ from monai.transforms import (
 from pipeline.data.transforms import AntiAliasd, Binarized, BrainIntensityNormalized, ForegroundMaskd, SquarePadd
 from pipeline.data.validation import CheckVolumesd, LoadVolumed
 
-__all__ = ["brain_volume_transform"]
+__all__ = ["PREPROCESSING_VERSION", "brain_volume_transform"]
+
+PREPROCESSING_VERSION = 2  # bump whenever the chain below changes what it outputs: cached slices are then rebuilt
 
 
 def brain_volume_transform(
@@ -100,4 +102,10 @@ def brain_volume_transform(
         MaskIntensityd(image_key, mask_key=mask_key),  # re-mask on the resized grid: background exactly 0 again
         EnsureTyped(keys, dtype="float32", allow_missing_keys=True),
     ]
-    return Compose(steps)
+    chain = Compose(steps)
+    # what makes its output what it is: the key of the slice cache (pipeline.data.slice_cache)
+    chain.cache_settings = {"chain": "brain_volume", "version": PREPROCESSING_VERSION, "image_size": image_size,
+                            "pixdim": list(pixdim) if pixdim is not None else None, "margin": margin,
+                            "normalization": normalization, "percentiles": [lower_percentile, upper_percentile],
+                            "background": background, "keys": keys, "load": load}
+    return chain

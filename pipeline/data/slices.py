@@ -6,13 +6,21 @@ Volumes are ``(C, H, W, D)`` with the axial (slice) axis last, as produced by
 
 from __future__ import annotations
 
+import logging
+import os
+import traceback
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
-from monai.data import Dataset, PersistentDataset
 from tqdm.auto import tqdm
 
-__all__ = ["BrainSliceDataset", "brain_slice_indices", "slices_to_volume", "volume_to_slices"]
+from pipeline.data.slice_cache import CachedVolume, SliceCache
+
+__all__ = ["BrainSliceDataset", "InMemoryVolume", "VolumeSlices", "brain_slice_indices", "slices_to_volume",
+           "volume_to_slices"]
+
+logger = logging.getLogger(__name__)
 
 
 def volume_to_slices(volume: torch.Tensor) -> torch.Tensor:
@@ -42,24 +50,92 @@ def brain_slice_indices(brainmask: torch.Tensor, min_brain_fraction: float = 0.1
     return [i for i in range(first, last + 1) if float(area[i]) >= min_brain_fraction]
 
 
-class BrainSliceDataset(torch.utils.data.Dataset):
-    """Training/validation slices of a list of volumes, preprocessed once and kept as contiguous tensors.
+class InMemoryVolume:
+    """The selected slices of one volume, held in memory (the :class:`~pipeline.data.slice_cache.CachedVolume`
+    interface without a cache)."""
 
-    Each volume of ``data`` goes through ``transform`` once (in ``num_workers`` processes); the slices picked
-    by :func:`brain_slice_indices` are stacked into ``self.tensors[key]`` of shape ``(N, 1, H, W)`` for every key
-    present (``image`` float32; ``brainmask``/``label`` bool). ``self.subject`` and ``self.slice`` give each
-    slice's volume index and slice index, ``self.position`` its relative axial position in its (brain-cropped)
-    volume, 0 at the first slice and 1 at the last. Items are dicts of ``(1, H, W)`` tensors plus
-    ``subject``/``slice``.
+    def __init__(self, arrays: dict[str, np.ndarray], slices: list[int], depth: int) -> None:
+        self.arrays, self.slices, self.depth = arrays, slices, depth
+        self.keys = tuple(arrays)
+
+    def read(self, key: str, index: int) -> np.ndarray:
+        return self.arrays[key][index]
+
+    def array(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+
+class VolumeSlices(torch.utils.data.Dataset):
+    """Item ``i``: the training slices of ``data[i]``, preprocessed by ``transform`` and picked by
+    :func:`brain_slice_indices`; from ``cache`` (preprocessed and stored first where missing) or, without one (or
+    for an entry that is not made of files), in memory with only ``keys``. Run through a ``DataLoader`` so that
+    ``num_workers`` processes share the first pass."""
+
+    def __init__(self, data: Sequence[dict], transform: Callable, min_brain_fraction: float, border_slices: int,
+                 keys: Sequence[str], mask_key: str, cache: SliceCache | None) -> None:
+        self.data, self.transform, self.cache = list(data), transform, cache
+        self.min_brain_fraction, self.border_slices = min_brain_fraction, border_slices
+        self.keys, self.mask_key = tuple(keys), mask_key
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[CachedVolume | InMemoryVolume, bool] | list[Exception]:
+        """``(volume, preprocessed)``: ``preprocessed`` is False where the cache already held the volume. An error is
+        returned, not raised, as the list of its chain of causes (:func:`_raise_chain` raises it again): a
+        ``DataLoader`` worker would re-raise it in a multi-line message of its own, and the causes (the
+        ``InputError`` under MONAI's "applying transform" wrapper) do not survive the trip between processes, while
+        bad input must stop the run with its own one line. The full traceback is kept as a note."""
+        try:
+            return self._volume(index)
+        except Exception as err:  # noqa: BLE001 - handed to the main process, which raises it
+            err.add_note(traceback.format_exc())
+            chain = [err]
+            while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+                chain.append(chain[-1].__cause__ or chain[-1].__context__)
+            return chain
+
+    def _volume(self, index: int) -> tuple[CachedVolume | InMemoryVolume, bool]:
+        entry = self.data[index]
+        stored = [k for k in dict.fromkeys(("image", self.mask_key, "label", *self.keys)) if entry.get(k) is not None]
+        if self.cache is None or not all(isinstance(entry[k], (str, os.PathLike)) for k in stored):
+            return InMemoryVolume(*self.preprocess(entry, self.keys)), True
+        return self.cache.get_or_build(self.cache.key({k: entry[k] for k in stored}),
+                                       lambda: self.preprocess(entry, stored))
+
+    def preprocess(self, entry: dict, keys: Sequence[str]) -> tuple[dict[str, np.ndarray], list[int], int]:
+        """``(arrays, slices, depth)`` of one datalist entry: ``image`` float32, masks and labels uint8 0/1."""
+        item = self.transform(dict(entry))
+        picked = brain_slice_indices(item[self.mask_key], self.min_brain_fraction, self.border_slices)
+        arrays = {}
+        for key in keys:
+            if item.get(key) is not None:
+                value = item[key].as_tensor() if hasattr(item[key], "as_tensor") else torch.as_tensor(item[key])
+                chosen = volume_to_slices(value)[picked]
+                arrays[key] = (chosen.float() if key == "image" else (chosen > 0).to(torch.uint8)).numpy()
+        return arrays, picked, int(item[self.mask_key].shape[-1])
+
+
+class BrainSliceDataset(torch.utils.data.Dataset):
+    """Training/validation slices of a list of volumes, preprocessed once.
+
+    Each volume of ``data`` goes through ``transform`` once (in ``num_workers`` processes, with a progress bar and
+    its ETA); the slices picked by :func:`brain_slice_indices` are kept per volume, on disk in a
+    :class:`~pipeline.data.slice_cache.SliceCache` under ``cache_dir`` (read one slice at a time: memory does not
+    grow with the number of subjects; later runs on the same files and settings skip the preprocessing) or, without
+    ``cache_dir``, in memory. ``self.subject`` and ``self.slice`` give each slice's volume index and slice index,
+    ``self.position`` its relative axial position in its (brain-cropped) volume, 0 at the first slice and 1 at the
+    last. Items are dicts of ``(1, H, W)`` float tensors for every key present (``image``; ``brainmask``/``label``
+    as 0/1) plus ``subject``/``slice``.
 
     Args:
         data: datalist entries (``image`` and optionally ``brainmask``, ``label``).
-        transform: the volume chain, e.g. :func:`pipeline.data.preprocessing.brain_volume_transform`.
+        transform: the volume chain, e.g. :func:`pipeline.data.preprocessing.brain_volume_transform`; with
+            ``cache_dir`` it must carry ``cache_settings`` (what makes its output what it is).
         min_brain_fraction, border_slices: see :func:`brain_slice_indices`.
         keys: keys to keep.
-        num_workers: processes for preprocessing.
-        cache_dir: if given, preprocessed volumes are also cached on disk there (MONAI ``PersistentDataset``), so
-            later runs on the same data skip NIfTI decoding and resampling.
+        num_workers: processes for the preprocessing pass.
+        cache_dir: the slice cache's folder (None: in memory).
     """
 
     def __init__(
@@ -72,44 +148,74 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         mask_key: str = "brainmask",
         num_workers: int = 0,
         progress: bool = True,
-        cache_dir: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         if len(data) == 0:
             raise ValueError("BrainSliceDataset got an empty data list; check the datalist and its key.")
-        volumes = (Dataset(list(data), transform) if cache_dir is None
-                   else PersistentDataset(list(data), transform, cache_dir=cache_dir))
-        loader = torch.utils.data.DataLoader(volumes, batch_size=None, num_workers=num_workers,
+        cache = None
+        if cache_dir is not None:
+            settings = getattr(transform, "cache_settings", None)
+            if settings is None:
+                raise ValueError("cache_dir needs a transform with cache_settings (brain_volume_transform has them); "
+                                 "pass cache_dir=None for another transform.")
+            cache = SliceCache(cache_dir, {"transform": settings, "min_brain_fraction": min_brain_fraction,
+                                           "border_slices": border_slices, "mask_key": mask_key})
+        passes = VolumeSlices(data, transform, min_brain_fraction, border_slices, keys, mask_key, cache)
+        loader = torch.utils.data.DataLoader(passes, batch_size=None, num_workers=min(num_workers, len(data) - 1),
                                              collate_fn=_unchanged)
-        parts: dict[str, list[torch.Tensor]] = {}
-        subject, slice_index, position = [], [], []
-        for i, item in enumerate(tqdm(loader, total=len(data), desc="preprocessing", disable=not progress)):
-            picked = brain_slice_indices(item[mask_key], min_brain_fraction, border_slices)
-            for key in keys:
-                if item.get(key) is not None:
-                    vol = volume_to_slices(item[key].as_tensor() if hasattr(item[key], "as_tensor") else item[key])
-                    parts.setdefault(key, []).append(vol[picked] if key == "image" else vol[picked] > 0)
-            subject += [i] * len(picked)
-            slice_index += picked
-            depth = item[mask_key].shape[-1]
-            position += [s / max(depth - 1, 1) for s in picked]
-        if not subject:
+        self.volumes: list[CachedVolume | InMemoryVolume] = []
+        subject, local, slice_index, position, preprocessed = [], [], [], [], 0  # one array per volume
+        # an iterator, not the loader: tqdm.auto's asyncio class calls iter() on what it gets and then iterates it
+        # again, which on a DataLoader starts a second set of worker processes that preprocess everything twice
+        batches = tqdm(iter(loader), total=len(data), desc="preprocessing", disable=not progress)
+        for i, item in enumerate(batches):
+            if isinstance(item, list):
+                _raise_chain(item)
+            volume, built = item
+            self.volumes.append(volume)
+            preprocessed += built
+            picked = np.asarray(volume.slices, dtype=np.int64)
+            subject.append(np.full(len(picked), i, dtype=np.int64))
+            local.append(np.arange(len(picked), dtype=np.int64))
+            slice_index.append(picked)
+            position.append((picked / max(volume.depth - 1, 1)).astype(np.float32))
+        if not sum(len(p) for p in slice_index):
             raise ValueError("no slice passed the selection (min_brain_fraction / border_slices too strict?).")
-        uneven = [key for key, chunks in parts.items() if len(chunks) != len(data)]
-        if uneven:
+        present = [tuple(k for k in keys if k in volume.keys) for volume in self.volumes]
+        if len(set(present)) > 1:
+            uneven = sorted(set().union(*present) - set.intersection(*map(set, present)))
             raise ValueError(f"keys {uneven} are present for only some datalist entries; give them for all or none.")
-        self.tensors = {key: torch.cat(chunks) for key, chunks in parts.items()}
-        self.subject = torch.tensor(subject)
-        self.slice = torch.tensor(slice_index)
-        self.position = torch.tensor(position)
+        self.keys = present[0]
+        if cache is not None:
+            logger.info("slice cache %s: %d of %d volumes preprocessed, %d found", cache.root, preprocessed, len(data),
+                        len(data) - preprocessed)
+        self.subject, self.local, self.slice, self.position = (torch.from_numpy(np.concatenate(parts))
+                                                                for parts in (subject, local, slice_index, position))
 
     def __len__(self) -> int:
         return len(self.subject)
 
+    def read(self, key: str, index: int) -> torch.Tensor:
+        """Slice ``index`` of ``key``: ``(1, H, W)`` float32."""
+        array = self.volumes[int(self.subject[index])].read(key, int(self.local[index]))
+        return torch.tensor(array, dtype=torch.float32)
+
     def __getitem__(self, index: int) -> dict:
-        item = {key: (t[index] if t.dtype != torch.bool else t[index].float()) for key, t in self.tensors.items()}
+        item = {key: self.read(key, index) for key in self.keys}
         item["subject"] = self.subject[index]
         item["slice"] = self.slice[index]
         return item
+
+    def stacked(self, key: str) -> torch.Tensor:
+        """Every slice of ``key``, ``(N, 1, H, W)`` float32 in memory (for small sets: benchmarks, tests)."""
+        return torch.from_numpy(np.concatenate([volume.array(key) for volume in self.volumes])).float()
+
+
+def _raise_chain(chain: list[BaseException]) -> None:
+    """Raise ``chain[0]`` with ``chain[1:]`` linked again as its causes (they are lost between processes)."""
+    for outer, inner in zip(chain, chain[1:]):
+        outer.__cause__ = inner
+    raise chain[0]
 
 
 def _unchanged(item: dict) -> dict:

@@ -1,0 +1,176 @@
+"""The on-disk slice cache: same slices as in memory, reuse, invalidation, damaged entries, concurrent writers."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from pipeline.data.preprocessing import brain_volume_transform
+from pipeline.data.slice_cache import SliceCache
+from pipeline.data.slices import BrainSliceDataset, VolumeSlices
+from pipeline.io import WriteError
+
+
+@pytest.fixture
+def entries(tiny_demo, tmp_path):
+    """The tiny demo's test entries (image, brain mask, label), copied so that a test may change a file."""
+    datalist = json.loads(tiny_demo.read_text())
+    out = []
+    for i, entry in enumerate(datalist["test"][:3]):
+        copied = {}
+        for key in ("image", "brainmask", "label"):
+            target = tmp_path / "data" / f"s{i}_{key}.nii.gz"
+            target.parent.mkdir(exist_ok=True)
+            target.write_bytes((tiny_demo.parent / entry[key]).read_bytes())
+            copied[key] = str(target)
+        out.append(copied)
+    return out
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Counts the volumes preprocessed in this process."""
+    calls = []
+    original = VolumeSlices.preprocess
+
+    def counted(self, entry, keys):
+        calls.append(entry["image"])
+        return original(self, entry, keys)
+
+    monkeypatch.setattr(VolumeSlices, "preprocess", counted)
+    return calls
+
+
+def dataset(entries, cache_dir, image_size=32, **kwargs):
+    return BrainSliceDataset(entries, brain_volume_transform(image_size=image_size), min_brain_fraction=0.1,
+                             progress=False, cache_dir=cache_dir, **kwargs)
+
+
+def assert_same_slices(a, b):
+    assert len(a) == len(b) and a.keys == b.keys
+    for key in a.keys:
+        torch.testing.assert_close(a.stacked(key), b.stacked(key), rtol=0, atol=0)
+    for i in (0, len(a) // 2, len(a) - 1):
+        for key in a.keys:
+            torch.testing.assert_close(a[i][key], b[i][key], rtol=0, atol=0)
+    assert torch.equal(a.position, b.position) and torch.equal(a.slice, b.slice)
+
+
+def entry_folders(cache_dir):
+    return sorted(p for p in cache_dir.glob("*/*") if p.is_dir() and not p.name.startswith("."))
+
+
+def test_cached_slices_equal_the_in_memory_ones_and_are_reused(entries, tmp_path, builds):
+    memory = dataset(entries, None)
+    assert len(builds) == 3
+    cached = dataset(entries, tmp_path / "cache")
+    assert len(builds) == 6 and len(entry_folders(tmp_path / "cache")) == 3
+    assert_same_slices(cached, memory)
+    again = dataset(entries, tmp_path / "cache", keys=("image",))
+    assert len(builds) == 6, "the second run preprocesses nothing"
+    assert again.keys == ("image",) and torch.equal(again.stacked("image"), memory.stacked("image"))
+    parallel = dataset(entries, tmp_path / "cache2", num_workers=2)
+    assert_same_slices(parallel, memory)
+    assert len(entry_folders(tmp_path / "cache2")) == 3
+
+
+def test_a_changed_file_or_setting_rebuilds_only_its_entries(entries, tmp_path, builds):
+    cache = tmp_path / "cache"
+    dataset(entries, cache)
+    before = {p.name: p.stat().st_mtime_ns for p in entry_folders(cache)}
+    image = nib.load(entries[1]["image"])
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * 1.5 + 1, image.affine), entries[1]["image"])
+    builds.clear()
+    changed = dataset(entries, cache)
+    assert builds == [entries[1]["image"]], "only the changed volume is preprocessed again"
+    after = {p.name: p.stat().st_mtime_ns for p in entry_folders(cache)}
+    assert len(set(after) - set(before)) == 1 and all(after[k] == before[k] for k in before)
+    assert_same_slices(changed, dataset(entries, None))
+    builds.clear()
+    dataset(entries, cache, image_size=48)
+    assert len(builds) == 3, "another image_size is another preprocessing: every entry is new"
+
+
+def test_damaged_entries_are_detected_and_rebuilt(entries, tmp_path, builds):
+    cache = tmp_path / "cache"
+    reference = dataset(entries, cache)
+    first, second, third = entry_folders(cache)
+    with open(first / "image.npy", "r+b") as handle:  # truncated
+        handle.truncate(first.joinpath("image.npy").stat().st_size - 100)
+    (second / "meta.json").unlink()  # half-deleted
+    (third / "brainmask.npy").write_bytes(b"not an array")  # overwritten
+    builds.clear()
+    rebuilt = dataset(entries, cache)
+    assert len(builds) == 3
+    assert_same_slices(rebuilt, reference)
+    assert not [p for p in cache.glob("*/.*") if p.is_dir()], "no temporary or stale folders left"
+
+
+BUILD = """
+import sys
+from pipeline.data.preprocessing import brain_volume_transform
+from pipeline.data.slices import BrainSliceDataset, VolumeSlices
+original = VolumeSlices.preprocess
+def counted(self, entry, keys):
+    with open(sys.argv[2], "a") as log:
+        log.write(entry["image"] + "\\n")
+    return original(self, entry, keys)
+VolumeSlices.preprocess = counted
+import json
+ds = BrainSliceDataset(json.loads(sys.argv[1]), brain_volume_transform(image_size=32), progress=False,
+                       cache_dir=sys.argv[3])
+print(len(ds))
+"""
+
+
+def builder(entries, log, cache):
+    return subprocess.Popen([sys.executable, "-c", BUILD, json.dumps(entries), str(log), str(cache)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_concurrent_writers_build_each_entry_once(entries, tmp_path):
+    cache, log = tmp_path / "cache", tmp_path / "builds.log"
+    # forced race: another writer holds an entry's lock; the builder waits for it instead of writing beside it
+    store = SliceCache(cache, {"transform": brain_volume_transform(image_size=32).cache_settings,
+                               "min_brain_fraction": 0.1, "border_slices": 0, "mask_key": "brainmask"})
+    key = store.key(entries[0])
+    (cache / key[:2]).mkdir(parents=True)
+    with open(cache / key[:2] / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = builder(entries[:1], log, cache)
+        time.sleep(3)
+        assert waiting.poll() is None and store.get(key) is None, "the builder waits for the lock holder"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert waiting.wait(120) == 0, waiting.stderr.read()
+    assert store.get(key) is not None
+    # two builders of the same three volumes at once: both succeed, each volume is preprocessed once
+    log.unlink()
+    first, second = builder(entries, log, tmp_path / "shared"), builder(entries, log, tmp_path / "shared")
+    assert first.wait(120) == 0 and second.wait(120) == 0, first.stderr.read() + second.stderr.read()
+    assert first.stdout.read() == second.stdout.read()
+    assert sorted(log.read_text().split()) == sorted(e["image"] for e in entries)
+    assert len(entry_folders(tmp_path / "shared")) == 3
+    assert not [p for p in (tmp_path / "shared").glob("*/.*") if p.is_dir()]
+
+
+def test_a_transform_without_cache_settings_is_refused_with_a_cache(entries, tmp_path):
+    with pytest.raises(ValueError, match="cache_settings"):
+        BrainSliceDataset(entries, lambda item: item, progress=False, cache_dir=tmp_path)
+
+
+def test_an_unwritable_cache_stops_in_one_line_naming_it(entries, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(WriteError) as info:
+        dataset(entries, blocker / "cache")
+    message = str(info.value)
+    assert "\n" not in message and str(blocker / "cache") in message and "--cache_dir" in message
