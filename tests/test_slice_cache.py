@@ -174,3 +174,12 @@ def test_an_unwritable_cache_stops_in_one_line_naming_it(entries, tmp_path):
         dataset(entries, blocker / "cache")
     message = str(info.value)
     assert "\n" not in message and str(blocker / "cache") in message and "--cache_dir" in message
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_preparing_the_slices_leaves_the_random_stream_of_training_alone(entries, tmp_path, workers):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    dataset(entries, tmp_path / "cache", num_workers=workers)
+    assert torch.equal(torch.rand(3), expected), "same seed, same training, however the slices were prepared"

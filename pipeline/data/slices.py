@@ -161,8 +161,9 @@ class BrainSliceDataset(torch.utils.data.Dataset):
             cache = SliceCache(cache_dir, {"transform": settings, "min_brain_fraction": min_brain_fraction,
                                            "border_slices": border_slices, "mask_key": mask_key})
         passes = VolumeSlices(data, transform, min_brain_fraction, border_slices, keys, mask_key, cache)
+        # its own generator: the loader draws a seed for its workers, which must not shift training's random stream
         loader = torch.utils.data.DataLoader(passes, batch_size=None, num_workers=min(num_workers, len(data) - 1),
-                                             collate_fn=_unchanged)
+                                             collate_fn=_unchanged, generator=torch.Generator())
         self.volumes: list[CachedVolume | InMemoryVolume] = []
         subject, local, slice_index, position, preprocessed = [], [], [], [], 0  # one array per volume
         # an iterator, not the loader: tqdm.auto's asyncio class calls iter() on what it gets and then iterates it
