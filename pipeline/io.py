@@ -9,6 +9,7 @@ updates of one file between processes. ``.nii.gz`` files are compressed on all C
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import struct
@@ -23,7 +24,16 @@ from typing import Any
 import nibabel as nib
 
 __all__ = ["WriteError", "atomic_path", "atomic_save_nifti", "atomic_write_json", "atomic_write_text", "file_lock",
-           "parallel_gzip"]
+           "file_sha256", "parallel_gzip"]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's content, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class WriteError(OSError):

@@ -22,13 +22,13 @@ evaluations of one checkpoint keep both their sections.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
 from pipeline.data.validation import InputError
+from pipeline.io import file_sha256
 from pipeline.io import atomic_write_json, file_lock
 
 __all__ = ["THRESHOLD_FILENAME", "checkpoint_sha256", "quantile_key", "read_thresholds", "select_threshold",
@@ -41,11 +41,7 @@ THRESHOLD_FILENAME = "threshold.json"
 
 def checkpoint_sha256(checkpoint: str | os.PathLike) -> str:
     """SHA-256 (hex) of a checkpoint file's content."""
-    digest = hashlib.sha256()
-    with open(checkpoint, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(checkpoint)
 
 
 def threshold_path(checkpoint: str | os.PathLike) -> Path:

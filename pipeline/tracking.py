@@ -6,7 +6,6 @@ value, else a SQLite store ``<output_dir>/mlruns.db`` (MLflow 3 rejects the plai
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -24,7 +23,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.utils import path_to_sqlite_uri
 
 from pipeline.data.context_encoding import ContextEncodingNoise
-from pipeline.io import atomic_path, atomic_write_json, file_lock
+from pipeline.io import atomic_path, atomic_write_json, file_lock, file_sha256
 from pipeline.tracking_spool import SpooledClient, report_pending
 
 __all__ = [
@@ -96,7 +95,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
 
 def datalist_fingerprint(path: str | os.PathLike) -> str:
     """First 16 hex digits of the SHA-256 of the datalist file: runs on the same list share it."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def _git_commit() -> str:

@@ -31,22 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import WriteError
+from pipeline.io import WriteError, file_sha256
 
-__all__ = ["CACHE_FORMAT", "CachedVolume", "SliceCache", "file_digest"]
+__all__ = ["CACHE_FORMAT", "CachedVolume", "SliceCache"]
 
 CACHE_FORMAT = 1
 _META = "meta.json"
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-
-
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class CachedVolume:
@@ -94,7 +85,7 @@ class SliceCache:
         """The entry key of a volume whose files are ``files`` (key name -> path)."""
         digest = hashlib.sha256(self.settings.encode())
         for name in sorted(files):
-            digest.update(f"{name}:{file_digest(files[name])};".encode())
+            digest.update(f"{name}:{file_sha256(files[name])};".encode())
         return digest.hexdigest()
 
     def folder(self, key: str) -> Path:
