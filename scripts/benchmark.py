@@ -424,6 +424,7 @@ def scale_benchmark(quick: bool, sizes: Sequence[int], workers: int, datalist: P
                   "preprocess_workers_speedup": first[0] / first[workers], "cache_first_s": first[0],
                   "cache_reuse_s": reuse, "cache_reuse_speedup": first[0] / reuse,
                   "cache_read_slices_per_s": read / (time.perf_counter() - start), "cache_volumes": len(entries)}
+
         def child(n: int, cache: str) -> dict:
             run = subprocess.run([sys.executable, __file__, "--out", str(tmp / "unused.json"), "--scale-child",
                                   str(cohort(entries, n, tmp / "cohort")), cache, *(["--quick"] if quick else [])],
