@@ -28,8 +28,7 @@ import os
 from pathlib import Path
 
 from pipeline.data.validation import InputError
-from pipeline.io import file_sha256
-from pipeline.io import atomic_write_json, file_lock
+from pipeline.io import atomic_write_json, file_lock, file_sha256
 
 __all__ = ["THRESHOLD_FILENAME", "checkpoint_sha256", "quantile_key", "read_thresholds", "select_threshold",
            "threshold_path", "update_thresholds"]

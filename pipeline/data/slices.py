@@ -190,8 +190,8 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         if cache is not None:
             logger.info("slice cache %s: %d of %d volumes preprocessed, %d found", cache.root, preprocessed, len(data),
                         len(data) - preprocessed)
-        self.subject, self.local, self.slice, self.position = (torch.from_numpy(np.concatenate(parts))
-                                                                for parts in (subject, local, slice_index, position))
+        index = [torch.from_numpy(np.concatenate(parts)) for parts in (subject, local, slice_index, position)]
+        self.subject, self.local, self.slice, self.position = index
 
     def __len__(self) -> int:
         return len(self.subject)
