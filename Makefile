@@ -1,5 +1,5 @@
 # `make demo`: create .venv, build the demo data set and run the main job on it.
-# `make test`: create .venv and run the whole test suite.
+# `make test`: create .venv, check formatting and lint (`make lint`), then run the whole test suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ DEMO_EPOCHS ?= 15
 DEMO_SEEDS ?= 0 1 2
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint format install clean
 
 install: $(STAMP)
 
@@ -25,7 +25,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python scripts/compare.py --demo-dir $(DEMO_DIR) --output-dir runs/demo --seeds $(DEMO_SEEDS) --epochs $(DEMO_EPOCHS)
 
-test: $(STAMP)
+# black, isort and flake8 at the Model Zoo's settings (pyproject.toml, .flake8); `make format` applies the first two.
+lint: $(STAMP)
+	$(BIN)/black --check --quiet .
+	$(BIN)/isort --check --quiet .
+	$(BIN)/flake8 .
+
+format: $(STAMP)
+	$(BIN)/black --quiet .
+	$(BIN)/isort --quiet .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -40,8 +40,11 @@ def resolve_datalist(datalist: str | os.PathLike | None, demo_dir: str | os.Path
         return str(datalist)
     path = Path(demo_dir) / "datalist.json"
     if not path.is_file():
-        logger.warning("no --datalist given and no demo data in %s: building the embedded demo data set there "
-                       "(synthetic T2 brains from nilearn's MNI152 template)", demo_dir)
+        logger.warning(
+            "no --datalist given and no demo data in %s: building the embedded demo data set there "
+            "(synthetic T2 brains from nilearn's MNI152 template)",
+            demo_dir,
+        )
         make_demo_dataset(demo_dir)
     else:
         logger.info("no --datalist given: using the demo data set %s", path)
@@ -64,20 +67,26 @@ def validation_entries(datalist: str | os.PathLike, val_fraction: float, seed: i
     return train_val_split(datalist, val_fraction, seed)[1]
 
 
-def resume_if_requested(resume: bool, checkpoint: str | os.PathLike, objects: Mapping[str, object],
-                        device: str | torch.device = "cpu") -> None:
+def resume_if_requested(
+    resume: bool, checkpoint: str | os.PathLike, objects: Mapping[str, object], device: str | torch.device = "cpu"
+) -> None:
     """With ``resume``, load ``objects`` (model, optimizer, trainer state, RNG state) from ``checkpoint`` through
     MONAI's ``CheckpointLoader`` (``weights_only=True``); the trainer's next ``run()`` continues from there."""
     if not resume:
         return
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint {checkpoint}; run training without --resume first, or give "
-                                "the --output_dir of the run to resume.")
+        raise FileNotFoundError(
+            f"--resume: no checkpoint {checkpoint}; run training without --resume first, or give "
+            "the --output_dir of the run to resume."
+        )
     trainer = objects["trainer"]
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).keys()
     if "validator" in objects and "validator" not in saved:  # a last.pt of bundle < 0.6.0
-        logger.warning("%s has no best validation epoch (an older run): the best checkpoint is chosen anew from "
-                       "the first resumed epoch on", checkpoint)
+        logger.warning(
+            "%s has no best validation epoch (an older run): the best checkpoint is chosen anew from "
+            "the first resumed epoch on",
+            checkpoint,
+        )
         objects = {name: obj for name, obj in objects.items() if name != "validator"}
     CheckpointLoader(load_path=str(checkpoint), load_dict=dict(objects), map_location=device)(trainer)
     logger.info("resumed from %s at epoch %d", checkpoint, trainer.state.epoch)
@@ -137,8 +146,10 @@ def check_config_keys() -> None:
         for key in unknown:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise InputError(f"unknown config key(s): {', '.join(hints)}; no config of {workflow.config_root_path} "
-                         "defines them. Fix the --key on the command line.")
+        raise InputError(
+            f"unknown config key(s): {', '.join(hints)}; no config of {workflow.config_root_path} "
+            "defines them. Fix the --key on the command line."
+        )
 
 
 EXECUTED_CONFIG = "config.json"  # the training's executed config, next to its checkpoints
@@ -155,8 +166,10 @@ def training_config(checkpoint: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise InputError(f"{path} (the training config next to the checkpoint) is not valid JSON ({err}); restore "
-                         "it from the run's MLflow artifacts or delete it and pass every setting explicitly.") from err
+        raise InputError(
+            f"{path} (the training config next to the checkpoint) is not valid JSON ({err}); restore "
+            "it from the run's MLflow artifacts or delete it and pass every setting explicitly."
+        ) from err
 
 
 def check_matches_training(checkpoint: str | os.PathLike, keys: Sequence[str] = SCORING_KEYS) -> None:
@@ -172,13 +185,22 @@ def check_matches_training(checkpoint: str | os.PathLike, keys: Sequence[str] = 
     current = {k: parser.get_parsed_content(k) for k in keys if k in trained and k in parser}
     differ = [f"{k}={value!r} (trained with {trained[k]!r})" for k, value in current.items() if value != trained[k]]
     if differ:
-        raise InputError(f"this run's settings differ from the training of {checkpoint} (recorded in "
-                         f"{Path(checkpoint).parent / EXECUTED_CONFIG}): {', '.join(differ)}; pass the training's "
-                         "values or leave them out, or use another checkpoint.")
+        raise InputError(
+            f"this run's settings differ from the training of {checkpoint} (recorded in "
+            f"{Path(checkpoint).parent / EXECUTED_CONFIG}): {', '.join(differ)}; pass the training's "
+            "values or leave them out, or use another checkpoint."
+        )
 
 
-USER_ERRORS = (InputError, FileNotFoundError, ConnectionError, PermissionError, NotADirectoryError,
-               IsADirectoryError, WriteError)
+USER_ERRORS = (
+    InputError,
+    FileNotFoundError,
+    ConnectionError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+    WriteError,
+)
 
 
 def _user_error(exc: BaseException | None) -> BaseException | None:
@@ -204,8 +226,11 @@ def install_error_hook() -> None:
         if cause is None or os.environ.get("CEVAE_TRACEBACK"):
             previous(kind, value, tb)
             return
-        hint = ("; check the path, or choose a writable --output_dir"
-                if isinstance(cause, (PermissionError, NotADirectoryError, IsADirectoryError)) else "")
+        hint = (
+            "; check the path, or choose a writable --output_dir"
+            if isinstance(cause, (PermissionError, NotADirectoryError, IsADirectoryError))
+            else ""
+        )
         print(f"error: {cause}{hint}", file=sys.stderr)
         sys.exit(2)
 

@@ -50,13 +50,28 @@ from pipeline.data.datalist import load_datalist
 from pipeline.data.slices import brain_slice_indices
 from pipeline.data.validation import InputError
 from pipeline.engines.checkpoint import load_trained
-from pipeline.healthy import (DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE, HEALTHY_QUANTILES, active_units,
-                              healthy_thresholds)
+from pipeline.healthy import (
+    DEFAULT_OPTION_SET,
+    DEFAULT_QUANTILE,
+    DEFAULT_SCORE,
+    HEALTHY_QUANTILES,
+    active_units,
+    healthy_thresholds,
+)
 from pipeline.io import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.losses import CeVAELoss
-from pipeline.metrics import (ThresholdCurve, best_dice_threshold, bootstrap_dice, bootstrap_pixel_metrics,
-                              bootstrap_weights, dice, lesion_detection, segmented_fraction_grid, slice_labels,
-                              split_calibration)
+from pipeline.metrics import (
+    ThresholdCurve,
+    best_dice_threshold,
+    bootstrap_dice,
+    bootstrap_pixel_metrics,
+    bootstrap_weights,
+    dice,
+    lesion_detection,
+    segmented_fraction_grid,
+    slice_labels,
+    split_calibration,
+)
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, score_volume, segment
 from pipeline.thresholds import checkpoint_sha256, quantile_key, read_thresholds, update_thresholds
 
@@ -90,8 +105,10 @@ class _Subject:
 
 def _counts(segmentations: Sequence[np.ndarray], subjects: Sequence[_Subject]) -> np.ndarray:
     """``(n_subjects, 3)``: true positives, segmented voxels, lesion voxels of each subject."""
-    return np.array([[int((g & s.label).sum()), int(g.sum()), int(s.label.sum())]
-                     for g, s in zip(segmentations, subjects)], dtype=np.int64).reshape(-1, 3)
+    return np.array(
+        [[int((g & s.label).sum()), int(g.sum()), int(s.label.sum())] for g, s in zip(segmentations, subjects)],
+        dtype=np.int64,
+    ).reshape(-1, 3)
 
 
 def _pooled_dice(counts: np.ndarray) -> float:
@@ -126,16 +143,35 @@ class AnomalyEvaluation:
         n_bootstrap: bootstrap resamples of the intervals.
     """
 
-    def __init__(self, network: torch.nn.Module, checkpoint: str | os.PathLike, datalist: str | os.PathLike,
-                 transform: Callable, output_dir: str | os.PathLike, loss: CeVAELoss,
-                 device: str | torch.device = "cpu", configs: Mapping[str, ScoreOptions] | None = None,
-                 batch_size: int = 64, min_slice_pixels: int = 20, min_brain_fraction: float = 0.1,
-                 border_slices: int = 0, calibration_fraction: float = 0.2, seed: int = 0, key: str = "test",
-                 n_panels: int = 4, tracking_uri: str | None = None, experiment_name: str = "cevae", name: str = "eval",
-                 label_groups: Mapping[str, Sequence[int]] | None = None, healthy_data: Sequence[dict] | None = None,
-                 healthy_quantiles: Sequence[float] = HEALTHY_QUANTILES, default_option_set: str = DEFAULT_OPTION_SET,
-                 default_score: str = DEFAULT_SCORE, default_quantile: float = DEFAULT_QUANTILE,
-                 n_bootstrap: int = 1000) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        checkpoint: str | os.PathLike,
+        datalist: str | os.PathLike,
+        transform: Callable,
+        output_dir: str | os.PathLike,
+        loss: CeVAELoss,
+        device: str | torch.device = "cpu",
+        configs: Mapping[str, ScoreOptions] | None = None,
+        batch_size: int = 64,
+        min_slice_pixels: int = 20,
+        min_brain_fraction: float = 0.1,
+        border_slices: int = 0,
+        calibration_fraction: float = 0.2,
+        seed: int = 0,
+        key: str = "test",
+        n_panels: int = 4,
+        tracking_uri: str | None = None,
+        experiment_name: str = "cevae",
+        name: str = "eval",
+        label_groups: Mapping[str, Sequence[int]] | None = None,
+        healthy_data: Sequence[dict] | None = None,
+        healthy_quantiles: Sequence[float] = HEALTHY_QUANTILES,
+        default_option_set: str = DEFAULT_OPTION_SET,
+        default_score: str = DEFAULT_SCORE,
+        default_quantile: float = DEFAULT_QUANTILE,
+        n_bootstrap: int = 1000,
+    ) -> None:
         for text in (name, *(label_groups or {})):
             if not text or "/" in text:
                 raise ValueError(f"evaluation and label group names must be non-empty without '/', got {text!r}.")
@@ -145,16 +181,21 @@ class AnomalyEvaluation:
         self.loss = loss
         self.configs = dict(configs or OPTION_SETS)
         if default_option_set not in self.configs or default_score not in SCORE_NAMES:
-            raise InputError(f"the default segmentation {default_option_set}/{default_score} is not among the option "
-                             f"sets {sorted(self.configs)} and scores {SCORE_NAMES}; fix --default_option_set or "
-                             "--default_score.")
+            raise InputError(
+                f"the default segmentation {default_option_set}/{default_score} is not among the option "
+                f"sets {sorted(self.configs)} and scores {SCORE_NAMES}; fix --default_option_set or "
+                "--default_score."
+            )
         self.batch_size, self.min_slice_pixels = batch_size, min_slice_pixels
         self.min_brain_fraction, self.border_slices = min_brain_fraction, border_slices
         self.calibration_fraction, self.seed, self.key, self.n_panels = calibration_fraction, seed, key, n_panels
         self.tracking_uri, self.experiment_name, self.name = tracking_uri, experiment_name, name
         self.healthy_data, self.healthy_quantiles = healthy_data, tuple(healthy_quantiles)
-        self.default = {"option_set": default_option_set, "score": default_score,
-                        "quantile": quantile_key(default_quantile)}
+        self.default = {
+            "option_set": default_option_set,
+            "score": default_score,
+            "quantile": quantile_key(default_quantile),
+        }
         self.n_bootstrap = n_bootstrap
 
     # ----------------------------------------------------------------------------------------------- scoring
@@ -176,22 +217,37 @@ class AnomalyEvaluation:
         if content.get("healthy") and all(content.get("options", {}).get(c) == o for c, o in options.items()):
             return self._with_default(content["healthy"])
         if not self.healthy_data:
-            raise InputError(f"no usable healthy thresholds for {self.checkpoint} ({reason}); evaluate with the "
-                             "training datalist (--datalist, its healthy validation subjects give them) or use the "
-                             "threshold.json written by the training of this checkpoint.")
-        logger.info("computing healthy thresholds of %s on %d healthy validation subjects", self.checkpoint,
-                    len(self.healthy_data))
-        healthy = healthy_thresholds(self.network, self.loss, self.healthy_data, self.transform, self.configs,
-                                     self.healthy_quantiles, self.batch_size, self.device)
+            raise InputError(
+                f"no usable healthy thresholds for {self.checkpoint} ({reason}); evaluate with the "
+                "training datalist (--datalist, its healthy validation subjects give them) or use the "
+                "threshold.json written by the training of this checkpoint."
+            )
+        logger.info(
+            "computing healthy thresholds of %s on %d healthy validation subjects",
+            self.checkpoint,
+            len(self.healthy_data),
+        )
+        healthy = healthy_thresholds(
+            self.network,
+            self.loss,
+            self.healthy_data,
+            self.transform,
+            self.configs,
+            self.healthy_quantiles,
+            self.batch_size,
+            self.device,
+        )
         return self._with_default(update_thresholds(self.checkpoint, options, healthy=healthy)["healthy"])
 
     def _with_default(self, healthy: dict) -> dict:
         """``healthy`` if it holds the default quantile, else an :class:`InputError` naming the stored ones."""
         stored = next(iter(healthy["thresholds"].values()))[self.default["score"]]
         if self.default["quantile"] not in stored:
-            raise InputError(f"the healthy thresholds of {self.checkpoint} hold the quantiles "
-                             f"{sorted(stored, key=float)}, not {self.default['quantile']}; pass --healthy_quantile "
-                             "with one of them.")
+            raise InputError(
+                f"the healthy thresholds of {self.checkpoint} hold the quantiles "
+                f"{sorted(stored, key=float)}, not {self.default['quantile']}; pass --healthy_quantile "
+                "with one of them."
+            )
         return healthy
 
     def score_subject(self, name: str, data: Mapping[str, torch.Tensor]) -> tuple[_Subject, dict]:
@@ -202,20 +258,24 @@ class AnomalyEvaluation:
         classes = None
         if self.label_groups:
             if "label_classes" not in data:
-                raise ValueError("label_groups needs the label's classes: build the transform with "
-                                 "class_key='label_classes'.")
+                raise ValueError(
+                    "label_groups needs the label's classes: build the transform with " "class_key='label_classes'."
+                )
             classes = np.rint(np.asarray(data["label_classes"][0])[brain]).astype(np.int16)
         subject = _Subject(name, brain, label, classes)
-        subject.scored_slices = brain_slice_indices(torch.as_tensor(brain[None]), self.min_brain_fraction,
-                                                    self.border_slices)
-        terms, maps = score_volume(self.network, image, brain, self.configs, self.loss, self.batch_size,
-                                   device=self.device)
+        subject.scored_slices = brain_slice_indices(
+            torch.as_tensor(brain[None]), self.min_brain_fraction, self.border_slices
+        )
+        terms, maps = score_volume(
+            self.network, image, brain, self.configs, self.loss, self.batch_size, device=self.device
+        )
         subject.slice_terms = {k: terms[k].numpy() for k in ("rec", "kl", "neg_elbo", "mu")}
         brain_pixels = np.maximum(brain.sum(axis=(0, 1)), 1)
         for config, volumes in maps.items():
             subject.voxels[config] = {score: volume[brain] for score, volume in volumes.items()}
-            subject.slice_means[config] = {score: (volume * brain).sum(axis=(0, 1)) / brain_pixels
-                                           for score, volume in volumes.items()}
+            subject.slice_means[config] = {
+                score: (volume * brain).sum(axis=(0, 1)) / brain_pixels for score, volume in volumes.items()
+            }
         return subject, {"image": image[0].permute(2, 0, 1).numpy(), "recon": terms["recon"][:, 0].numpy()}
 
     # ----------------------------------------------------------------------------------------------- metrics
@@ -245,15 +305,20 @@ class AnomalyEvaluation:
         refined = best_of(np.geomspace(max(fraction / step, grid[0]), min(fraction * step, 1.0), REFINE_POINTS))
         return (threshold, value) if value >= refined[1] else refined[:2]
 
-    def _dice_entry(self, subjects: Sequence[_Subject], config: str, score: str, threshold: float,
-                    whole_brain: float) -> tuple[dict, np.ndarray]:
+    def _dice_entry(
+        self, subjects: Sequence[_Subject], config: str, score: str, threshold: float, whole_brain: float
+    ) -> tuple[dict, np.ndarray]:
         """Pooled Dice at ``threshold`` with its whole-brain baseline and the share of the brain it segments."""
         counts = self._counts(subjects, config, score, threshold)
         brain_voxels = sum(int(s.brain.sum()) for s in subjects)
         fraction = float(counts[:, 1].sum() / max(brain_voxels, 1))
-        entry = {"threshold": float(threshold), "dice": _pooled_dice(counts) if len(subjects) else float("nan"),
-                 "whole_brain": whole_brain, "brain_fraction": fraction,
-                 "covers_over_half_brain": bool(fraction > HALF_BRAIN)}
+        entry = {
+            "threshold": float(threshold),
+            "dice": _pooled_dice(counts) if len(subjects) else float("nan"),
+            "whole_brain": whole_brain,
+            "brain_fraction": fraction,
+            "covers_over_half_brain": bool(fraction > HALF_BRAIN),
+        }
         return entry, counts
 
     def _detection(self, subjects: Sequence[_Subject], config: str, score: str, threshold: float) -> dict:
@@ -261,10 +326,15 @@ class AnomalyEvaluation:
         lesions, detected = sum(f["lesions"] for f in found), sum(f["detected"] for f in found)
         false_positives = sum(f["false_positives"] for f in found)
         n = len(subjects)
-        return {"threshold": float(threshold), "subjects": n, "lesions": lesions, "detected": detected,
-                "recall": detected / lesions if lesions else float("nan"),
-                "false_positive_components": false_positives,
-                "fp_per_volume": false_positives / n if n else float("nan")}
+        return {
+            "threshold": float(threshold),
+            "subjects": n,
+            "lesions": lesions,
+            "detected": detected,
+            "recall": detected / lesions if lesions else float("nan"),
+            "false_positive_components": false_positives,
+            "fp_per_volume": false_positives / n if n else float("nan"),
+        }
 
     def metrics(self, subjects: list[_Subject], curves: dict, healthy: dict) -> dict:
         """All metrics, per option set (see the module docstring); ``curves`` from :meth:`curves`, ``healthy`` the
@@ -303,19 +373,25 @@ class AnomalyEvaluation:
             "checkpoint_sha256": checkpoint_sha256(self.checkpoint),
             "datalist": str(self.datalist),
             "healthy_quantiles": list(healthy["thresholds"][next(iter(self.configs))]["rec"]),
-            "default": {**self.default, "threshold": healthy["thresholds"][self.default["option_set"]][
-                self.default["score"]][self.default["quantile"]]},
+            "default": {
+                **self.default,
+                "threshold": healthy["thresholds"][self.default["option_set"]][self.default["score"]][
+                    self.default["quantile"]
+                ],
+            },
             "baselines": baselines,
             "warnings": [],
         }
         for config in self.configs:
             out: dict = {"options": self.configs[config].to_dict(), "prevalence": baselines["prevalence"]}
             slice_scores = {"elbo": np.concatenate([s.slice_terms["neg_elbo"][s.scored_slices] for s in subjects])}
-            slice_scores.update({k: np.concatenate([s.slice_means[config][k][s.scored_slices] for s in subjects])
-                                 for k in SCORE_NAMES})
+            slice_scores.update(
+                {k: np.concatenate([s.slice_means[config][k][s.scored_slices] for s in subjects]) for k in SCORE_NAMES}
+            )
             out["slice_auroc"] = {k: _safe(roc_auc_score, slice_y[keep], v[keep]) for k, v in slice_scores.items()}
-            out["slice_auprc"] = {k: _safe(average_precision_score, slice_y[keep], v[keep])
-                                  for k, v in slice_scores.items()}
+            out["slice_auprc"] = {
+                k: _safe(average_precision_score, slice_y[keep], v[keep]) for k, v in slice_scores.items()
+            }
             for key in ("pixel_auroc", "pixel_auprc", "dice_split", "dice_best", "dice_healthy"):
                 out[key] = {}
             out["lesion_detection"] = {"calibrated": {}, "healthy": {}}
@@ -323,21 +399,30 @@ class AnomalyEvaluation:
             for score in SCORE_NAMES:
                 out["pixel_auroc"][score] = curves[config][score]["auroc"]
                 out["pixel_auprc"][score] = curves[config][score]["auprc"]
-                interval = (bootstrap_pixel_metrics([s.voxels[config][score] for s in subjects],
-                                                    [s.lesion_voxels for s in subjects], weights,
-                                                    exact={"auroc": out["pixel_auroc"][score],
-                                                           "auprc": out["pixel_auprc"][score]})
-                            if weights is not None else {"auroc": NO_INTERVAL, "auprc": NO_INTERVAL})
+                interval = (
+                    bootstrap_pixel_metrics(
+                        [s.voxels[config][score] for s in subjects],
+                        [s.lesion_voxels for s in subjects],
+                        weights,
+                        exact={"auroc": out["pixel_auroc"][score], "auprc": out["pixel_auprc"][score]},
+                    )
+                    if weights is not None
+                    else {"auroc": NO_INTERVAL, "auprc": NO_INTERVAL}
+                )
                 out["ci95"]["pixel_auroc"][score] = interval["auroc"]
                 out["ci95"]["pixel_auprc"][score] = interval["auprc"]
                 threshold, cal_dice = self._dice_search(cal, config, score)
                 split, counts = self._dice_entry(rep, config, score, threshold, baselines["dice_whole_brain_reported"])
                 per_subject = {s.name: dice(self._segment(s, config, score, threshold), s.label) for s in rep}
-                out["dice_split"][score] = {**split, "calibration_dice": cal_dice,
-                                            "dice_mean_per_subject": float(np.mean(list(per_subject.values())))
-                                            if rep else float("nan"), "per_subject": per_subject}
-                out["ci95"]["dice_split"][score] = (bootstrap_dice(counts, weights_rep) if weights_rep is not None
-                                                    else NO_INTERVAL)
+                out["dice_split"][score] = {
+                    **split,
+                    "calibration_dice": cal_dice,
+                    "dice_mean_per_subject": float(np.mean(list(per_subject.values()))) if rep else float("nan"),
+                    "per_subject": per_subject,
+                }
+                out["ci95"]["dice_split"][score] = (
+                    bootstrap_dice(counts, weights_rep) if weights_rep is not None else NO_INTERVAL
+                )
                 out["lesion_detection"]["calibrated"][score] = self._detection(rep, config, score, threshold)
                 out["dice_best"][score] = self._dice_search(subjects, config, score)[1]
                 out["dice_healthy"][score] = {}
@@ -345,10 +430,13 @@ class AnomalyEvaluation:
                     entry, counts = self._dice_entry(subjects, config, score, value, baselines["dice_whole_brain_all"])
                     out["dice_healthy"][score][q] = entry
                     if q == self.default["quantile"]:
-                        out["ci95"]["dice_healthy"][score] = (bootstrap_dice(counts, weights) if weights is not None
-                                                              else NO_INTERVAL)
+                        out["ci95"]["dice_healthy"][score] = (
+                            bootstrap_dice(counts, weights) if weights is not None else NO_INTERVAL
+                        )
                         out["lesion_detection"]["healthy"][score] = {
-                            "quantile": q, **self._detection(subjects, config, score, value)}
+                            "quantile": q,
+                            **self._detection(subjects, config, score, value),
+                        }
             out.update(self._group_metrics(subjects, config))
             results[config] = out
             results["warnings"] += self._coverage_warnings(config, out)
@@ -361,11 +449,17 @@ class AnomalyEvaluation:
     def _coverage_warnings(config: str, out: dict) -> list[str]:
         """One line per threshold of ``config`` whose segmentation covers more than half of the brain."""
         found = [(f"dice_split/{score}", entry) for score, entry in out["dice_split"].items()]
-        found += [(f"dice_healthy/{score}/q{q}", entry) for score, per_q in out["dice_healthy"].items()
-                  for q, entry in per_q.items()]
-        lines = [f"{config}/{where}: threshold {entry['threshold']:.4g} segments {100 * entry['brain_fraction']:.0f} % "
-                 f"of the brain (Dice {entry['dice']:.3f}, a whole-brain mask scores {entry['whole_brain']:.3f})"
-                 for where, entry in found if entry["covers_over_half_brain"]]
+        found += [
+            (f"dice_healthy/{score}/q{q}", entry)
+            for score, per_q in out["dice_healthy"].items()
+            for q, entry in per_q.items()
+        ]
+        lines = [
+            f"{config}/{where}: threshold {entry['threshold']:.4g} segments {100 * entry['brain_fraction']:.0f} % "
+            f"of the brain (Dice {entry['dice']:.3f}, a whole-brain mask scores {entry['whole_brain']:.3f})"
+            for where, entry in found
+            if entry["covers_over_half_brain"]
+        ]
         for line in lines:
             logger.warning("%s", line)
         return lines
@@ -410,9 +504,17 @@ class AnomalyEvaluation:
         self._plot_curves(curves)
         self._plot_panels(panels, results)
         calibrated = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
-        update_thresholds(self.checkpoint, {c: o.to_dict() for c, o in self.configs.items()},
-                          calibrated={self.name: {"datalist": str(self.datalist), "subjects": results[
-                              "calibration_subjects"], "thresholds": calibrated}})
+        update_thresholds(
+            self.checkpoint,
+            {c: o.to_dict() for c, o in self.configs.items()},
+            calibrated={
+                self.name: {
+                    "datalist": str(self.datalist),
+                    "subjects": results["calibration_subjects"],
+                    "thresholds": calibrated,
+                }
+            },
+        )
         self._log_to_mlflow(results)
         return results
 
@@ -423,19 +525,29 @@ class AnomalyEvaluation:
         writer = csv.writer(buffer)
         q = self.default["quantile"]
         columns = [(c, s) for c in self.configs for s in SCORE_NAMES]
-        writer.writerow(["subject", "calibration", "slices", "brain_voxels", "lesion_voxels", "lesions",
-                         "mean_neg_elbo"] + [f"{m}_{c}_{s}" for c, s in columns
-                                             for m in ("auroc", "auprc", "dice_split", f"dice_healthy_q{q}")])
+        writer.writerow(
+            ["subject", "calibration", "slices", "brain_voxels", "lesion_voxels", "lesions", "mean_neg_elbo"]
+            + [f"{m}_{c}_{s}" for c, s in columns for m in ("auroc", "auprc", "dice_split", f"dice_healthy_q{q}")]
+        )
         for s in subjects:
-            row = [s.name, s.name in results["calibration_subjects"], s.label.shape[-1], int(s.brain.sum()),
-                   int(s.label.sum()), lesion_detection(s.label, s.label)["lesions"],
-                   float(s.slice_terms["neg_elbo"].mean())]
+            row = [
+                s.name,
+                s.name in results["calibration_subjects"],
+                s.label.shape[-1],
+                int(s.brain.sum()),
+                int(s.label.sum()),
+                lesion_detection(s.label, s.label)["lesions"],
+                float(s.slice_terms["neg_elbo"].mean()),
+            ]
             for c, k in columns:
                 curve = ThresholdCurve.from_scores(s.voxels[c][k], s.lesion_voxels)
                 threshold = results[c]["dice_healthy"][k][q]["threshold"]
-                row += [curve.auroc(), curve.average_precision(),
-                        results[c]["dice_split"][k]["per_subject"].get(s.name, ""),
-                        dice(self._segment(s, c, k, threshold), s.label)]
+                row += [
+                    curve.auroc(),
+                    curve.average_precision(),
+                    results[c]["dice_split"][k]["per_subject"].get(s.name, ""),
+                    dice(self._segment(s, c, k, threshold), s.label),
+                ]
             writer.writerow(row)
         atomic_write_text(buffer.getvalue(), self.output_dir / "per_subject.csv")
 
@@ -450,7 +562,8 @@ class AnomalyEvaluation:
             for score in SCORE_NAMES:
                 curve = ThresholdCurve.from_scores(np.concatenate([s.voxels[config][score] for s in subjects]), labels)
                 out.setdefault(config, {})[score] = {
-                    "auroc": curve.auroc(), "auprc": curve.average_precision(),
+                    "auroc": curve.auroc(),
+                    "auprc": curve.average_precision(),
                     "tpr": np.round(curve.tpr_at(grid), 5).tolist(),
                     "precision": np.round(curve.precision_at(grid), 5).tolist(),
                 }
@@ -484,26 +597,44 @@ class AnomalyEvaluation:
 
         config, score, q = (self.default[k] for k in ("option_set", "score", "quantile"))
         threshold = results["default"]["threshold"]
-        columns = ["input", "reconstruction", "ground truth", f"{config}: rec", f"{config}: kl_grad",
-                   f"{config}: combined", f"segmentation:\n{score} >= healthy q{q}"]
-        fig, axes = plt.subplots(len(panels), len(columns), figsize=(2 * len(columns), 2.2 * len(panels) + 0.4),
-                                 squeeze=False)
+        columns = [
+            "input",
+            "reconstruction",
+            "ground truth",
+            f"{config}: rec",
+            f"{config}: kl_grad",
+            f"{config}: combined",
+            f"segmentation:\n{score} >= healthy q{q}",
+        ]
+        fig, axes = plt.subplots(
+            len(panels), len(columns), figsize=(2 * len(columns), 2.2 * len(panels) + 0.4), squeeze=False
+        )
         for row, (subject, slices, z) in enumerate(panels):
             seg = self._segment(subject, config, score, threshold)[..., z]
-            images = [slices["image"][z], slices["recon"][z], subject.label[..., z],
-                      subject.volume(config, "rec")[..., z], subject.volume(config, "kl_grad")[..., z],
-                      subject.volume(config, "combined")[..., z], seg]
+            images = [
+                slices["image"][z],
+                slices["recon"][z],
+                subject.label[..., z],
+                subject.volume(config, "rec")[..., z],
+                subject.volume(config, "kl_grad")[..., z],
+                subject.volume(config, "combined")[..., z],
+                seg,
+            ]
             for col, (title, img) in enumerate(zip(columns, images)):
                 ax = axes[row, col]
-                ax.imshow(np.asarray(img, np.float32).T, cmap="gray" if col in (0, 1, 2, 6) else "magma",
-                          origin="lower")
+                ax.imshow(
+                    np.asarray(img, np.float32).T, cmap="gray" if col in (0, 1, 2, 6) else "magma", origin="lower"
+                )
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if row == 0:
                     ax.set_title(title, fontsize=8)
             axes[row, 0].set_ylabel(f"{subject.name}\nslice {z}", fontsize=8)
-        fig.suptitle(f"inference's default segmentation: option set {config}, score {score}, threshold {threshold:.4g} "
-                     f"(healthy quantile {q}, no labels used)", fontsize=9)
+        fig.suptitle(
+            f"inference's default segmentation: option set {config}, score {score}, threshold {threshold:.4g} "
+            f"(healthy quantile {q}, no labels used)",
+            fontsize=9,
+        )
         fig.tight_layout()
         with atomic_path(self.output_dir / "panels.png", ".png") as tmp:
             fig.savefig(tmp, dpi=80)
@@ -549,13 +680,16 @@ class AnomalyEvaluation:
         with store_lock(uri):  # the client creates a new store's schema
             client = SpooledClient(MlflowClient(uri), self.output_dir / SPOOL_DIRNAME)  # survives an outage
         if run_id is None:
-            run_id = client.create_run(experiment_id(client, self.experiment_name), run_name="evaluation",
-                                       tags={"evaluated_checkpoint": str(self.checkpoint)}).info.run_id
+            run_id = client.create_run(
+                experiment_id(client, self.experiment_name),
+                run_name="evaluation",
+                tags={"evaluated_checkpoint": str(self.checkpoint)},
+            ).info.run_id
         close = info.get("run_id") is None
         now = int(time.time() * 1000)
         metrics = [Metric(key, value, now, 0) for key, value in self.mlflow_metrics(results).items()]
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+            client.log_batch(run_id, metrics=metrics[start : start + 1000])
         folder = f"evaluation/{self.name}"
         for name in ("metrics.json", "per_subject.csv", "curves.json", "roc_pr.png", "panels.png"):
             if (self.output_dir / name).is_file():

@@ -46,9 +46,16 @@ def active_units(mu: torch.Tensor | np.ndarray) -> int:
     return int((torch.as_tensor(mu).double().var(dim=0) > ACTIVE_UNIT_VARIANCE).sum())
 
 
-def healthy_thresholds(network: torch.nn.Module, loss: CeVAELoss, entries: Sequence[dict], transform: Callable,
-                       option_sets: Mapping[str, ScoreOptions], quantiles: Sequence[float] = HEALTHY_QUANTILES,
-                       batch_size: int = 64, device: str | torch.device = "cpu") -> dict:
+def healthy_thresholds(
+    network: torch.nn.Module,
+    loss: CeVAELoss,
+    entries: Sequence[dict],
+    transform: Callable,
+    option_sets: Mapping[str, ScoreOptions],
+    quantiles: Sequence[float] = HEALTHY_QUANTILES,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict:
     """Quantiles of every option set's and score's maps over the brain voxels of the healthy volumes ``entries``.
 
     Each entry goes through ``transform`` (the training's volume chain) and :func:`~pipeline.scoring.score_volume`;
@@ -75,13 +82,23 @@ def healthy_thresholds(network: torch.nn.Module, loss: CeVAELoss, entries: Seque
             n_voxels = voxels.size
             values = np.quantile(voxels, list(quantiles))
             thresholds[config][score] = {quantile_key(q): float(v) for q, v in zip(quantiles, values)}
-    return {"quantiles": [float(q) for q in quantiles], "subjects": [str(e["image"]) for e in entries],
-            "n_voxels": int(n_voxels), "thresholds": thresholds}
+    return {
+        "quantiles": [float(q) for q in quantiles],
+        "subjects": [str(e["image"]) for e in entries],
+        "n_voxels": int(n_voxels),
+        "thresholds": thresholds,
+    }
 
 
 @torch.no_grad()
-def mean_brain_check(network: torch.nn.Module, train: BrainSliceDataset, validation: BrainSliceDataset,
-                     n_bins: int = 20, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
+def mean_brain_check(
+    network: torch.nn.Module,
+    train: BrainSliceDataset,
+    validation: BrainSliceDataset,
+    n_bins: int = 20,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict:
     """Reconstruction error on healthy validation slices: the model against a mean brain.
 
     The mean brain at a slice is the mean of the training slices in the same bin of relative axial position
@@ -107,8 +124,11 @@ def mean_brain_check(network: torch.nn.Module, train: BrainSliceDataset, validat
     mus, kl_total, n_pixels = [], 0.0, 0
     for batch in _index_batches(len(validation), batch_size):
         x = torch.stack([validation.read("image", i) for i in batch]).to(device)
-        brain = (torch.stack([validation.read("brainmask", i) for i in batch]).to(device)
-                 if "brainmask" in validation.keys else (x != 0).float())
+        brain = (
+            torch.stack([validation.read("brainmask", i) for i in batch]).to(device)
+            if "brainmask" in validation.keys
+            else (x != 0).float()
+        )
         mu, logvar = net.encode(x)
         recon = net.decode(mu)
         squared["rec"] += float(((x - recon) ** 2 * brain).sum())
@@ -118,9 +138,16 @@ def mean_brain_check(network: torch.nn.Module, train: BrainSliceDataset, validat
         mus.append(mu.cpu())
     mu = torch.cat(mus)
     rec_mse, mean_mse = squared["rec"] / max(n_pixels, 1), squared["mean_brain"] / max(n_pixels, 1)
-    return {"rec_mse": rec_mse, "mean_brain_mse": mean_mse, "rec_vs_mean_brain": rec_mse / max(mean_mse, 1e-12),
-            "active_units": active_units(mu), "z_dim": int(mu.shape[1]),
-            "kl_per_dim": kl_total / (mu.shape[0] * mu.shape[1]), "n_slices": int(mu.shape[0]), "position_bins": n_bins}
+    return {
+        "rec_mse": rec_mse,
+        "mean_brain_mse": mean_mse,
+        "rec_vs_mean_brain": rec_mse / max(mean_mse, 1e-12),
+        "active_units": active_units(mu),
+        "z_dim": int(mu.shape[1]),
+        "kl_per_dim": kl_total / (mu.shape[0] * mu.shape[1]),
+        "n_slices": int(mu.shape[0]),
+        "position_bins": n_bins,
+    }
 
 
 def _index_batches(n: int, batch_size: int) -> list[torch.Tensor]:

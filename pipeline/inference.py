@@ -60,11 +60,22 @@ class AnomalyInference:
         model_version: written into the score files (e.g. the bundle's metadata version).
     """
 
-    def __init__(self, network: torch.nn.Module, checkpoint: str | os.PathLike, transform: Callable,
-                 output_dir: str | os.PathLike, loss: CeVAELoss | None = None, device: str | torch.device = "cpu",
-                 threshold: float | None = None, healthy_quantile: float = DEFAULT_QUANTILE,
-                 calibration: str | None = None, option_set: str = DEFAULT_OPTION_SET, score: str = DEFAULT_SCORE,
-                 batch_size: int = 64, model_version: str = "unknown") -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        checkpoint: str | os.PathLike,
+        transform: Callable,
+        output_dir: str | os.PathLike,
+        loss: CeVAELoss | None = None,
+        device: str | torch.device = "cpu",
+        threshold: float | None = None,
+        healthy_quantile: float = DEFAULT_QUANTILE,
+        calibration: str | None = None,
+        option_set: str = DEFAULT_OPTION_SET,
+        score: str = DEFAULT_SCORE,
+        batch_size: int = 64,
+        model_version: str = "unknown",
+    ) -> None:
         if score not in SCORE_NAMES:
             raise InputError(f"unknown score {score!r}; choose one of {SCORE_NAMES} (--score).")
         self.network, self.checkpoint, self.transform = network, Path(checkpoint), transform
@@ -92,11 +103,13 @@ class AnomalyInference:
                 logger.warning("%s; using the library's option sets with the given threshold", err)
         available = content["options"] if content else {c: o.to_dict() for c, o in OPTION_SETS.items()}
         if self.option_set not in available:
-            raise InputError(f"unknown option set {self.option_set!r}; choose one of {sorted(available)} "
-                             "(--option_set).")
+            raise InputError(
+                f"unknown option set {self.option_set!r}; choose one of {sorted(available)} " "(--option_set)."
+            )
         if self.threshold is None:
             self.threshold, self.threshold_source = select_threshold(
-                content, self.option_set, self.score_name, self.healthy_quantile, self.calibration)
+                content, self.option_set, self.score_name, self.healthy_quantile, self.calibration
+            )
         self.options = ScoreOptions(**available[self.option_set])
         self.checkpoint_sha256 = checkpoint_sha256(self.checkpoint)
         self._loaded = True
@@ -109,36 +122,50 @@ class AnomalyInference:
         data = {"image": str(image)} if mask is None else {"image": str(image), "brainmask": str(mask)}
         pre = self.transform(data)
         brain = np.asarray(pre["brainmask"][0] > 0)
-        terms, maps = score_volume(self.network, pre["image"].as_tensor(), brain, {self.option_set: self.options},
-                                   self.loss, self.batch_size, scores=(self.score_name,), device=self.device)
+        terms, maps = score_volume(
+            self.network,
+            pre["image"].as_tensor(),
+            brain,
+            {self.option_set: self.options},
+            self.loss,
+            self.batch_size,
+            scores=(self.score_name,),
+            device=self.device,
+        )
         anomaly = maps[self.option_set][self.score_name]
         seg = segment(anomaly, brain, self.threshold, self.options)
         slice_scores = terms["neg_elbo"].tolist()
         native = self._invert(pre, {"anomaly": anomaly, "seg": seg.astype(np.float32)})
         reference = nib.load(str(image))
-        outputs = {"anomaly": self.output_dir / f"{name}_anomaly.nii.gz", "seg": self.output_dir / f"{name}_seg.nii.gz",
-                   "score": self.output_dir / f"{name}_score.json"}
+        outputs = {
+            "anomaly": self.output_dir / f"{name}_anomaly.nii.gz",
+            "seg": self.output_dir / f"{name}_seg.nii.gz",
+            "score": self.output_dir / f"{name}_score.json",
+        }
         atomic_save_nifti(_like(reference, native["anomaly"].astype(np.float32)), outputs["anomaly"])
         atomic_save_nifti(_like(reference, (native["seg"] > 0.5).astype(np.uint8)), outputs["seg"])
         in_brain = brain.reshape(-1, brain.shape[-1]).any(axis=0)
         brain_scores = np.asarray(slice_scores)[in_brain]
-        atomic_write_json({
-            "input": str(image),
-            "mask": None if mask is None else str(mask),
-            "volume_score_mean_neg_elbo": float(brain_scores.mean()),
-            "volume_score_max_neg_elbo": float(brain_scores.max()),
-            "slice_neg_elbo": slice_scores,
-            "slice_axis": "axial slices of the brain box in RAS order (inferior to superior)",
-            "option_set": self.option_set,
-            "score": self.score_name,
-            "threshold": float(self.threshold),
-            "threshold_source": self.threshold_source,
-            "scoring_options": self.options.to_dict(),
-            "segmented_voxels": int((native["seg"] > 0.5).sum()),
-            "segmented_brain_fraction": float(seg.sum() / max(brain.sum(), 1)),
-            "model_version": self.model_version,
-            "checkpoint_sha256": self.checkpoint_sha256,
-        }, outputs["score"])
+        atomic_write_json(
+            {
+                "input": str(image),
+                "mask": None if mask is None else str(mask),
+                "volume_score_mean_neg_elbo": float(brain_scores.mean()),
+                "volume_score_max_neg_elbo": float(brain_scores.max()),
+                "slice_neg_elbo": slice_scores,
+                "slice_axis": "axial slices of the brain box in RAS order (inferior to superior)",
+                "option_set": self.option_set,
+                "score": self.score_name,
+                "threshold": float(self.threshold),
+                "threshold_source": self.threshold_source,
+                "scoring_options": self.options.to_dict(),
+                "segmented_voxels": int((native["seg"] > 0.5).sum()),
+                "segmented_brain_fraction": float(seg.sum() / max(brain.sum(), 1)),
+                "model_version": self.model_version,
+                "checkpoint_sha256": self.checkpoint_sha256,
+            },
+            outputs["score"],
+        )
         logger.info("%s -> %s (threshold %.4g, %s)", image, self.output_dir, self.threshold, self.threshold_source)
         return {k: str(v) for k, v in outputs.items()}
 
@@ -150,8 +177,9 @@ class AnomalyInference:
         """
         reference = pre["image"]
         stacked = MetaTensor(torch.stack([torch.as_tensor(v) for v in maps.values()]), meta=dict(reference.meta))
-        inverter = Invertd(keys="maps", transform=self.transform, orig_keys="image", nearest_interp=False,
-                           to_tensor=True)
+        inverter = Invertd(
+            keys="maps", transform=self.transform, orig_keys="image", nearest_interp=False, to_tensor=True
+        )
         inverted = np.asarray(inverter({"image": reference, "maps": stacked})["maps"])
         return dict(zip(maps, inverted))
 

@@ -23,8 +23,16 @@ from typing import Any
 
 import nibabel as nib
 
-__all__ = ["WriteError", "atomic_path", "atomic_save_nifti", "atomic_write_json", "atomic_write_text", "file_lock",
-           "file_sha256", "parallel_gzip"]
+__all__ = [
+    "WriteError",
+    "atomic_path",
+    "atomic_save_nifti",
+    "atomic_write_json",
+    "atomic_write_text",
+    "file_lock",
+    "file_sha256",
+    "parallel_gzip",
+]
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -64,8 +72,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
         if isinstance(err, OSError) or "PytorchStreamWriter failed writing" in str(err):  # disk full, I/O error
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             kept = f"the previous {target.name} is intact" if target.exists() else f"no {target.name} was written"
-            raise WriteError(f"cannot write {target}: {reason}; {kept}. Free disk space or choose another output "
-                             "folder, then run again (training: --resume True).") from err
+            raise WriteError(
+                f"cannot write {target}: {reason}; {kept}. Free disk space or choose another output "
+                "folder, then run again (training: --resume True)."
+            ) from err
         raise
 
 

@@ -34,8 +34,9 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=1)
 
 
-def reconstruction_error(x: torch.Tensor, recon: torch.Tensor, kind: str = "l2", sigma: float | torch.Tensor = 1.0,
-                         reduce: bool = True) -> torch.Tensor:
+def reconstruction_error(
+    x: torch.Tensor, recon: torch.Tensor, kind: str = "l2", sigma: float | torch.Tensor = 1.0, reduce: bool = True
+) -> torch.Tensor:
     """Per-pixel reconstruction term, summed per sample when ``reduce`` (``(B, C, H, W)`` -> ``(B,)``).
 
     ``"l2"``: squared error; ``"l1"``: absolute error; ``"gaussian"``: negative log-likelihood of ``x`` under
@@ -74,8 +75,14 @@ class CeVAELoss(nn.Module):
     it travels in checkpoints under ``"loss"`` so that a model is scored with the likelihood it was trained with.
     """
 
-    def __init__(self, ce_weight: float = 0.5, kl_weight: float = 1.0, reconstruction: str = "gaussian",
-                 sigma: float | str = CALIBRATED, sigma_momentum: float = 0.05) -> None:
+    def __init__(
+        self,
+        ce_weight: float = 0.5,
+        kl_weight: float = 1.0,
+        reconstruction: str = "gaussian",
+        sigma: float | str = CALIBRATED,
+        sigma_momentum: float = 0.05,
+    ) -> None:
         super().__init__()
         if not 0.0 <= ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}.")
@@ -94,14 +101,18 @@ class CeVAELoss(nn.Module):
 
     def extra_repr(self) -> str:
         sigma = f"calibrated ({float(self.sigma):.4g})" if self.calibrated else f"{float(self.sigma):g}"
-        return f"ce_weight={self.ce_weight}, kl_weight={self.kl_weight}, reconstruction={self.reconstruction!r}, " \
-               f"sigma={sigma}"
+        return (
+            f"ce_weight={self.ce_weight}, kl_weight={self.kl_weight}, reconstruction={self.reconstruction!r}, "
+            f"sigma={sigma}"
+        )
 
     def scoring_sigma(self) -> torch.Tensor:
         """The sigma of validation and scoring; raises if a calibrated loss has never seen a training batch."""
         if float(self.sigma) <= 0:
-            raise RuntimeError("the calibrated sigma is not set: load the loss state of a trained checkpoint "
-                               "(its 'loss' entry) before scoring.")
+            raise RuntimeError(
+                "the calibrated sigma is not set: load the loss state of a trained checkpoint "
+                "(its 'loss' entry) before scoring."
+            )
         return self.sigma
 
     def rec(self, x: torch.Tensor, recon: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -110,8 +121,9 @@ class CeVAELoss(nn.Module):
             sigma = self.scoring_sigma()
         return reconstruction_error(x, recon, self.reconstruction, 1.0 if sigma is None else sigma)
 
-    def terms(self, x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
-              ) -> dict[str, torch.Tensor]:
+    def terms(
+        self, x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Per-slice ``rec``, ``kl`` and ``neg_elbo = rec + kl_weight * kl``, each ``(B,)``: the VAE term of the
         training objective with the scoring sigma (``recon`` decoded from the mean for a deterministic score)."""
         rec = self.rec(x, recon)
@@ -129,8 +141,14 @@ class CeVAELoss(nn.Module):
                 self.sigma.copy_(batch if first else torch.lerp(self.sigma, batch, self.sigma_momentum))
         return batch
 
-    def forward(self, x: torch.Tensor, recon: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-                recon_ce: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        recon: torch.Tensor,
+        mu: torch.Tensor,
+        logvar: torch.Tensor,
+        recon_ce: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         sigma = self._training_sigma(x, recon)
         rec = self.rec(x, recon, sigma).mean()
         kl = kl_divergence(mu, logvar).mean()

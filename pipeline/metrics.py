@@ -155,8 +155,11 @@ def lesion_detection(segmentation: np.ndarray, label: np.ndarray) -> dict[str, i
     overlap = segmentation & label
     detected = np.unique(lesions[overlap])
     touching = np.unique(found[overlap])
-    return {"lesions": int(n_lesions), "detected": int(detected[detected > 0].size),
-            "false_positives": int(n_found - touching[touching > 0].size)}
+    return {
+        "lesions": int(n_lesions),
+        "detected": int(detected[detected > 0].size),
+        "false_positives": int(n_found - touching[touching > 0].size),
+    }
 
 
 def bootstrap_weights(n_subjects: int, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
@@ -175,9 +178,14 @@ def _interval(values: np.ndarray, level: float = 0.95) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def bootstrap_pixel_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], weights: np.ndarray,
-                            exact: dict[str, float] | None = None, n_bins: int = 4096,
-                            level: float = 0.95) -> dict[str, list[float]]:
+def bootstrap_pixel_metrics(
+    scores: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    weights: np.ndarray,
+    exact: dict[str, float] | None = None,
+    n_bins: int = 4096,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of the pooled pixel AUROC and average precision over subjects.
 
     ``scores[s]``/``labels[s]``: subject ``s``'s brain voxels; ``weights``: :func:`bootstrap_weights`. Each
@@ -193,12 +201,20 @@ def bootstrap_pixel_metrics(scores: Sequence[np.ndarray], labels: Sequence[np.nd
     probes = np.linspace(0.0, 1.0, n_bins + 1)
     edges = np.quantile(pooled, probes)
     if positives.size:
-        edges = np.concatenate([edges, np.quantile(positives, probes[:: 4])])
+        edges = np.concatenate([edges, np.quantile(positives, probes[::4])])
     edges = np.unique(edges)[1:-1]
-    pos = np.stack([np.bincount(np.searchsorted(edges, s[y.astype(bool)], side="right"), minlength=edges.size + 1)
-                    for s, y in zip(scores, labels)]).astype(np.float64)
-    neg = np.stack([np.bincount(np.searchsorted(edges, s[~y.astype(bool)], side="right"), minlength=edges.size + 1)
-                    for s, y in zip(scores, labels)]).astype(np.float64)
+    pos = np.stack(
+        [
+            np.bincount(np.searchsorted(edges, s[y.astype(bool)], side="right"), minlength=edges.size + 1)
+            for s, y in zip(scores, labels)
+        ]
+    ).astype(np.float64)
+    neg = np.stack(
+        [
+            np.bincount(np.searchsorted(edges, s[~y.astype(bool)], side="right"), minlength=edges.size + 1)
+            for s, y in zip(scores, labels)
+        ]
+    ).astype(np.float64)
     values = _binned_metrics(pos, neg, weights)
     if exact is not None:
         full = _binned_metrics(pos, neg, np.ones((1, len(scores))))

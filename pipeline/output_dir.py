@@ -26,8 +26,16 @@ from typing import TextIO
 
 from pipeline.data.validation import InputError
 
-__all__ = ["EVALUATION_OUTPUTS", "LOCK_FILENAME", "TRAINING_OUTPUTS", "claim", "delete_outputs",
-           "prepare_evaluation_dir", "prepare_training_dir", "release"]
+__all__ = [
+    "EVALUATION_OUTPUTS",
+    "LOCK_FILENAME",
+    "TRAINING_OUTPUTS",
+    "claim",
+    "delete_outputs",
+    "prepare_evaluation_dir",
+    "prepare_training_dir",
+    "release",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +53,10 @@ def _holder(lock_path: Path) -> str:
         info = {}
     if not info:
         return "another process"
-    return (f"process {info.get('pid')} of {info.get('user')} on {info.get('host')} since {info.get('started')}: "
-            f"{info.get('command')}")
+    return (
+        f"process {info.get('pid')} of {info.get('user')} on {info.get('host')} since {info.get('started')}: "
+        f"{info.get('command')}"
+    )
 
 
 def claim(folder: str | os.PathLike, what: str = "run") -> Path:
@@ -64,12 +74,23 @@ def claim(folder: str | os.PathLike, what: str = "run") -> Path:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise InputError(f"{folder} is in use by {_holder(lock_path)}; wait for that {what} to end, or choose another "
-                         "output folder.") from None
+        raise InputError(
+            f"{folder} is in use by {_holder(lock_path)}; wait for that {what} to end, or choose another "
+            "output folder."
+        ) from None
     handle.seek(0)
     handle.truncate()
-    handle.write(json.dumps({"pid": os.getpid(), "user": getpass.getuser(), "host": socket.gethostname(),
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}))
+    handle.write(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "user": getpass.getuser(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(sys.argv),
+            }
+        )
+    )
     handle.flush()
     _held[folder] = (handle, 1)
     return folder
@@ -114,19 +135,24 @@ def prepare_training_dir(output_dir: str | os.PathLike, resume: bool = False, ov
     :class:`InputError`. Returns the folder.
     """
     if resume and overwrite:
-        raise InputError("--resume True continues the run in the output folder and --overwrite True replaces it: "
-                         "pass only one of them.")
+        raise InputError(
+            "--resume True continues the run in the output folder and --overwrite True replaces it: "
+            "pass only one of them."
+        )
     folder = claim(output_dir, "training")
-    trained = [folder / "checkpoints" / name for name in ("model.pt", "last.pt")
-               if (folder / "checkpoints" / name).is_file()]
+    trained = [
+        folder / "checkpoints" / name for name in ("model.pt", "last.pt") if (folder / "checkpoints" / name).is_file()
+    ]
     if not trained or resume:
         return folder
     if not overwrite:
         release(folder)
         stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(trained[0].stat().st_mtime))
-        raise InputError(f"{folder} holds a trained run ({trained[0]}, {stamp}); continue it with --resume True, "
-                         f"replace it with --overwrite True (deletes {', '.join(TRAINING_OUTPUTS)}), or choose another "
-                         "--output_dir.")
+        raise InputError(
+            f"{folder} holds a trained run ({trained[0]}, {stamp}); continue it with --resume True, "
+            f"replace it with --overwrite True (deletes {', '.join(TRAINING_OUTPUTS)}), or choose another "
+            "--output_dir."
+        )
     logger.warning("--overwrite: deleted %s from %s", ", ".join(delete_outputs(folder, TRAINING_OUTPUTS)), folder)
     return folder
 
@@ -139,8 +165,10 @@ def prepare_evaluation_dir(output_dir: str | os.PathLike, overwrite: bool = Fals
         return folder
     if not overwrite:
         release(folder)
-        raise InputError(f"{folder} holds the results of an evaluation ({folder / 'metrics.json'}); replace them with "
-                         f"--overwrite True (deletes {', '.join(EVALUATION_OUTPUTS)}), or choose another "
-                         "--eval_output_dir.")
+        raise InputError(
+            f"{folder} holds the results of an evaluation ({folder / 'metrics.json'}); replace them with "
+            f"--overwrite True (deletes {', '.join(EVALUATION_OUTPUTS)}), or choose another "
+            "--eval_output_dir."
+        )
     logger.warning("--overwrite: deleted %s from %s", ", ".join(delete_outputs(folder, EVALUATION_OUTPUTS)), folder)
     return folder

@@ -97,8 +97,9 @@ class ScoreOptions:
 
     def __post_init__(self) -> None:
         if self.grad_normalization not in GRAD_NORMALIZATIONS:
-            raise ValueError(f"grad_normalization must be one of {GRAD_NORMALIZATIONS}, got "
-                             f"{self.grad_normalization!r}.")
+            raise ValueError(
+                f"grad_normalization must be one of {GRAD_NORMALIZATIONS}, got " f"{self.grad_normalization!r}."
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,8 +126,7 @@ def elbo_terms(network: torch.nn.Module, x: torch.Tensor, loss: CeVAELoss) -> di
     return {"recon": recon, "mu": mu, **loss.terms(x, recon, mu, logvar)}
 
 
-def _encode_with_kl_gradient(net: torch.nn.Module, x: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _encode_with_kl_gradient(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mu, logvar, |dKL/dx|)`` from one encoder pass and one batched backward pass (the KL of a slice depends
     only on that slice, so the gradient of the summed KL is every slice's own gradient)."""
     with torch.enable_grad():
@@ -167,8 +167,9 @@ def score_maps(raw: dict[str, torch.Tensor], x: torch.Tensor, options: ScoreOpti
         grad = _min_max(grad, (1, 2, 3) if options.grad_normalization == "slice" else (0, 1, 2, 3))
     if options.grad_sigma > 0:
         radius = (options.grad_kernel - 1) / 2
-        kernel = gaussian_1d(torch.tensor(options.grad_sigma), truncated=radius / options.grad_sigma,
-                             approx="sampled", normalize=True).to(grad)
+        kernel = gaussian_1d(
+            torch.tensor(options.grad_sigma), truncated=radius / options.grad_sigma, approx="sampled", normalize=True
+        ).to(grad)
         grad = separable_filtering(grad, [kernel, kernel], mode="zeros")
     return {"rec": rec, "kl_grad": grad, "combined": rec * grad, "intensity": x.detach()}
 
@@ -186,10 +187,16 @@ def postprocess_volume(volume: np.ndarray, brainmask: np.ndarray, options: Score
     return out
 
 
-def score_volume(network: torch.nn.Module, image: torch.Tensor, brainmask: np.ndarray,
-                 configs: Mapping[str, ScoreOptions], loss: CeVAELoss, batch_size: int = 64,
-                 scores: Sequence[str] = SCORE_NAMES, device: str | torch.device = "cpu"
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
+def score_volume(
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    brainmask: np.ndarray,
+    configs: Mapping[str, ScoreOptions],
+    loss: CeVAELoss,
+    batch_size: int = 64,
+    scores: Sequence[str] = SCORE_NAMES,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
     """Score a whole preprocessed volume: network passes slice batch by slice batch, then the maps of every option
     set from the whole volume's raw scores.
 
@@ -208,7 +215,7 @@ def score_volume(network: torch.nn.Module, image: torch.Tensor, brainmask: np.nd
     slices = volume_to_slices(image)
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, slices.shape[0], batch_size):
-        raw = raw_scores(network, slices[start:start + batch_size].to(device), loss)
+        raw = raw_scores(network, slices[start : start + batch_size].to(device), loss)
         for key, value in raw.items():
             chunks.setdefault(key, []).append(value.cpu())
     raw = {key: torch.cat(parts) for key, parts in chunks.items()}

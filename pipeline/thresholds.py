@@ -30,8 +30,15 @@ from pathlib import Path
 from pipeline.data.validation import InputError
 from pipeline.io import atomic_write_json, file_lock, file_sha256
 
-__all__ = ["THRESHOLD_FILENAME", "checkpoint_sha256", "quantile_key", "read_thresholds", "select_threshold",
-           "threshold_path", "update_thresholds"]
+__all__ = [
+    "THRESHOLD_FILENAME",
+    "checkpoint_sha256",
+    "quantile_key",
+    "read_thresholds",
+    "select_threshold",
+    "threshold_path",
+    "update_thresholds",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +63,10 @@ def _load(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not valid JSON ({err}); delete it and re-run the bundle's 'evaluating' (which "
-                         "recomputes the healthy thresholds) or pass --threshold.") from err
+        raise InputError(
+            f"{path} is not valid JSON ({err}); delete it and re-run the bundle's 'evaluating' (which "
+            "recomputes the healthy thresholds) or pass --threshold."
+        ) from err
 
 
 def read_thresholds(checkpoint: str | os.PathLike) -> dict:
@@ -65,14 +74,18 @@ def read_thresholds(checkpoint: str | os.PathLike) -> dict:
     computed for another checkpoint."""
     path = threshold_path(checkpoint)
     if not path.is_file():
-        raise InputError(f"no segmentation thresholds for {checkpoint}: {path} does not exist (training writes it "
-                         "from the healthy validation subjects); re-run the bundle's 'evaluating' with the training "
-                         "datalist to compute it, or pass --threshold VALUE.")
+        raise InputError(
+            f"no segmentation thresholds for {checkpoint}: {path} does not exist (training writes it "
+            "from the healthy validation subjects); re-run the bundle's 'evaluating' with the training "
+            "datalist to compute it, or pass --threshold VALUE."
+        )
     content = _load(path)
     if content.get("checkpoint_sha256") != checkpoint_sha256(checkpoint):
-        raise InputError(f"{path} was computed for another checkpoint than {checkpoint} (its SHA-256 differs): the "
-                         "model was retrained or replaced. Re-run the bundle's 'evaluating' with the training "
-                         "datalist to recompute it, or pass --threshold VALUE.")
+        raise InputError(
+            f"{path} was computed for another checkpoint than {checkpoint} (its SHA-256 differs): the "
+            "model was retrained or replaced. Re-run the bundle's 'evaluating' with the training "
+            "datalist to recompute it, or pass --threshold VALUE."
+        )
     return content
 
 
@@ -98,24 +111,31 @@ def update_thresholds(checkpoint: str | os.PathLike, options: dict, **sections: 
     return content
 
 
-def select_threshold(content: dict, option_set: str, score: str, quantile: float | None = None,
-                     calibration: str | None = None) -> tuple[float, str]:
+def select_threshold(
+    content: dict, option_set: str, score: str, quantile: float | None = None, calibration: str | None = None
+) -> tuple[float, str]:
     """``(threshold, where it comes from)`` of ``option_set``/``score`` in a ``threshold.json`` content: the healthy
     ``quantile``, or with ``calibration`` the threshold that the labelled evaluation of that name calibrated."""
     if calibration is not None:
         found = content.get("calibrated", {})
         if calibration not in found:
-            raise InputError(f"no labelled calibration named {calibration!r} for this checkpoint (have: "
-                             f"{sorted(found) or 'none'}); run the bundle's 'evaluating' with --eval_name "
-                             f"{calibration}, or drop --calibration to use the healthy-data threshold.")
+            raise InputError(
+                f"no labelled calibration named {calibration!r} for this checkpoint (have: "
+                f"{sorted(found) or 'none'}); run the bundle's 'evaluating' with --eval_name "
+                f"{calibration}, or drop --calibration to use the healthy-data threshold."
+            )
         return float(found[calibration]["thresholds"][option_set][score]), f"calibrated on {calibration!r}"
     healthy = content.get("healthy")
     if healthy is None:
-        raise InputError("the thresholds file has no 'healthy' section; re-run the bundle's 'evaluating' with the "
-                         "training datalist to compute it, or pass --threshold VALUE.")
+        raise InputError(
+            "the thresholds file has no 'healthy' section; re-run the bundle's 'evaluating' with the "
+            "training datalist to compute it, or pass --threshold VALUE."
+        )
     thresholds = healthy["thresholds"][option_set][score]
     key = quantile_key(quantile)
     if key not in thresholds:
-        raise InputError(f"no healthy threshold at quantile {key} (have {sorted(thresholds, key=float)}); choose one "
-                         "of them with --healthy_quantile, or pass --threshold VALUE.")
+        raise InputError(
+            f"no healthy threshold at quantile {key} (have {sorted(thresholds, key=float)}); choose one "
+            "of them with --healthy_quantile, or pass --threshold VALUE."
+        )
     return float(thresholds[key]), f"healthy quantile {key}"

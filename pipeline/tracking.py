@@ -18,8 +18,8 @@ from pathlib import Path
 import matplotlib
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import MLFlowHandler
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri
 
 from pipeline.data.context_encoding import ContextEncodingNoise
@@ -70,7 +70,7 @@ def store_lock(uri: str | None):
     if not uri or not uri.startswith("sqlite:///"):
         yield
         return
-    with file_lock(Path(uri[len("sqlite:///"):]).with_suffix(".lock")):
+    with file_lock(Path(uri[len("sqlite:///") :]).with_suffix(".lock")):
         yield
 
 
@@ -90,7 +90,8 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         reason = getattr(err, "reason", err)
         raise ConnectionError(
             f"MLflow tracking server {uri} is unreachable ({reason}); start it, or fix --tracking_uri / "
-            "MLFLOW_TRACKING_URI, or unset both to track into the local store <output_dir>/mlruns.db.") from err
+            "MLFLOW_TRACKING_URI, or unset both to track into the local store <output_dir>/mlruns.db."
+        ) from err
 
 
 def datalist_fingerprint(path: str | os.PathLike) -> str:
@@ -100,8 +101,9 @@ def datalist_fingerprint(path: str | os.PathLike) -> str:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
@@ -150,9 +152,16 @@ class MLflowRunHandler(MLFlowHandler):
     run (:class:`~pipeline.tracking_spool.SpooledClient`, probing it every ``retry_s`` seconds).
     """
 
-    def __init__(self, *args, resume: bool = False, run_info_path: str | os.PathLike | None = None,
-                 parent_run_id: str | None = None, spool_dir: str | os.PathLike | None = None,
-                 retry_s: float = 30.0, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        resume: bool = False,
+        run_info_path: str | os.PathLike | None = None,
+        parent_run_id: str | None = None,
+        spool_dir: str | os.PathLike | None = None,
+        retry_s: float = 30.0,
+        **kwargs,
+    ) -> None:
         self.store_uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
         with store_lock(self.store_uri):  # the client creates a new store's schema
             super().__init__(*args, **kwargs)
@@ -175,11 +184,22 @@ class MLflowRunHandler(MLFlowHandler):
                     max_results=1,
                 )
             tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id} if self.parent_run_id else None
-            self.cur_run = open_runs[0] if open_runs else self.client.create_run(
-                experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags)
+            self.cur_run = (
+                open_runs[0]
+                if open_runs
+                else self.client.create_run(
+                    experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags
+                )
+            )
             if self.run_info_path is not None:
-                atomic_write_json({"tracking_uri": self.client.tracking_uri, "run_id": self.cur_run.info.run_id,
-                                   "experiment_id": self.experiment.experiment_id}, self.run_info_path)
+                atomic_write_json(
+                    {
+                        "tracking_uri": self.client.tracking_uri,
+                        "run_id": self.cur_run.info.run_id,
+                        "experiment_id": self.experiment.experiment_id,
+                    },
+                    self.run_info_path,
+                )
         super().start(engine)
 
     def close(self) -> None:
@@ -199,8 +219,15 @@ class ReconstructionFigure:
         seed: seed of the CE noise drawn for the figure.
     """
 
-    def __init__(self, path: str | os.PathLike, network: torch.nn.Module, dataset: Sequence[dict],
-                 context_encoding: ContextEncodingNoise | None = None, n_slices: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        network: torch.nn.Module,
+        dataset: Sequence[dict],
+        context_encoding: ContextEncodingNoise | None = None,
+        n_slices: int = 4,
+        seed: int = 0,
+    ) -> None:
         self.path, self.network, self.dataset = Path(path), network, dataset
         self.context_encoding = context_encoding or ContextEncodingNoise()
         self.n_slices, self.seed = n_slices, seed

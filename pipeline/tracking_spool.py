@@ -47,8 +47,16 @@ def is_unreachable(err: BaseException) -> bool:
     import requests
 
     while err is not None:
-        if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
-                            TimeoutError, urllib.error.URLError)):
+        if isinstance(
+            err,
+            (
+                requests.exceptions.ConnectionError,
+                requests.exceptions.Timeout,
+                ConnectionError,
+                TimeoutError,
+                urllib.error.URLError,
+            ),
+        ):
             return True
         if getattr(err, "error_code", None) == "TEMPORARILY_UNAVAILABLE":
             return True
@@ -82,9 +90,15 @@ class SpooledClient:
 
     # ------------------------------------------------------------------------------------------ writes
     def log_batch(self, run_id: str, metrics=(), params=(), tags=(), synchronous=None) -> None:
-        self._write({"op": "log_batch", "run_id": run_id,
-                     "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
-                     "params": [[p.key, p.value] for p in params], "tags": [[t.key, t.value] for t in tags]})
+        self._write(
+            {
+                "op": "log_batch",
+                "run_id": run_id,
+                "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
+                "params": [[p.key, p.value] for p in params],
+                "tags": [[t.key, t.value] for t in tags],
+            }
+        )
 
     def log_param(self, run_id: str, key: str, value) -> None:
         self.log_batch(run_id, params=[Param(key, str(value))])
@@ -93,12 +107,19 @@ class SpooledClient:
         self.log_batch(run_id, tags=[RunTag(key, str(value))])
 
     def log_artifact(self, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._write({"op": "log_artifact", "run_id": run_id, "local_path": str(local_path),
-                     "artifact_path": artifact_path})
+        self._write(
+            {"op": "log_artifact", "run_id": run_id, "local_path": str(local_path), "artifact_path": artifact_path}
+        )
 
     def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
-        self._write({"op": "set_terminated", "run_id": run_id, "status": status or "FINISHED",
-                     "end_time": end_time or int(time.time() * 1000)})
+        self._write(
+            {
+                "op": "set_terminated",
+                "run_id": run_id,
+                "status": status or "FINISHED",
+                "end_time": end_time or int(time.time() * 1000),
+            }
+        )
 
     # ------------------------------------------------------------------------------------------ spool
     @property
@@ -114,8 +135,12 @@ class SpooledClient:
     def _send(self, entry: dict) -> None:
         op = entry["op"]
         if op == "log_batch":
-            self.client.log_batch(entry["run_id"], metrics=[Metric(*m) for m in entry["metrics"]],
-                                  params=[Param(*p) for p in entry["params"]], tags=[RunTag(*t) for t in entry["tags"]])
+            self.client.log_batch(
+                entry["run_id"],
+                metrics=[Metric(*m) for m in entry["metrics"]],
+                params=[Param(*p) for p in entry["params"]],
+                tags=[RunTag(*t) for t in entry["tags"]],
+            )
         elif op == "log_artifact":
             self.client.log_artifact(entry["run_id"], entry["local_path"], entry["artifact_path"])
         elif op == "set_terminated":
@@ -138,9 +163,13 @@ class SpooledClient:
     def _went_offline(self) -> None:
         if self._offline_since is None:
             self._offline_since = time.monotonic()
-            logger.warning("MLflow tracking server %s is unreachable; the run goes on and what it logs is kept in %s, "
-                           "sent when the server is back (or run: python scripts/sync_tracking.py %s)",
-                           self.client.tracking_uri, self.spool, self.spool_dir.parent)
+            logger.warning(
+                "MLflow tracking server %s is unreachable; the run goes on and what it logs is kept in %s, "
+                "sent when the server is back (or run: python scripts/sync_tracking.py %s)",
+                self.client.tracking_uri,
+                self.spool,
+                self.spool_dir.parent,
+            )
         self._next_probe = time.monotonic() + self.retry_s
 
     def flush(self) -> bool:
@@ -163,8 +192,12 @@ class SpooledClient:
             self.spool.unlink()
             shutil.rmtree(self.spool_dir / "artifacts", ignore_errors=True)
         if self._offline_since is not None:
-            logger.warning("MLflow tracking server %s is back: sent the %d writes kept in %s", self.client.tracking_uri,
-                           len(entries), self.spool)
+            logger.warning(
+                "MLflow tracking server %s is back: sent the %d writes kept in %s",
+                self.client.tracking_uri,
+                len(entries),
+                self.spool,
+            )
         self._offline_since = None
         return True
 
@@ -201,6 +234,12 @@ def sync(folder: str | os.PathLike) -> dict[str, int]:
 def report_pending(client: SpooledClient, what: str) -> None:
     """At the end of a run: one last attempt to send the spool, and one line if writes are still kept."""
     if isinstance(client, SpooledClient) and not client.flush():
-        logger.warning("%s: %d writes to MLflow (%s) could not be sent and are kept in %s; send them with: python "
-                       "scripts/sync_tracking.py %s", what, client.pending, client.client.tracking_uri, client.spool,
-                       client.spool_dir.parent)
+        logger.warning(
+            "%s: %d writes to MLflow (%s) could not be sent and are kept in %s; send them with: python "
+            "scripts/sync_tracking.py %s",
+            what,
+            client.pending,
+            client.client.tracking_uri,
+            client.spool,
+            client.spool_dir.parent,
+        )

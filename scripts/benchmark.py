@@ -41,9 +41,8 @@ import nibabel as nib
 import numpy as np
 import torch
 from ignite.engine import Events
-from torch.utils.flop_counter import FlopCounterMode
-
 from monai.transforms import GaussianSmooth
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.data.datalist import load_datalist
@@ -60,14 +59,42 @@ from pipeline.scoring import kl_gradient
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "cevae" / "configs"
-KEYS = ("train_slices_per_s", "plain_slices_per_s", "train_ratio_vs_plain", "data_stall_fraction", "score_volume_s",
-        "score_peak_rss_mb", "score_ratio_vs_loop", "model_gflop_per_slice", "train_gflop_per_slice",
-        "matmul_gflops", "flops_fraction", "plain_flops_fraction", "epoch_s_by_size", "score_s_by_volumes",
-        "speedup_latent_matmul", "speedup_anti_alias", "speedup_parallel_gzip")
-SCALE_KEYS = ("scale_rss_mb", "scale_epoch_s", "scale_slices", "scale_slices_per_s", "scale_rss_growth",
-              "scale_rss_mb_in_memory", "scale_epoch_s_per_slice_spread", "cache_first_s", "cache_reuse_s",
-              "cache_reuse_speedup", "cache_read_slices_per_s", "cache_volumes", "preprocess_workers",
-              "preprocess_first_s_by_workers", "preprocess_workers_speedup")
+KEYS = (
+    "train_slices_per_s",
+    "plain_slices_per_s",
+    "train_ratio_vs_plain",
+    "data_stall_fraction",
+    "score_volume_s",
+    "score_peak_rss_mb",
+    "score_ratio_vs_loop",
+    "model_gflop_per_slice",
+    "train_gflop_per_slice",
+    "matmul_gflops",
+    "flops_fraction",
+    "plain_flops_fraction",
+    "epoch_s_by_size",
+    "score_s_by_volumes",
+    "speedup_latent_matmul",
+    "speedup_anti_alias",
+    "speedup_parallel_gzip",
+)
+SCALE_KEYS = (
+    "scale_rss_mb",
+    "scale_epoch_s",
+    "scale_slices",
+    "scale_slices_per_s",
+    "scale_rss_growth",
+    "scale_rss_mb_in_memory",
+    "scale_epoch_s_per_slice_spread",
+    "cache_first_s",
+    "cache_reuse_s",
+    "cache_reuse_speedup",
+    "cache_read_slices_per_s",
+    "cache_volumes",
+    "preprocess_workers",
+    "preprocess_first_s_by_workers",
+    "preprocess_workers_speedup",
+)
 SMALL_NET = {"channels": [8, 16, 32, 64], "z_dim": 16}  # --quick: the scale section's training, cheap
 
 
@@ -145,8 +172,15 @@ def scoring(tmp: Path, volumes: list[int]) -> dict:
     return result
 
 
-def plain_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: CeVAELoss, noise: ContextEncodingNoise,
-                images: torch.Tensor, batch_size: int, autocast: torch.dtype | None = None) -> float:
+def plain_epoch(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: CeVAELoss,
+    noise: ContextEncodingNoise,
+    images: torch.Tensor,
+    batch_size: int,
+    autocast: torch.dtype | None = None,
+) -> float:
     """One epoch of the minimal loop on in-memory slices (channels_last, like the bundle; on CUDA optionally under
     autocast to ``autocast``); returns its seconds."""
     start = time.perf_counter()
@@ -168,9 +202,17 @@ def plain_epoch(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: Ce
 def bundle_workflow(datalist: Path, output_dir: Path, **overrides):
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=str(CONFIGS / "metadata.json"),
-                              logging_file=False, workflow_type="train", datalist=str(datalist),
-                              output_dir=str(output_dir), progress_bar=False, epochs=1, **overrides)
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        datalist=str(datalist),
+        output_dir=str(output_dir),
+        progress_bar=False,
+        epochs=1,
+        **overrides,
+    )
     workflow.initialize()
     return workflow
 
@@ -243,7 +285,8 @@ def training(tmp: Path, datalist: Path, repeats: int, sizes: list[int]) -> dict:
 
 def interleaved_speedup(old, new, repeats: int) -> float:
     """Median over ``repeats`` of time(old) / time(new), each pair timed back to back (after one warm-up each)."""
-    old(), new()
+    old()  # warm-up
+    new()
     ratios = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -281,12 +324,15 @@ def levers(repeats: int) -> dict:
     sigma = [(200 / 64 - 1) / 2] * 2 + [0.0]
     data = (torch.rand(9_000_000) * (torch.rand(9_000_000) > 0.5)).numpy().tobytes()
     return {
-        "speedup_latent_matmul": interleaved_speedup(training_steps(as_plain_convolutions(net)), training_steps(net),
-                                                     repeats),
-        "speedup_anti_alias": interleaved_speedup(lambda: GaussianSmooth(sigma)(box),
-                                                  lambda: AntiAlias((64, 64, -1))(box), repeats),
-        "speedup_parallel_gzip": interleaved_speedup(lambda: gzip.compress(data, 1), lambda: parallel_gzip(data),
-                                                     repeats),
+        "speedup_latent_matmul": interleaved_speedup(
+            training_steps(as_plain_convolutions(net)), training_steps(net), repeats
+        ),
+        "speedup_anti_alias": interleaved_speedup(
+            lambda: GaussianSmooth(sigma)(box), lambda: AntiAlias((64, 64, -1))(box), repeats
+        ),
+        "speedup_parallel_gzip": interleaved_speedup(
+            lambda: gzip.compress(data, 1), lambda: parallel_gzip(data), repeats
+        ),
     }
 
 
@@ -316,17 +362,20 @@ GPU_MODES = {  # name: (trainer options, DataLoader workers, pinned memory)
     "fp32_workers2": ({}, 2, True),
     "bf16": ({"amp": True}, 0, True),
     "bf16_compile": ({"amp": True, "compile": True}, 0, True),
-    "bf16_compile_cudagraphs": (
-        {"amp": True, "compile": True, "compile_kwargs": {"mode": "reduce-overhead"}}, 0, True),
+    "bf16_compile_cudagraphs": ({"amp": True, "compile": True, "compile_kwargs": {"mode": "reduce-overhead"}}, 0, True),
     "fp32_compile_cudagraphs": ({"compile": True, "compile_kwargs": {"mode": "reduce-overhead"}}, 0, True),
     "fp32_compile_cudagraphs_workers2": ({"compile": True, "compile_kwargs": {"mode": "reduce-overhead"}}, 2, True),
     "bf16_compile_cudagraphs_workers2": (
-        {"amp": True, "compile": True, "compile_kwargs": {"mode": "reduce-overhead"}}, 2, True),
+        {"amp": True, "compile": True, "compile_kwargs": {"mode": "reduce-overhead"}},
+        2,
+        True,
+    ),
 }
 
 
-def gpu_training(sizes: list[int], epochs: int, modes: Sequence[str] = tuple(GPU_MODES), n_slices: int = 2560,
-                 device: str = "cuda") -> dict:
+def gpu_training(
+    sizes: list[int], epochs: int, modes: Sequence[str] = tuple(GPU_MODES), n_slices: int = 2560, device: str = "cuda"
+) -> dict:
     """The bundle's trainer (``CeVAETrainer``, slices in host memory through a ``DataLoader`` as in the bundle) in
     each of :data:`GPU_MODES`, and the plain loop (slices already on the device) in float32 and bfloat16 autocast;
     slices/s from the median epoch after the first (warm-up, compilation), the trainer's data wait, the last loss
@@ -343,17 +392,24 @@ def gpu_training(sizes: list[int], epochs: int, modes: Sequence[str] = tuple(GPU
             torch.manual_seed(0)
             net = CeVAE(image_size=size).to(device)
             optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
-            loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, num_workers=workers,
-                                                 persistent_workers=workers > 0,
-                                                 pin_memory=pinned and device.type == "cuda")
-            trainer = CeVAETrainer(device, epochs, loader, net, optimizer, loss, noise, non_blocking=True,
-                                   channels_last=True, **options)
+            loader = torch.utils.data.DataLoader(
+                data,
+                batch_size=64,
+                shuffle=True,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                pin_memory=pinned and device.type == "cuda",
+            )
+            trainer = CeVAETrainer(
+                device, epochs, loader, net, optimizer, loss, noise, non_blocking=True, channels_last=True, **options
+            )
             clock, waits = EpochClock(trainer, device), DataWait(trainer)
             trainer.run()
             key = f"{size}_{mode}"
             result[f"gpu_train_slices_per_s_{key}"] = n_slices / statistics.median(clock.seconds[1:])
             result[f"gpu_data_stall_fraction_{key}"] = statistics.median(
-                w / t for w, t in zip(waits.epochs[1:], clock.seconds[1:]))
+                w / t for w, t in zip(waits.epochs[1:], clock.seconds[1:])
+            )
             result[f"gpu_first_epoch_s_{key}"] = clock.seconds[0]
             result[f"gpu_last_loss_{key}"] = float(trainer.state.output["loss"])
             if mode in ("fp32", "bf16"):  # the plain loop beside the two eager modes
@@ -367,8 +423,9 @@ def gpu_training(sizes: list[int], epochs: int, modes: Sequence[str] = tuple(GPU
 def prepare(entries: list[dict], cache_dir: Path, workers: int) -> tuple[BrainSliceDataset, float]:
     """The training slices of ``entries`` through the slice cache, and the seconds it took."""
     start = time.perf_counter()
-    dataset = BrainSliceDataset(entries, brain_volume_transform(), keys=("image",), num_workers=workers,
-                                progress=False, cache_dir=cache_dir)
+    dataset = BrainSliceDataset(
+        entries, brain_volume_transform(), keys=("image",), num_workers=workers, progress=False, cache_dir=cache_dir
+    )
     return dataset, time.perf_counter() - start
 
 
@@ -381,11 +438,23 @@ def scale_child(entries_file: Path, cache_dir: Path | None, small: bool) -> dict
     torch.manual_seed(0)
     net = CeVAE(**(SMALL_NET if small else {}))
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True)
-    trainer = CeVAETrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters(), lr=2e-4), CeVAELoss(),
-                           ContextEncodingNoise(), channels_last=True)
+    trainer = CeVAETrainer(
+        "cpu",
+        1,
+        loader,
+        net,
+        torch.optim.Adam(net.parameters(), lr=2e-4),
+        CeVAELoss(),
+        ContextEncodingNoise(),
+        channels_last=True,
+    )
     trainer.run()
-    return {"slices": len(dataset), "prepare_s": prepared, "epoch_s": trainer.state.times[Events.EPOCH_COMPLETED.name],
-            "rss_mb": peak_rss_mb()}
+    return {
+        "slices": len(dataset),
+        "prepare_s": prepared,
+        "epoch_s": trainer.state.times[Events.EPOCH_COMPLETED.name],
+        "rss_mb": peak_rss_mb(),
+    }
 
 
 def cohort(entries: list[dict], n: int, folder: Path) -> Path:
@@ -412,23 +481,42 @@ def scale_benchmark(quick: bool, sizes: Sequence[int], workers: int, datalist: P
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         datalist = datalist or make_demo_dataset(tmp / "demo", n_train=8 if quick else 16, n_test=0, seed=0)
-        entries = [{key: entry[key] for key in ("image", "brainmask") if key in entry}
-                   for entry in load_datalist(datalist, "training")]
+        entries = [
+            {key: entry[key] for key in ("image", "brainmask") if key in entry}
+            for entry in load_datalist(datalist, "training")
+        ]
         prepare(entries[:1], tmp / "warm_up", 0)  # first-call costs (imports, file cache) out of the comparison
         first = {n: prepare(entries, tmp / f"cache_{n}_workers", n)[1] for n in (0, workers)}
         warm, reuse = prepare(entries, tmp / "cache_0_workers", 0)
         loader = torch.utils.data.DataLoader(warm, batch_size=64, shuffle=True)
         start = time.perf_counter()
         read = sum(batch["image"].shape[0] for batch in loader)
-        result = {"preprocess_workers": workers, "preprocess_first_s_by_workers": {str(k): v for k, v in first.items()},
-                  "preprocess_workers_speedup": first[0] / first[workers], "cache_first_s": first[0],
-                  "cache_reuse_s": reuse, "cache_reuse_speedup": first[0] / reuse,
-                  "cache_read_slices_per_s": read / (time.perf_counter() - start), "cache_volumes": len(entries)}
+        result = {
+            "preprocess_workers": workers,
+            "preprocess_first_s_by_workers": {str(k): v for k, v in first.items()},
+            "preprocess_workers_speedup": first[0] / first[workers],
+            "cache_first_s": first[0],
+            "cache_reuse_s": reuse,
+            "cache_reuse_speedup": first[0] / reuse,
+            "cache_read_slices_per_s": read / (time.perf_counter() - start),
+            "cache_volumes": len(entries),
+        }
 
         def child(n: int, cache: str) -> dict:
-            run = subprocess.run([sys.executable, __file__, "--out", str(tmp / "unused.json"), "--scale-child",
-                                  str(cohort(entries, n, tmp / "cohort")), cache, *(["--quick"] if quick else [])],
-                                 capture_output=True, text=True)
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--out",
+                    str(tmp / "unused.json"),
+                    "--scale-child",
+                    str(cohort(entries, n, tmp / "cohort")),
+                    cache,
+                    *(["--quick"] if quick else []),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if run.returncode:
                 raise RuntimeError(f"the {n}-subject cohort failed: {run.stderr.strip().splitlines()[-1]}")
             figures = json.loads(run.stdout.strip().splitlines()[-1])
@@ -439,16 +527,18 @@ def scale_benchmark(quick: bool, sizes: Sequence[int], workers: int, datalist: P
         in_memory = {str(n): child(n, "none")["rss_mb"] for n in (sizes[0], sizes[-1])}
     per_slice = [r["epoch_s"] / r["slices"] for r in runs.values()]
     rss = [r["rss_mb"] for r in runs.values()]
-    result.update({
-        "scale_rss_mb": {n: r["rss_mb"] for n, r in runs.items()},
-        "scale_epoch_s": {n: r["epoch_s"] for n, r in runs.items()},
-        "scale_slices": {n: r["slices"] for n, r in runs.items()},
-        "scale_slices_per_s": {n: r["slices"] / r["epoch_s"] for n, r in runs.items()},
-        "scale_prepare_s": {n: r["prepare_s"] for n, r in runs.items()},
-        "scale_rss_growth": rss[-1] / rss[0] - 1,
-        "scale_rss_mb_in_memory": in_memory,
-        "scale_epoch_s_per_slice_spread": max(per_slice) / min(per_slice),
-    })
+    result.update(
+        {
+            "scale_rss_mb": {n: r["rss_mb"] for n, r in runs.items()},
+            "scale_epoch_s": {n: r["epoch_s"] for n, r in runs.items()},
+            "scale_slices": {n: r["slices"] for n, r in runs.items()},
+            "scale_slices_per_s": {n: r["slices"] / r["epoch_s"] for n, r in runs.items()},
+            "scale_prepare_s": {n: r["prepare_s"] for n, r in runs.items()},
+            "scale_rss_growth": rss[-1] / rss[0] - 1,
+            "scale_rss_mb_in_memory": in_memory,
+            "scale_epoch_s_per_slice_spread": max(per_slice) / min(per_slice),
+        }
+    )
     return result
 
 
@@ -470,18 +560,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="bench.json to write (a .md summary goes next to it)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run that writes every key")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved training epochs (default 5, quick 1)")
-    parser.add_argument("--gpu", action="store_true",
-                        help="only the CUDA section: the trainer and the plain loop at 64 and 192 px, float32, "
-                             "bfloat16 autocast and torch.compile")
-    parser.add_argument("--gpu-modes", nargs="+", choices=list(GPU_MODES), default=list(GPU_MODES),
-                        help="with --gpu: the trainer configurations to run (default all)")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="only the CUDA section: the trainer and the plain loop at 64 and 192 px, float32, "
+        "bfloat16 autocast and torch.compile",
+    )
+    parser.add_argument(
+        "--gpu-modes",
+        nargs="+",
+        choices=list(GPU_MODES),
+        default=list(GPU_MODES),
+        help="with --gpu: the trainer configurations to run (default all)",
+    )
     parser.add_argument("--scale", action="store_true", help="only the cohort-scale section (the slice cache)")
-    parser.add_argument("--scale-sizes", type=int, nargs="+", default=None,
-                        help="with --scale: cohort sizes in subjects (default 50 200 1000; quick 25 100 200)")
-    parser.add_argument("--workers", type=int, default=2, help="with --scale: preprocessing processes to compare "
-                        "with none (default 2)")
-    parser.add_argument("--scale-datalist", type=Path, default=None, help="with --scale: the training volumes of "
-                        "this datalist instead of the demo data's (e.g. real scans)")
+    parser.add_argument(
+        "--scale-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="with --scale: cohort sizes in subjects (default 50 200 1000; quick 25 100 200)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="with --scale: preprocessing processes to compare " "with none (default 2)",
+    )
+    parser.add_argument(
+        "--scale-datalist",
+        type=Path,
+        default=None,
+        help="with --scale: the training volumes of " "this datalist instead of the demo data's (e.g. real scans)",
+    )
     parser.add_argument("--scale-child", nargs=2, metavar=("COHORT", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.scale_child:  # one cohort of --scale, in its own process
@@ -491,13 +602,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device, and this torch build sees none; run it on a GPU machine.")
     if args.gpu:
-        results = {"torch": torch.__version__,
-                   **gpu_training([64] if args.quick else [64, 192], 3 if args.quick else 6, args.gpu_modes)}
+        results = {
+            "torch": torch.__version__,
+            **gpu_training([64] if args.quick else [64, 192], 3 if args.quick else 6, args.gpu_modes),
+        }
         keys: Sequence[str] = list(results)
     elif args.scale:
         sizes = args.scale_sizes or ([25, 100, 200] if args.quick else [50, 200, 1000])
-        results = {"quick": args.quick, "machine": f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-                   "torch": torch.__version__, **scale_benchmark(args.quick, sizes, args.workers, args.scale_datalist)}
+        results = {
+            "quick": args.quick,
+            "machine": f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+            "torch": torch.__version__,
+            **scale_benchmark(args.quick, sizes, args.workers, args.scale_datalist),
+        }
         keys = SCALE_KEYS
     else:
         results, keys = cpu_benchmark(args.quick, args.repeats or (1 if args.quick else 5)), KEYS
@@ -515,8 +632,13 @@ def cpu_benchmark(quick: bool, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         datalist = make_demo_dataset(tmp / "demo", n_train=3 if quick else 16, n_test=0, seed=0)
-        results = {"quick": quick, "repeats": repeats, "machine": f"{platform.processor() or platform.machine()}, "
-                   f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}", "torch": torch.__version__}
+        results = {
+            "quick": quick,
+            "repeats": repeats,
+            "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+            "torch": torch.__version__,
+        }
         results.update(scoring(tmp, volumes))
         results.update(training(tmp, datalist, repeats, sizes))
     results.update(levers(repeats))

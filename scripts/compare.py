@@ -71,10 +71,18 @@ HEADLINE = [  # (row label, metric path below "<test set>/", the metric whose ci
     ("best Dice combined (upper bound)", "{c}/dice_best/combined", None),
     ("best Dice intensity (upper bound)", "{c}/dice_best/intensity", None),
 ]
-COLLAPSE = [("KL 0.95-quantile", "kl_q95"), ("KL 0.95-quantile per latent dimension", "kl_q95_per_dim"),
-            ("active latent units", "active_units")]
-BARS = ["slice_auroc/elbo", "pixel_auroc/combined", "pixel_auprc/combined", "dice_split/combined",
-        "dice_healthy_q0.99/combined"]
+COLLAPSE = [
+    ("KL 0.95-quantile", "kl_q95"),
+    ("KL 0.95-quantile per latent dimension", "kl_q95_per_dim"),
+    ("active latent units", "active_units"),
+]
+BARS = [
+    "slice_auroc/elbo",
+    "pixel_auroc/combined",
+    "pixel_auprc/combined",
+    "dice_split/combined",
+    "dice_healthy_q0.99/combined",
+]
 
 
 def variant_label(ce_weight: float, overlay: str = NO_OVERLAY) -> str:
@@ -116,8 +124,9 @@ def bundle(run_id: str, files: list[str], log: Path, overrides: dict[str, object
         cmd += [f"--{key}", str(value)]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
-        done = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        done = subprocess.run(
+            cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+        )
     if done.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise RuntimeError(f"`{run_id}` failed (exit {done.returncode}); log {log}:\n{tail}")
@@ -155,16 +164,24 @@ def new_comparison(args: argparse.Namespace, client, out: Path) -> tuple[str, di
             raise FileNotFoundError(f"datalist {path} does not exist; write it with scripts/prepare_datalist.py")
     for overlay in args.overlays:
         overlay_files(overlay)
-    settings = {"seeds": args.seeds, "ce_weights": args.ce_weights, "overlays": args.overlays,
-                "epochs": args.epochs or (PAPER_EPOCHS if args.paper else DEMO_EPOCHS), "datalist_train": str(train),
-                "test_sets": {k: str(v) for k, v in sets.items()}, "overrides": parse_overrides(args.set)}
+    settings = {
+        "seeds": args.seeds,
+        "ce_weights": args.ce_weights,
+        "overlays": args.overlays,
+        "epochs": args.epochs or (PAPER_EPOCHS if args.paper else DEMO_EPOCHS),
+        "datalist_train": str(train),
+        "test_sets": {k: str(v) for k, v in sets.items()},
+        "overrides": parse_overrides(args.set),
+    }
     run_name = args.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = client.create_run(experiment_id(client, args.experiment), run_name=run_name,
-                               tags={COMPARISON_TAG: "true"}).info.run_id
+    parent = client.create_run(
+        experiment_id(client, args.experiment), run_name=run_name, tags={COMPARISON_TAG: "true"}
+    ).info.run_id
     for key, value in settings.items():
         client.log_param(parent, key, json.dumps(value, default=str))
-    atomic_write_json({"tracking_uri": client.tracking_uri, "run_id": parent, "experiment": args.experiment},
-                      out / PARENT_FILE)
+    atomic_write_json(
+        {"tracking_uri": client.tracking_uri, "run_id": parent, "experiment": args.experiment}, out / PARENT_FILE
+    )
     return parent, settings
 
 
@@ -185,9 +202,11 @@ def child_progress(client, parent: str, name: str, sets: list[str], child_dir: P
     None (done), ``{}`` (from scratch), ``{"resume": True}`` (a killed training continues from ``last.pt``) or
     ``{"overwrite": True}`` (a failed one starts over). Superseded MLflow runs of the child are marked FAILED, so
     that the comparison counts each child once."""
-    runs = client.search_runs([client.get_run(parent).info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name = '{name}'",
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name = '{name}'",
+        order_by=["attributes.start_time DESC"],
+    )
     finished = [r for r in runs if r.info.status == "FINISHED"]
     if finished and (child_dir / "checkpoints" / "model.pt").is_file():
         return None, [s for s in sets if f"{s}/kl_q95" not in finished[0].data.metrics]
@@ -213,24 +232,45 @@ def run_children(client, parent: str, settings: dict, out: Path, experiment: str
                 for ce_weight in settings["ce_weights"]:
                     name = child_name(ce_weight, seed, overlay)
                     child_dir = out / "runs" / name
-                    training, to_evaluate = (child_progress(client, parent, name, list(sets), child_dir) if resume
-                                             else ({}, list(sets)))
+                    training, to_evaluate = (
+                        child_progress(client, parent, name, list(sets), child_dir) if resume else ({}, list(sets))
+                    )
                     if training is None and not to_evaluate:
                         print(f"{name}: done before, reused", flush=True)
                         continue
-                    common = {"datalist": settings["datalist_train"], "output_dir": child_dir, "seed": seed,
-                              "ce_weight": ce_weight, "epochs": settings["epochs"], "run_name": name,
-                              "experiment_name": experiment, "tracking_uri": client.tracking_uri,
-                              "progress_bar": False, **settings["overrides"]}
+                    common = {
+                        "datalist": settings["datalist_train"],
+                        "output_dir": child_dir,
+                        "seed": seed,
+                        "ce_weight": ce_weight,
+                        "epochs": settings["epochs"],
+                        "run_name": name,
+                        "experiment_name": experiment,
+                        "tracking_uri": client.tracking_uri,
+                        "progress_bar": False,
+                        **settings["overrides"],
+                    }
                     start = time.perf_counter()
                     if training is not None:
-                        bundle("training", ["train.json", *extra], child_dir / "training.log",
-                               {**common, "parent_run_id": parent, **training})
+                        bundle(
+                            "training",
+                            ["train.json", *extra],
+                            child_dir / "training.log",
+                            {**common, "parent_run_id": parent, **training},
+                        )
                     for set_name in to_evaluate:
-                        bundle("evaluating", ["train.json", *extra, "evaluate.json"],
-                               child_dir / f"evaluating_{set_name}.log",
-                               {**common, "eval_datalist": sets[set_name], "eval_name": set_name,
-                                "eval_output_dir": child_dir / set_name, "overwrite": resume})
+                        bundle(
+                            "evaluating",
+                            ["train.json", *extra, "evaluate.json"],
+                            child_dir / f"evaluating_{set_name}.log",
+                            {
+                                **common,
+                                "eval_datalist": sets[set_name],
+                                "eval_name": set_name,
+                                "eval_output_dir": child_dir / set_name,
+                                "overwrite": resume,
+                            },
+                        )
                     print(f"{name}: trained and evaluated in {time.perf_counter() - start:.0f} s", flush=True)
     except BaseException:
         client.set_terminated(parent, "FAILED")
@@ -250,8 +290,10 @@ def prepare_output_dir(out: Path, args: argparse.Namespace) -> None:
     from pipeline.output_dir import delete_outputs
 
     if not args.overwrite:
-        raise ValueError(f"{out} holds the comparison {out / PARENT_FILE}; continue it with --resume, replace it with "
-                         f"--overwrite (deletes {', '.join(COMPARISON_OUTPUTS)}), or choose another --output-dir")
+        raise ValueError(
+            f"{out} holds the comparison {out / PARENT_FILE}; continue it with --resume, replace it with "
+            f"--overwrite (deletes {', '.join(COMPARISON_OUTPUTS)}), or choose another --output-dir"
+        )
     delete_outputs(out, COMPARISON_OUTPUTS)
 
 
@@ -266,16 +308,24 @@ class Comparison:
     def __init__(self, client, parent_id: str) -> None:
         self.client, self.parent_id = client, parent_id
         parent = client.get_run(parent_id)
-        runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
-                                  max_results=10000)
+        runs = client.search_runs(
+            [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10000
+        )
         runs = [r for r in runs if r.info.status == "FINISHED"]
         if not runs:
             raise LookupError(f"parent run {parent_id} has no finished child runs")
+
         def overlay(run) -> str:
             return run.data.params.get("overlay_name", NO_OVERLAY)
 
-        runs.sort(key=lambda r: (overlay(r) != NO_OVERLAY, overlay(r), float(r.data.params["ce_weight"]),
-                                 int(r.data.params["seed"])))
+        runs.sort(
+            key=lambda r: (
+                overlay(r) != NO_OVERLAY,
+                overlay(r),
+                float(r.data.params["ce_weight"]),
+                int(r.data.params["seed"]),
+            )
+        )
         self.variants: dict[str, list] = defaultdict(list)
         for run in runs:
             self.variants[variant_label(float(run.data.params["ce_weight"]), overlay(run))].append(run)
@@ -286,19 +336,34 @@ class Comparison:
                     if "/" in key:
                         self.values[variant][key].append(value)
         keys = {k for v in self.values.values() for k in v}
-        self.sets = sorted(json.loads(parent.data.params["test_sets"])) if "test_sets" in parent.data.params \
+        self.sets = (
+            sorted(json.loads(parent.data.params["test_sets"]))
+            if "test_sets" in parent.data.params
             else sorted({k.split("/")[0] for k in keys if not k.startswith("healthy_")})
-        self.configs = sorted({k.split("/")[1] for k in keys if k.count("/") == 3 and k.split("/")[0] in self.sets},
-                              key=lambda c: (c != "paper", c))
+        )
+        self.configs = sorted(
+            {k.split("/")[1] for k in keys if k.count("/") == 3 and k.split("/")[0] in self.sets},
+            key=lambda c: (c != "paper", c),
+        )
         self.metrics = sorted(keys)
 
     def group_rows(self, test_set: str) -> list[tuple[str, str]]:
         """Headline rows of the label groups evaluated on ``test_set`` (``pixel_auroc_<group>``, see evaluation)."""
-        groups = sorted({k.split("/")[2][len("pixel_auroc_"):] for k in self.metrics
-                         if k.startswith(f"{test_set}/") and k.count("/") == 3
-                         and k.split("/")[2].startswith("pixel_auroc_") and not k.split("/")[2].endswith(CI_SUFFIXES)})
-        return [(f"pixel AUROC {score}, {group} vs healthy", f"{{c}}/pixel_auroc_{group}/{score}", None)
-                for group in groups for score in ("rec", "combined", "intensity")]
+        groups = sorted(
+            {
+                k.split("/")[2][len("pixel_auroc_") :]
+                for k in self.metrics
+                if k.startswith(f"{test_set}/")
+                and k.count("/") == 3
+                and k.split("/")[2].startswith("pixel_auroc_")
+                and not k.split("/")[2].endswith(CI_SUFFIXES)
+            }
+        )
+        return [
+            (f"pixel AUROC {score}, {group} vs healthy", f"{{c}}/pixel_auroc_{group}/{score}", None)
+            for group in groups
+            for score in ("rec", "combined", "intensity")
+        ]
 
     def seeds(self, variant: str) -> list[str]:
         return [r.data.params["seed"] for r in self.variants[variant]]
@@ -313,8 +378,10 @@ class Comparison:
         text = f"{mean:.{digits}f} ± {std:.{digits}f}"
         if ci_metric is not None:
             test_set, config, _, score = key.split("/")
-            bounds = [finite(self.values[variant].get(f"{test_set}/{config}/{ci_metric}_ci95_{end}/{score}"))
-                      for end in CI_ENDS]
+            bounds = [
+                finite(self.values[variant].get(f"{test_set}/{config}/{ci_metric}_ci95_{end}/{score}"))
+                for end in CI_ENDS
+            ]
             if all(bounds):
                 text += " [" + ", ".join(f"{np.mean(b):.{digits}f}" for b in bounds) + "]"
         return text
@@ -322,22 +389,28 @@ class Comparison:
     def markdown(self) -> str:
         variants = list(self.variants)
         seeds = "; ".join(f"{v}: seeds {', '.join(self.seeds(v))}" for v in variants)
-        lines = [f"# VAE vs ceVAE: MLflow parent run `{self.parent_id}`", "",
-                 f"Mean ± std (sample std) over seeds ({seeds}); in brackets the seeds' mean 95 % bootstrap interval "
-                 "over test subjects. Pixel metrics pool the brain voxels of all test subjects; Dice 20/80: threshold "
-                 "picked on 20 % of the test subjects, Dice on the other 80 %; Dice at healthy q0.99: threshold at the "
-                 "0.99 quantile of the healthy validation subjects' maps (no labels; inference's default).", ""]
+        lines = [
+            f"# VAE vs ceVAE: MLflow parent run `{self.parent_id}`",
+            "",
+            f"Mean ± std (sample std) over seeds ({seeds}); in brackets the seeds' mean 95 % bootstrap interval "
+            "over test subjects. Pixel metrics pool the brain voxels of all test subjects; Dice 20/80: threshold "
+            "picked on 20 % of the test subjects, Dice on the other 80 %; Dice at healthy q0.99: threshold at the "
+            "0.99 quantile of the healthy validation subjects' maps (no labels; inference's default).",
+            "",
+        ]
         head = "| metric | " + " | ".join(variants) + " |\n|---" + "|---" * len(variants) + "|"
         for test_set in self.sets:
             for config in self.configs:
                 lines += [f"## test set `{test_set}`, option set `{config}`", "", head]
                 for label, path, ci_metric in HEADLINE + self.group_rows(test_set):
                     key = f"{test_set}/{path.format(c=config)}"
-                    lines.append(f"| {label} | " + " | ".join(self.cell(v, key, ci_metric=ci_metric)
-                                                             for v in variants) + " |")
+                    lines.append(
+                        f"| {label} | " + " | ".join(self.cell(v, key, ci_metric=ci_metric) for v in variants) + " |"
+                    )
                 for label, path in COLLAPSE:
-                    lines.append(f"| {label} | " + " | ".join(self.cell(v, f"{test_set}/{path}", 2)
-                                                             for v in variants) + " |")
+                    lines.append(
+                        f"| {label} | " + " | ".join(self.cell(v, f"{test_set}/{path}", 2) for v in variants) + " |"
+                    )
                 lines.append("")
         lines += ["## every metric", "", head.replace("| metric |", "| metric (test set/option set/metric/score) |")]
         lines += [f"| {key} | " + " | ".join(self.cell(v, key) for v in variants) + " |" for key in self.metrics]
@@ -352,9 +425,18 @@ class Comparison:
                 values = finite(self.values[variant].get(key))
                 if values:
                     mean, std = mean_std(values)
-                    writer.writerow([variant, members[0].data.params["ce_weight"], key, f"{mean:.6g}",
-                                     f"{std:.6g}", len(values), " ".join(self.seeds(variant)),
-                                     " ".join(f"{v:.6g}" for v in values)])
+                    writer.writerow(
+                        [
+                            variant,
+                            members[0].data.params["ce_weight"],
+                            key,
+                            f"{mean:.6g}",
+                            f"{std:.6g}",
+                            len(values),
+                            " ".join(self.seeds(variant)),
+                            " ".join(f"{v:.6g}" for v in values),
+                        ]
+                    )
         return buffer.getvalue()
 
     def best_runs(self, primary: str) -> dict[str, object]:
@@ -366,8 +448,9 @@ class Comparison:
         import matplotlib.pyplot as plt
 
         best = self.best_runs(primary)
-        fig, axes = plt.subplots(len(self.sets), len(self.configs), figsize=(5 * len(self.configs),
-                                 4.5 * len(self.sets)), squeeze=False)
+        fig, axes = plt.subplots(
+            len(self.sets), len(self.configs), figsize=(5 * len(self.configs), 4.5 * len(self.sets)), squeeze=False
+        )
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         with tempfile.TemporaryDirectory() as tmp:
             for row, test_set in enumerate(self.sets):
@@ -376,14 +459,25 @@ class Comparison:
                     curves = json.loads(Path(local).read_text())
                     for col, config in enumerate(self.configs):
                         entry = curves[config]["combined"]
-                        axes[row, col].plot(curves["fpr"], entry["tpr"], label=f"{variant}, seed "
-                                            f"{run.data.params['seed']} (AUROC {entry['auroc']:.3f})")
+                        axes[row, col].plot(
+                            curves["fpr"],
+                            entry["tpr"],
+                            label=f"{variant}, seed " f"{run.data.params['seed']} (AUROC {entry['auroc']:.3f})",
+                        )
                 for col, config in enumerate(self.configs):
                     entry = curves[config]["intensity"]
-                    axes[row, col].plot(curves["fpr"], entry["tpr"], "k--", lw=1,
-                                        label=f"intensity baseline (AUROC {entry['auroc']:.3f})")
-                    axes[row, col].set(title=f"{test_set}, {config}: combined score", xlabel="false positive rate",
-                                       ylabel="true positive rate")
+                    axes[row, col].plot(
+                        curves["fpr"],
+                        entry["tpr"],
+                        "k--",
+                        lw=1,
+                        label=f"intensity baseline (AUROC {entry['auroc']:.3f})",
+                    )
+                    axes[row, col].set(
+                        title=f"{test_set}, {config}: combined score",
+                        xlabel="false positive rate",
+                        ylabel="true positive rate",
+                    )
                     axes[row, col].legend(fontsize=7)
         fig.suptitle(f"pixel ROC, best seed per variant by {primary}", fontsize=9)
         fig.tight_layout()
@@ -396,8 +490,9 @@ class Comparison:
 
         panels = [(s, c, m) for s in self.sets for c in self.configs for m in BARS]
         cols = len(BARS)
-        fig, axes = plt.subplots(len(panels) // cols, cols, figsize=(3.2 * cols, 3 * len(panels) // cols),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            len(panels) // cols, cols, figsize=(3.2 * cols, 3 * len(panels) // cols), squeeze=False
+        )
         for ax, (test_set, config, metric) in zip(axes.ravel(), panels):
             key = f"{test_set}/{config}/{metric}"
             for i, variant in enumerate(self.variants):
@@ -431,8 +526,16 @@ def find_parent(client, which: str, experiment: str) -> str:
     if which != "latest":
         return which
     found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], f"tags.`{COMPARISON_TAG}` = 'true'",
-                              order_by=["attributes.start_time DESC"], max_results=1) if found else []
+    runs = (
+        client.search_runs(
+            [found.experiment_id],
+            f"tags.`{COMPARISON_TAG}` = 'true'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found
+        else []
+    )
     if not runs:
         raise LookupError(f"no comparison run in experiment {experiment!r} at {client.tracking_uri}")
     return runs[0].info.run_id
@@ -442,33 +545,64 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datalist-train", help="datalist with a 'training' list (default: the demo data)")
     parser.add_argument("--datalist-test", nargs="+", help="datalists with a 'test' list (default: --datalist-train)")
-    parser.add_argument("--test-names", nargs="+", help="MLflow names of the test sets (default: 'eval', or the "
-                        "datalist file names when there are several)")
+    parser.add_argument(
+        "--test-names",
+        nargs="+",
+        help="MLflow names of the test sets (default: 'eval', or the " "datalist file names when there are several)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ce-weights", nargs="+", type=float, default=[0.0, 0.5], help="λ per variant (0 = VAE)")
-    parser.add_argument("--overlays", nargs="+", default=[NO_OVERLAY], metavar="NAME",
-                        help="bundle config overlays to compare, each a file configs/NAME.json added after train.json "
-                        f"(e.g. legacy_likelihood: the defaults before 0.5.0); {NO_OVERLAY!r} = the defaults")
-    parser.add_argument("--epochs", type=int,
-                        help=f"training epochs (default {DEMO_EPOCHS}, {PAPER_EPOCHS} with --paper)")
-    parser.add_argument("--paper", action="store_true", help="full paper settings: 60 epochs (the bundle's "
-                        "defaults are the paper's network, batch 64, lr 2e-4, 64x64)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra bundle override for every run, e.g. --set image_size=128 (repeatable)")
+    parser.add_argument(
+        "--overlays",
+        nargs="+",
+        default=[NO_OVERLAY],
+        metavar="NAME",
+        help="bundle config overlays to compare, each a file configs/NAME.json added after train.json "
+        f"(e.g. legacy_likelihood: the defaults before 0.5.0); {NO_OVERLAY!r} = the defaults",
+    )
+    parser.add_argument(
+        "--epochs", type=int, help=f"training epochs (default {DEMO_EPOCHS}, {PAPER_EPOCHS} with --paper)"
+    )
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="full paper settings: 60 epochs (the bundle's "
+        "defaults are the paper's network, batch 64, lr 2e-4, 64x64)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra bundle override for every run, e.g. --set image_size=128 (repeatable)",
+    )
     parser.add_argument("--output-dir", default="runs/compare")
     parser.add_argument("--demo-dir", default="demo_data", help="demo data folder (built if missing)")
     parser.add_argument("--experiment", default="cevae-compare", help="MLflow experiment")
     parser.add_argument("--run-name", help="name of the parent run (default: compare-<time>)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
-                        "sqlite:///<output-dir>/mlruns.db)")
-    parser.add_argument("--from-mlflow", metavar="RUN_ID", help="no training: rebuild the comparison of this parent "
-                        "run ('latest': the newest comparison in --experiment)")
-    parser.add_argument("--resume", action="store_true", help="continue the comparison that --output-dir holds "
-                        "(killed, or a child failed) with its recorded settings: children finished in MLflow are "
-                        "reused, a killed training resumes from its last checkpoint, the rest runs again")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else " "sqlite:///<output-dir>/mlruns.db)",
+    )
+    parser.add_argument(
+        "--from-mlflow",
+        metavar="RUN_ID",
+        help="no training: rebuild the comparison of this parent "
+        "run ('latest': the newest comparison in --experiment)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the comparison that --output-dir holds "
+        "(killed, or a child failed) with its recorded settings: children finished in MLflow are "
+        "reused, a killed training resumes from its last checkpoint, the rest runs again",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the comparison that --output-dir holds")
-    parser.add_argument("--primary", default="postprocessed/pixel_auroc/combined",
-                        help="metric below '<test set>/' that picks each variant's best seed for roc.png")
+    parser.add_argument(
+        "--primary",
+        default="postprocessed/pixel_auroc/combined",
+        help="metric below '<test set>/' that picks each variant's best seed for roc.png",
+    )
     args = parser.parse_args(argv)
     from mlflow import MlflowClient
 
@@ -489,8 +623,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.from_mlflow:
                 parent = find_parent(client, args.from_mlflow, args.experiment)
             else:
-                parent, settings = (recorded_comparison(client, out) if args.resume
-                                    else new_comparison(args, client, out))
+                parent, settings = (
+                    recorded_comparison(client, out) if args.resume else new_comparison(args, client, out)
+                )
                 experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
                 run_children(client, parent, settings, out, experiment, args.resume)
             comparison = Comparison(client, parent)

@@ -35,7 +35,9 @@ def _rewrite(text: str) -> str:
 def build(out_dir: Path, checkpoint: Path | None = None) -> Path:
     """Write the self-contained bundle folder ``out_dir/cevae`` and return it."""
     root = out_dir / "cevae"
-    shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("runs", "demo_data", "inference", "eval", "__pycache__"))
+    shutil.copytree(
+        BUNDLE, root, ignore=shutil.ignore_patterns("runs", "demo_data", "inference", "eval", "__pycache__")
+    )
     for path in (root / "configs").glob("*.json"):
         path.write_text(_rewrite(path.read_text()))
     scripts = root / "scripts"

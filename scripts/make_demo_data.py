@@ -1,6 +1,6 @@
 """Write the embedded demo data set (synthetic T2 brains from nilearn's MNI152 template) and its datalist.
 
-    python scripts/make_demo_data.py --out demo_data --n-train 16 --n-test 8 --seed 0
+python scripts/make_demo_data.py --out demo_data --n-train 16 --n-test 8 --seed 0
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.n_train} training and {args.n_test} test subjects, datalist {path} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"wrote {args.n_train} training and {args.n_test} test subjects, datalist {path} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     return 0
 
 

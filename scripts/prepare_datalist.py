@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modality", default=None, help="sequence: T2, FLAIR, T1, T1c, ... (layout default)")
     parser.add_argument("--key", default=None, help="datalist key (default: 'training' or 'test' by layout)")
     parser.add_argument("--append", action="store_true", help="add to the key's entries instead of replacing them")
-    parser.add_argument("--skip-incomplete", action="store_true",
-                        help="leave out images without a mask/label (warned) instead of failing")
+    parser.add_argument(
+        "--skip-incomplete",
+        action="store_true",
+        help="leave out images without a mask/label (warned) instead of failing",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = Path(args.out)

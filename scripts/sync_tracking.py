@@ -25,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     pending = 0
     for folder in args.folders:
         if not folder.is_dir():
-            print(f"error: {folder} is not a folder; give the --output_dir of a training or evaluation run",
-                  file=sys.stderr)
+            print(
+                f"error: {folder} is not a folder; give the --output_dir of a training or evaluation run",
+                file=sys.stderr,
+            )
             return 2
         try:
             left = sync(folder)

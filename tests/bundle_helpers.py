@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from monai.bundle import ConfigWorkflow
-
 from conftest import REPO
+from monai.bundle import ConfigWorkflow
 
 BUNDLE = REPO / "bundles" / "cevae"
 CONFIGS = BUNDLE / "configs"
@@ -24,9 +23,13 @@ def initialized_workflow(output_dir, datalist, config_files=("train.json",), **o
     """The bundle's training workflow with the tiny settings plus ``overrides``, initialised."""
     files = [str(CONFIGS / f) for f in config_files]
     settings = {**TINY, "output_dir": str(output_dir), "datalist": str(datalist), **overrides}
-    workflow = ConfigWorkflow(config_file=files if len(files) > 1 else files[0], workflow_type="train",
-                              meta_file=str(CONFIGS / "metadata.json"), logging_file=str(CONFIGS / "logging.conf"),
-                              **settings)
+    workflow = ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        workflow_type="train",
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        **settings,
+    )
     workflow.initialize()
     return workflow
 

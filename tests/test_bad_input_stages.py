@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from bundle_helpers import CONFIGS, TINY
 from conftest import REPO, input_error
-from monai.bundle import ConfigWorkflow
 from mlflow import MlflowClient
+from monai.bundle import ConfigWorkflow
 
 from pipeline.data.datalist import load_datalist, write_datalist
 
@@ -69,14 +69,26 @@ def test_each_stage_names_the_bad_file_and_keeps_earlier_outputs(evaluated_run, 
     if stage == "inference":
         settings.update(ckpt=str(out / "checkpoints" / "model.pt"), threshold=0.1)
     else:
-        settings.update({k: v for k, v in TINY.items() if k not in settings}, epochs=1,
-                        ckpt_path=str(out / "checkpoints" / "model.pt"))
+        settings.update(
+            {k: v for k, v in TINY.items() if k not in settings},
+            epochs=1,
+            ckpt_path=str(out / "checkpoints" / "model.pt"),
+        )
     config = [str(CONFIGS / f) for f in files]
-    workflow = ConfigWorkflow(config_file=config if len(config) > 1 else config[0], logging_file=False,
-                              meta_file=str(CONFIGS / "metadata.json"), **extra, **settings)
-    with pytest.raises(Exception) as info:
+    workflow = ConfigWorkflow(
+        config_file=config if len(config) > 1 else config[0],
+        logging_file=False,
+        meta_file=str(CONFIGS / "metadata.json"),
+        **extra,
+        **settings,
+    )
+
+    def initialize_and_run():
         workflow.initialize()
         workflow.run()
+
+    with pytest.raises(Exception) as info:
+        initialize_and_run()
     err = input_error(info.value)
     assert err is not None, info.value
     named = "short_mask.nii.gz" if case == "shape" else os.path.basename(bad_file)
@@ -87,12 +99,39 @@ def test_each_stage_names_the_bad_file_and_keeps_earlier_outputs(evaluated_run, 
 @pytest.mark.slow
 def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
     store = f"sqlite:///{tmp_path}/shared.db"
-    base = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundles/cevae/configs/train.json",
-            "--datalist", str(tiny_demo), "--epochs", "1", "--batch_size", "16", "--z_dim", "16", "--progress_bar",
-            "False", "--tracking_uri", store]
+    base = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "bundles/cevae/configs/train.json",
+        "--datalist",
+        str(tiny_demo),
+        "--epochs",
+        "1",
+        "--batch_size",
+        "16",
+        "--z_dim",
+        "16",
+        "--progress_bar",
+        "False",
+        "--tracking_uri",
+        store,
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    runs = [subprocess.Popen(base + ["--output_dir", str(tmp_path / n), "--run_name", n], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in ("a", "b")]
+    runs = [
+        subprocess.Popen(
+            base + ["--output_dir", str(tmp_path / n), "--run_name", n],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in ("a", "b")
+    ]
     for process in runs:
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-2000:]

@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-
 from bundle_helpers import TINY
 from conftest import script_main
 
@@ -22,9 +21,32 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
     main = script_main("compare")
     tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
     out = tmp_path / "compare"
-    assert main(["--datalist-train", str(tiny_demo), "--seeds", "0", "--epochs", "1", "--output-dir", str(out),
-                 "--tracking-uri", mlflow_server.uri, "--experiment", "tiny", *tiny, "--ce-weights", "0.5",
-                 "--overlays", "none", "legacy_likelihood", '--set=label_groups={"lesion": [1]}']) == 0
+    assert (
+        main(
+            [
+                "--datalist-train",
+                str(tiny_demo),
+                "--seeds",
+                "0",
+                "--epochs",
+                "1",
+                "--output-dir",
+                str(out),
+                "--tracking-uri",
+                mlflow_server.uri,
+                "--experiment",
+                "tiny",
+                *tiny,
+                "--ce-weights",
+                "0.5",
+                "--overlays",
+                "none",
+                "legacy_likelihood",
+                '--set=label_groups={"lesion": [1]}',
+            ]
+        )
+        == 0
+    )
 
     rows = read_csv(out / "comparison.csv")
     legacy = "ceVAE (λ=0.5) + legacy_likelihood"
@@ -44,25 +66,44 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
     assert "## test set `eval`, option set `authors`" in table and "healthy_threshold" not in table.split("## every")[0]
     metrics = json.loads((out / "runs" / "cevae-0.5-seed0" / "eval" / "metrics.json").read_text())
     lo, hi = metrics["postprocessed"]["ci95"]["pixel_auroc"]["combined"]
-    row = next(line for line in table.split("## test set `eval`, option set `postprocessed`")[1].splitlines()
-               if line.startswith("| pixel AUROC combined |"))
+    row = next(
+        line
+        for line in table.split("## test set `eval`, option set `postprocessed`")[1].splitlines()
+        if line.startswith("| pixel AUROC combined |")
+    )
     assert f"[{lo:.3f}, {hi:.3f}]" in row, "the bootstrap interval beside the mean"
     assert "| Dice of the whole brain, all subjects |" in table and "| Dice at healthy q0.99 combined" in table
     assert "| pixel AUROC combined, lesion vs healthy |" in table
     for name in ("roc.png", "bars.png"):
         assert (out / name).stat().st_size > 1000
     # the children share one slice cache: the second preprocesses nothing
-    logs = [(out / "runs" / child / "training.log").read_text() for child in ("cevae-0.5-seed0",
-                                                                           "cevae-0.5-legacy_likelihood-seed0")]
+    logs = [
+        (out / "runs" / child / "training.log").read_text()
+        for child in ("cevae-0.5-seed0", "cevae-0.5-legacy_likelihood-seed0")
+    ]
     found = [re.findall(r"slice cache (\S+): (\d+) of (\d+) volumes preprocessed", log) for log in logs]
-    assert len(found[0]) == len(found[1]) == 2 and {f[0] for f in found[0] + found[1]} == {str(out / "runs" /
-                                                                                               "slice_cache")}
+    assert len(found[0]) == len(found[1]) == 2 and {f[0] for f in found[0] + found[1]} == {
+        str(out / "runs" / "slice_cache")
+    }
     assert all(built == total for _, built, total in found[0]) and all(built == "0" for _, built, _ in found[1])
 
     # the same table again, from the server alone: no training, no files of the first call
     again = tmp_path / "again"
-    assert main(["--from-mlflow", "latest", "--experiment", "tiny", "--tracking-uri", mlflow_server.uri,
-                 "--output-dir", str(again)]) == 0
+    assert (
+        main(
+            [
+                "--from-mlflow",
+                "latest",
+                "--experiment",
+                "tiny",
+                "--tracking-uri",
+                mlflow_server.uri,
+                "--output-dir",
+                str(again),
+            ]
+        )
+        == 0
+    )
     assert (again / "comparison.md").read_text() == table
     assert read_csv(again / "comparison.csv") == rows
     assert not (again / "runs").exists()
@@ -71,10 +112,11 @@ def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_s
 
     client = MlflowClient(mlflow_server.uri)
     parent = json.loads((out / "parent_run.json").read_text())["run_id"]
-    assert {a.path for a in client.list_artifacts(parent, "comparison")} >= {"comparison/comparison.md",
-                                                                              "comparison/roc.png"}
-    children = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent}'")
+    assert {a.path for a in client.list_artifacts(parent, "comparison")} >= {
+        "comparison/comparison.md",
+        "comparison/roc.png",
+    }
+    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.info.run_name for r in children) == ["cevae-0.5-legacy_likelihood-seed0", "cevae-0.5-seed0"]
 
 
@@ -82,8 +124,21 @@ def test_compare_reports_failures_in_one_line(tiny_demo, tmp_path, capsys):
     main = script_main("compare")
     assert main(["--datalist-train", str(tmp_path / "missing.json"), "--output-dir", str(tmp_path / "o")]) == 2
     assert "missing.json does not exist" in capsys.readouterr().err
-    assert main(["--datalist-train", str(tiny_demo), "--set", "epoch=3", "--seeds", "0",
-                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "--datalist-train",
+                str(tiny_demo),
+                "--set",
+                "epoch=3",
+                "--seeds",
+                "0",
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown config key(s): 'epoch'" in err and "training.log" in err
     assert main(["--from-mlflow", "latest", "--experiment", "nothing", "--output-dir", str(tmp_path / "o")]) == 2

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.transforms import Compose
-
 from bundle_helpers import initialized_workflow
+from monai.transforms import Compose
 
 from pipeline.data.context_encoding import ContextEncodingMask, ContextEncodingMaskd, ContextEncodingNoise
 
@@ -25,7 +24,9 @@ def boxes(squares: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
     return out
 
 
-@pytest.mark.parametrize("n_squares, square_size", [((1, 3), (1 / 8, 1 / 2)), ((2, 2), (0.25, 0.25)), ((0, 4), (0.1, 0.9))])
+@pytest.mark.parametrize(
+    "n_squares, square_size", [((1, 3), (1 / 8, 1 / 2)), ((2, 2), (0.25, 0.25)), ((0, 4), (0.1, 0.9))]
+)
 def test_square_count_size_and_placement(n_squares, square_size):
     noise = ContextEncodingNoise(n_squares, square_size)
     h, w = 64, 48

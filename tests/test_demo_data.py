@@ -18,8 +18,18 @@ from pipeline.data.demo import LESION_KINDS, load_template, make_subject
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, str(REPO / "scripts" / "make_demo_data.py"), "--out", str(out), "--n-train", "2",
-           "--n-test", "4", "--seed", "1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "make_demo_data.py"),
+        "--out",
+        str(out),
+        "--n-train",
+        "2",
+        "--n-test",
+        "4",
+        "--seed",
+        "1",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
 

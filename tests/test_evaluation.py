@@ -10,10 +10,10 @@ import shutil
 
 import numpy as np
 import pytest
-from scipy import ndimage
 from bundle_helpers import TINY, run_bundle
 from conftest import input_error
 from mlflow import MlflowClient
+from scipy import ndimage
 
 from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.data.preparers import prepare_entries
@@ -65,8 +65,10 @@ def test_metrics_json_has_every_key(evaluated_run):
 def test_slice_metrics_use_the_slices_training_would_use(evaluated_run, tiny_demo):
     _, metrics = evaluated_run
     transform = brain_volume_transform()
-    expected = sum(len(brain_slice_indices(transform(e)["brainmask"], TINY["min_brain_fraction"]))
-                   for e in load_datalist(tiny_demo, "test"))
+    expected = sum(
+        len(brain_slice_indices(transform(e)["brainmask"], TINY["min_brain_fraction"]))
+        for e in load_datalist(tiny_demo, "test")
+    )
     assert metrics["n_slices_scored"] == expected < metrics["n_slices"]
     assert metrics["n_slices_normal"] + metrics["n_slices_anomalous"] <= expected
 
@@ -78,8 +80,12 @@ def test_dice_healthy_uses_the_thresholds_of_the_healthy_subjects(evaluated_run)
         for score in SCORE_NAMES:
             for q, value in content["healthy"]["thresholds"][config][score].items():
                 assert metrics[config]["dice_healthy"][score][q]["threshold"] == value
-    assert metrics["default"] == {"option_set": "postprocessed", "score": "combined", "quantile": "0.99",
-                                  "threshold": content["healthy"]["thresholds"]["postprocessed"]["combined"]["0.99"]}
+    assert metrics["default"] == {
+        "option_set": "postprocessed",
+        "score": "combined",
+        "quantile": "0.99",
+        "threshold": content["healthy"]["thresholds"]["postprocessed"]["combined"]["0.99"],
+    }
 
 
 def test_trained_model_scores_lesions_above_healthy_tissue(evaluated_run):
@@ -107,14 +113,19 @@ def test_outputs_threshold_and_mlflow(evaluated_run):
     assert run.data.metrics["eval/paper/pixel_auroc/rec"] == pytest.approx(metrics["pixel_auroc"]["rec"])
     logged = run.data.metrics
     assert logged["eval/postprocessed/dice_healthy_q0.99/combined"] == pytest.approx(
-        metrics["postprocessed"]["dice_healthy"]["combined"]["0.99"]["dice"])
+        metrics["postprocessed"]["dice_healthy"]["combined"]["0.99"]["dice"]
+    )
     assert logged["eval/authors/pixel_auroc_ci95_lo/combined"] == pytest.approx(
-        metrics["authors"]["ci95"]["pixel_auroc"]["combined"][0])
+        metrics["authors"]["ci95"]["pixel_auroc"]["combined"][0]
+    )
     assert logged["eval/dice_whole_brain_all"] == pytest.approx(metrics["baselines"]["dice_whole_brain_all"])
     assert "eval/paper/lesion_recall_healthy/combined" in logged
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/eval")} >= {
-        "evaluation/eval/metrics.json", "evaluation/eval/threshold.json", "evaluation/eval/roc_pr.png",
-        "evaluation/eval/curves.json"}
+        "evaluation/eval/metrics.json",
+        "evaluation/eval/threshold.json",
+        "evaluation/eval/roc_pr.png",
+        "evaluation/eval/curves.json",
+    }
 
 
 def copy_checkpoint(out, folder):
@@ -143,8 +154,7 @@ def test_one_subject_and_label_groups(evaluated_run, tiny_demo, tmp_path):
     entry = json.loads(tiny_demo.read_text())["test"][0]
     entry = {k: str(tiny_demo.parent / v) if k in ("image", "brainmask", "label") else v for k, v in entry.items()}
     datalist = write_datalist({"test": [entry]}, tmp_path / "one.json")
-    run_bundle(tmp_path, datalist, EVAL_FILES, ckpt_path=str(checkpoint),
-               label_groups={"lesion": [1], "absent": [7]})
+    run_bundle(tmp_path, datalist, EVAL_FILES, ckpt_path=str(checkpoint), label_groups={"lesion": [1], "absent": [7]})
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     split = metrics["paper"]["dice_split"]["combined"]
     assert math.isnan(split["dice"]) and math.isfinite(split["threshold"]), "no held-out Dice from one subject"
@@ -159,8 +169,13 @@ def test_one_subject_and_label_groups(evaluated_run, tiny_demo, tmp_path):
 def test_evaluation_refuses_settings_that_differ_from_training(evaluated_run, tmp_path):
     out, _ = evaluated_run
     with pytest.raises(Exception) as info:
-        run_bundle(out, json.loads((out / "checkpoints" / "config.json").read_text())["datalist"], EVAL_FILES,
-                   normalization="zscore", eval_output_dir=str(tmp_path))
+        run_bundle(
+            out,
+            json.loads((out / "checkpoints" / "config.json").read_text())["datalist"],
+            EVAL_FILES,
+            normalization="zscore",
+            eval_output_dir=str(tmp_path),
+        )
     assert "normalization='zscore' (trained with 'percentile')" in str(input_error(info.value))
 
 
@@ -172,7 +187,7 @@ def synthetic_subjects(n=3, shape=(24, 24, 16), seed=0):
     for i in range(n):
         brain = np.ones(shape, bool)
         label = np.zeros(shape, bool)
-        label[5 + i:8 + i, 10:13, 6:8] = True
+        label[5 + i : 8 + i, 10:13, 6:8] = True
         noise = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
         score = (noise / noise.std() + 4.0 * label).astype(np.float32)
         subject = _Subject(f"s{i}", brain, label)
@@ -182,9 +197,16 @@ def synthetic_subjects(n=3, shape=(24, 24, 16), seed=0):
 
 
 def evaluation_for(subjects, tmp_path, min_component_size=7):
-    return AnomalyEvaluation(None, tmp_path / "model.pt", tmp_path / "d.json", None, tmp_path, loss=None,
-                             configs={"cc": ScoreOptions(min_component_size=min_component_size)},
-                             default_option_set="cc")
+    return AnomalyEvaluation(
+        None,
+        tmp_path / "model.pt",
+        tmp_path / "d.json",
+        None,
+        tmp_path,
+        loss=None,
+        configs={"cc": ScoreOptions(min_component_size=min_component_size)},
+        default_option_set="cc",
+    )
 
 
 def test_best_dice_with_component_removal_finds_small_lesions(tmp_path):
@@ -194,7 +216,7 @@ def test_best_dice_with_component_removal_finds_small_lesions(tmp_path):
     # reference: every distinct threshold that segments at most 5 % of the voxels (a larger segmentation cannot
     # beat Dice 2 * 0.002 / (0.002 + 0.05) = 0.08 on lesions of 0.2 %), each with its components removed
     voxels = np.sort(np.concatenate([s.voxels["cc"]["combined"] for s in subjects]))
-    candidates = voxels[-int(0.05 * voxels.size):]
+    candidates = voxels[-int(0.05 * voxels.size) :]
     brute = max(_pooled_dice(evaluation._counts(subjects, "cc", "combined", float(t))) for t in candidates)
     assert found >= 0.98 * brute and brute > 0.5
     # negative control: the former 64-point grid of quantiles in [0.5, 1] misses such small lesions
@@ -212,8 +234,9 @@ def test_a_segmentation_of_most_of_the_brain_is_flagged(tmp_path, caplog):
     high, _ = evaluation._dice_entry(subjects, "cc", "combined", float(np.quantile(voxels, 0.99)), whole)
     assert low["covers_over_half_brain"] and not high["covers_over_half_brain"]
     assert low["dice"] == pytest.approx(whole, abs=0.01) and low["whole_brain"] == whole
-    warnings = evaluation._coverage_warnings("cc", {"dice_split": {"combined": low}, "dice_healthy": {
-        "combined": {"0.99": high}}})
+    warnings = evaluation._coverage_warnings(
+        "cc", {"dice_split": {"combined": low}, "dice_healthy": {"combined": {"0.99": high}}}
+    )
     assert len(warnings) == 1 and "cc/dice_split/combined" in warnings[0] and "whole-brain" in caplog.text
 
 

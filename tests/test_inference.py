@@ -61,8 +61,12 @@ def layout_runs(evaluated_run, tumour_case, tmp_path_factory):
     """Inference on the tumour case stored in each layout: ``{layout: (input files, written outputs)}``."""
     out, _ = evaluated_run
     tmp = tmp_path_factory.mktemp("layouts")
-    infer = AnomalyInference(CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64)),
-                             out / "checkpoints" / "model.pt", brain_volume_transform(), tmp / "out")
+    infer = AnomalyInference(
+        CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64)),
+        out / "checkpoints" / "model.pt",
+        brain_volume_transform(),
+        tmp / "out",
+    )
     runs = {}
     for layout in LAYOUTS:
         files = {}
@@ -95,8 +99,10 @@ def test_outputs_have_the_input_geometry_and_find_the_lesion(evaluated_run, layo
 
 
 def test_the_three_layouts_give_the_same_map(layout_runs):
-    maps = {layout: to_ras_order(np.asanyarray(nib.load(written["anomaly"]).dataobj), layout)
-            for layout, (_, written) in layout_runs.items()}
+    maps = {
+        layout: to_ras_order(np.asanyarray(nib.load(written["anomaly"]).dataobj), layout)
+        for layout, (_, written) in layout_runs.items()
+    }
     for layout in ("LPS", "PSR"):
         np.testing.assert_allclose(maps[layout], maps["RAS"], rtol=1e-4, atol=1e-6)
 
@@ -114,8 +120,13 @@ def test_inversion_puts_the_lesion_back_where_it_was(tumour_case):
 
 
 def tiny_inference(checkpoint, output_dir, **kwargs):
-    return AnomalyInference(CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64)), checkpoint,
-                            brain_volume_transform(), output_dir, **kwargs)
+    return AnomalyInference(
+        CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64)),
+        checkpoint,
+        brain_volume_transform(),
+        output_dir,
+        **kwargs,
+    )
 
 
 def test_missing_or_foreign_thresholds_say_what_to_do(evaluated_run, tumour_case, tmp_path):
@@ -136,14 +147,21 @@ def test_threshold_choices(evaluated_run, tumour_case, tmp_path):
     out, _ = evaluated_run
     checkpoint = out / "checkpoints" / "model.pt"
     content = json.loads((out / "checkpoints" / "threshold.json").read_text())
-    cases = [({"healthy_quantile": 0.995}, content["healthy"]["thresholds"]["postprocessed"]["combined"]["0.995"]),
-             ({"calibration": "eval", "option_set": "paper", "score": "rec"},
-              content["calibrated"]["eval"]["thresholds"]["paper"]["rec"])]
+    cases = [
+        ({"healthy_quantile": 0.995}, content["healthy"]["thresholds"]["postprocessed"]["combined"]["0.995"]),
+        (
+            {"calibration": "eval", "option_set": "paper", "score": "rec"},
+            content["calibrated"]["eval"]["thresholds"]["paper"]["rec"],
+        ),
+    ]
     for i, (kwargs, expected) in enumerate(cases):
         written = tiny_inference(checkpoint, tmp_path / str(i), **kwargs)(tumour_case["image"])
         assert json.loads(open(written["score"]).read())["threshold"] == expected
-    for kwargs, message in (({"healthy_quantile": 0.97}, "quantile 0.97"), ({"calibration": "brats"}, "'brats'"),
-                            ({"option_set": "mine"}, "unknown option set")):
+    for kwargs, message in (
+        ({"healthy_quantile": 0.97}, "quantile 0.97"),
+        ({"calibration": "brats"}, "'brats'"),
+        ({"option_set": "mine"}, "unknown option set"),
+    ):
         with pytest.raises(InputError, match=message):
             tiny_inference(checkpoint, tmp_path / "x", **kwargs)(tumour_case["image"])
 
@@ -152,9 +170,15 @@ def test_bundle_inference_config_single_and_batch(evaluated_run, tiny_demo, tumo
     out, _ = evaluated_run
     common = {"ckpt": str(out / "checkpoints" / "model.pt")}  # network and likelihood: from the training's config
     for mode, extra in (("single", {"input_image": tumour_case["image"]}), ("batch", {"datalist": str(tiny_demo)})):
-        workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=str(CONFIGS / "metadata.json"),
-                                  logging_file=False, run_id="inference", output_dir=str(tmp_path / mode),
-                                  **common, **extra)
+        workflow = ConfigWorkflow(
+            config_file=str(CONFIGS / "inference.json"),
+            meta_file=str(CONFIGS / "metadata.json"),
+            logging_file=False,
+            run_id="inference",
+            output_dir=str(tmp_path / mode),
+            **common,
+            **extra,
+        )
         workflow.initialize()
         workflow.run()
     assert len(list((tmp_path / "single").glob("*_anomaly.nii.gz"))) == 1
@@ -163,8 +187,13 @@ def test_bundle_inference_config_single_and_batch(evaluated_run, tiny_demo, tumo
 
 
 def inference_workflow(**settings) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=str(CONFIGS / "metadata.json"),
-                              logging_file=False, run_id="inference", **settings)
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        run_id="inference",
+        **settings,
+    )
     workflow.initialize()
     return workflow
 
@@ -186,8 +215,11 @@ def train_then_infer(output_dir, datalist, image, epochs=2, **overrides):
     """``run training`` then ``run inference`` on ``image``, nothing in between; returns the score file."""
     run_bundle(output_dir, datalist, epochs=epochs, **overrides)
     assert json.loads((output_dir / "checkpoints" / "threshold.json").read_text())["healthy"]
-    workflow = inference_workflow(ckpt=str(output_dir / "checkpoints" / "model.pt"), input_image=str(image),
-                                  output_dir=str(output_dir / "inference"))
+    workflow = inference_workflow(
+        ckpt=str(output_dir / "checkpoints" / "model.pt"),
+        input_image=str(image),
+        output_dir=str(output_dir / "inference"),
+    )
     workflow.run()
     name = Path(image).name.split(".nii")[0]
     seg = nib.load(output_dir / "inference" / f"{name}_seg.nii.gz")

@@ -8,6 +8,8 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from pipeline.data.transforms import equalize_in_brain
+from pipeline.losses import CeVAELoss
 from pipeline.metrics import (
     ThresholdCurve,
     best_dice_threshold,
@@ -20,8 +22,6 @@ from pipeline.metrics import (
     slice_labels,
     split_calibration,
 )
-from pipeline.data.transforms import equalize_in_brain
-from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
 from pipeline.scoring import (
     AUTHORS,

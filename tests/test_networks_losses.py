@@ -54,8 +54,10 @@ def test_inference_view_shares_weights_and_scripts():
 def test_full_map_layers_compute_the_convolutions_they_replace(channels_last):
     """The latent layers are matrix products with nn.Conv2d/ConvTranspose2d's parameters, values and gradients."""
     torch.manual_seed(0)
-    pairs = [(FullMapConv2d(32, 24, 4), torch.nn.Conv2d(32, 24, 4), torch.randn(5, 32, 4, 4)),
-             (FullMapConvTranspose2d(32, 24, 6), torch.nn.ConvTranspose2d(32, 24, 6), torch.randn(5, 32, 1, 1))]
+    pairs = [
+        (FullMapConv2d(32, 24, 4), torch.nn.Conv2d(32, 24, 4), torch.randn(5, 32, 4, 4)),
+        (FullMapConvTranspose2d(32, 24, 6), torch.nn.ConvTranspose2d(32, 24, 6), torch.randn(5, 32, 1, 1)),
+    ]
     for fast, reference, x in pairs:
         reference.load_state_dict(fast.state_dict())  # same parameter names and shapes
         if channels_last:
@@ -100,8 +102,9 @@ def test_loss_terms_match_their_definitions():
 
 def test_ce_term_compares_with_the_clean_input():
     x = torch.rand(2, 1, 8, 8)
-    terms = CeVAELoss(reconstruction="l2")(x, torch.zeros_like(x), torch.zeros(2, 3), torch.zeros(2, 3),
-                                           recon_ce=x.clone())
+    terms = CeVAELoss(reconstruction="l2")(
+        x, torch.zeros_like(x), torch.zeros(2, 3), torch.zeros(2, 3), recon_ce=x.clone()
+    )
     assert float(terms["loss_ce"]) == 0.0
 
 

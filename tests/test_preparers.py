@@ -106,8 +106,12 @@ def test_skip_incomplete_drops_images_without_mask(tmp_path):
 
 @pytest.mark.parametrize(
     "layout, root, modality, message",
-    [("nosuch", ".", None, "unknown layout"), ("hcp", "missing-dir", None, "does not exist"),
-     ("hcp", ".", "DWI", "no modality 'DWI'"), ("hcp", ".", None, "no 'hcp' image")],
+    [
+        ("nosuch", ".", None, "unknown layout"),
+        ("hcp", "missing-dir", None, "does not exist"),
+        ("hcp", ".", "DWI", "no modality 'DWI'"),
+        ("hcp", ".", None, "no 'hcp' image"),
+    ],
 )
 def test_user_errors(tmp_path, layout, root, modality, message):
     with pytest.raises(InputError, match=message):
@@ -121,8 +125,22 @@ def test_cli_writes_relative_paths_and_merges_keys(tmp_path):
     main = script_main("prepare_datalist")
     assert main(["--layout", "ixi", "--root", str(tmp_path / "ixi"), "--out", str(out)]) == 0
     assert main(["--layout", "open-ms", "--root", str(tmp_path / "ms"), "--out", str(out)]) == 0
-    assert main(["--layout", "open-ms", "--root", str(tmp_path / "ms"), "--out", str(out), "--modality", "flair",
-                 "--append"]) == 0
+    assert (
+        main(
+            [
+                "--layout",
+                "open-ms",
+                "--root",
+                str(tmp_path / "ms"),
+                "--out",
+                str(out),
+                "--modality",
+                "flair",
+                "--append",
+            ]
+        )
+        == 0
+    )
     content = json.loads(out.read_text())
     assert len(content["training"]) == 2 and len(content["test"]) == 4
     assert content["test"][0]["image"] == "../ms/patient01/T1.nii.gz"
@@ -131,8 +149,20 @@ def test_cli_writes_relative_paths_and_merges_keys(tmp_path):
 
 def test_cli_reports_errors_without_traceback(tmp_path):
     """One real subprocess: the command line a user types."""
-    result = subprocess.run([sys.executable, SCRIPT, "--layout", "hcp", "--root", str(tmp_path / "nope"), "--out",
-                             str(tmp_path / "d.json")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--layout",
+            "hcp",
+            "--root",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "d.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "error:" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "d.json").exists()
@@ -140,9 +170,13 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [("{not json", "not valid JSON"), ('{"test": []}', "no list 'training'"), ('{"training": []}', "non-empty"),
-     ('{"training": [{"brainmask": "m.nii.gz"}]}', "lacks \\['image'\\]"),
-     ('{"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]}', "2 problem")],
+    [
+        ("{not json", "not valid JSON"),
+        ('{"test": []}', "no list 'training'"),
+        ('{"training": []}', "non-empty"),
+        ('{"training": [{"brainmask": "m.nii.gz"}]}', "lacks \\['image'\\]"),
+        ('{"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]}', "2 problem"),
+    ],
 )
 def test_datalist_errors(tmp_path, content, message):
     path = tmp_path / "datalist.json"
@@ -157,8 +191,9 @@ def test_train_val_split_prefers_an_explicit_validation_list(tmp_path):
     for name in ("a", "b", "c"):
         save_nifti(VOL, tmp_path / f"{name}.nii.gz")
     path = tmp_path / "datalist.json"
-    path.write_text(json.dumps({"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}],
-                                "validation": [{"image": "c.nii.gz"}]}))
+    path.write_text(
+        json.dumps({"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}], "validation": [{"image": "c.nii.gz"}]})
+    )
     training, validation = train_val_split(path, 0.5, seed=0)
     assert [e["image"] for e in validation] == [str(tmp_path / "c.nii.gz")] and len(training) == 2
     path.write_text(json.dumps({"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]}))

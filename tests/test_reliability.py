@@ -20,8 +20,22 @@ from mlflow import MlflowClient
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 TRAIN = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundles/cevae/configs/train.json"]
-TINY_ARGS = ["--epochs", "1", "--batch_size", "16", "--z_dim", "16", "--channels", "[8,16,32,64]",
-             "--progress_bar", "False", "--min_brain_fraction", "0.3", "--val_fraction", "0.34"]
+TINY_ARGS = [
+    "--epochs",
+    "1",
+    "--batch_size",
+    "16",
+    "--z_dim",
+    "16",
+    "--channels",
+    "[8,16,32,64]",
+    "--progress_bar",
+    "False",
+    "--min_brain_fraction",
+    "0.3",
+    "--val_fraction",
+    "0.34",
+]
 
 
 def cli(cmd, **kwargs):
@@ -69,18 +83,40 @@ def test_an_evaluation_does_not_replace_another_silently(evaluated_run, tiny_dem
 
 
 def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_holder(tiny_demo, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.output_dir import claim; "
-                               f"claim(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(tmp_path)],
-                              stdout=subprocess.PIPE, text=True, env=ENV)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pipeline.output_dir import claim; "
+            "claim(sys.argv[1]); print('held', flush=True); time.sleep(120)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         start = time.monotonic()
         line = one_line_error(cli(TRAIN + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS]))
         assert f"is in use by process {holder.pid}" in line and time.monotonic() - start < 60
         assert not (tmp_path / "checkpoints").exists(), "nothing written"
-        evaluate = cli([sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
-                        str(["bundles/cevae/configs/train.json", "bundles/cevae/configs/evaluate.json"]),
-                        "--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS])
+        evaluate = cli(
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "evaluating",
+                "--config_file",
+                str(["bundles/cevae/configs/train.json", "bundles/cevae/configs/evaluate.json"]),
+                "--datalist",
+                str(tiny_demo),
+                "--output_dir",
+                str(tmp_path),
+                *TINY_ARGS,
+            ]
+        )
         assert f"is in use by process {holder.pid}" in one_line_error(evaluate)
         assert script_main("compare")(["--output-dir", str(tmp_path), "--seeds", "0"]) == 2
     finally:
@@ -143,8 +179,10 @@ def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tm
         assert run.info.status == "FINISHED"
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert {"model.pt", "threshold.json", "evaluation"} <= artifacts
-        assert not spool.exists() and "nothing to send" in cli([sys.executable, "scripts/sync_tracking.py",
-                                                                 str(out)]).stdout
+        assert (
+            not spool.exists()
+            and "nothing to send" in cli([sys.executable, "scripts/sync_tracking.py", str(out)]).stdout
+        )
     finally:
         server.stop()
 
@@ -163,8 +201,14 @@ def test_an_interrupted_comparison_resumes_to_the_same_tables(tiny_demo, tmp_pat
     reference = cli(compare + args + ["--output-dir", str(tmp_path / "straight")])
     assert reference.returncode == 0, reference.stderr[-3000:]
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(compare + args + ["--output-dir", str(interrupted)], cwd=REPO, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        compare + args + ["--output-dir", str(interrupted)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert process.stdout.readline().startswith("vae-seed0: trained and evaluated")
     killed = interrupted / "runs" / "cevae-0.5-seed0" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
@@ -201,8 +245,11 @@ runpy.run_module("monai.bundle", run_name="__main__")
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_in_one_line(tiny_demo, tmp_path):
     settings = [a if a != "1" else "3" for a in TINY_ARGS]  # 3 epochs
-    cmd = [sys.executable, "-c", FAIL_SECOND_SAVE] + TRAIN[3:] + ["--datalist", str(tiny_demo), "--output_dir",
-                                                                  str(tmp_path), *settings]
+    cmd = (
+        [sys.executable, "-c", FAIL_SECOND_SAVE]
+        + TRAIN[3:]
+        + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *settings]
+    )
     line = one_line_error(cli(cmd))
     assert "cannot write" in line and "last.pt: No space left on device" in line and "previous last.pt" in line
     assert epochs_done(tmp_path) == 1, "epoch 1's last.pt is intact"

@@ -51,8 +51,14 @@ def builds(monkeypatch):
 
 
 def dataset(entries, cache_dir, image_size=32, **kwargs):
-    return BrainSliceDataset(entries, brain_volume_transform(image_size=image_size), min_brain_fraction=0.1,
-                             progress=False, cache_dir=cache_dir, **kwargs)
+    return BrainSliceDataset(
+        entries,
+        brain_volume_transform(image_size=image_size),
+        min_brain_fraction=0.1,
+        progress=False,
+        cache_dir=cache_dir,
+        **kwargs,
+    )
 
 
 def assert_same_slices(a, b):
@@ -133,15 +139,27 @@ print(len(ds))
 
 
 def builder(entries, log, cache):
-    return subprocess.Popen([sys.executable, "-c", BUILD, json.dumps(entries), str(log), str(cache)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", BUILD, json.dumps(entries), str(log), str(cache)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_concurrent_writers_build_each_entry_once(entries, tmp_path):
     cache, log = tmp_path / "cache", tmp_path / "builds.log"
     # forced race: another writer holds an entry's lock; the builder waits for it instead of writing beside it
-    store = SliceCache(cache, {"transform": brain_volume_transform(image_size=32).cache_settings,
-                               "min_brain_fraction": 0.1, "border_slices": 0, "mask_key": "brainmask"})
+    store = SliceCache(
+        cache,
+        {
+            "transform": brain_volume_transform(image_size=32).cache_settings,
+            "min_brain_fraction": 0.1,
+            "border_slices": 0,
+            "mask_key": "brainmask",
+        },
+    )
     key = store.key(entries[0])
     (cache / key[:2]).mkdir(parents=True)
     with open(cache / key[:2] / f"{key}.lock", "a") as lock:

@@ -75,9 +75,13 @@ def test_spooled_writes_keep_their_order_and_content(tmp_path):
     assert client.pending == 3 and store.received == [("batch", [("loss", 1)], [])]
     store.down = False
     client.set_terminated("r")  # the server is back: the spool first, in order, then this write
-    assert store.received == [("batch", [("loss", 1)], []), ("batch", [("loss", 2)], []),
-                              ("artifact", "figure.txt", "epoch 2"), ("batch", [], [("note", "x")]),
-                              ("terminated", "FINISHED")]
+    assert store.received == [
+        ("batch", [("loss", 1)], []),
+        ("batch", [("loss", 2)], []),
+        ("artifact", "figure.txt", "epoch 2"),
+        ("batch", [], [("note", "x")]),
+        ("terminated", "FINISHED"),
+    ]
     assert client.pending == 0 and not (tmp_path / "tracking_spool" / "spool.jsonl").exists()
     # an error that is not an outage (a rejected write) is raised, not spooled
     store.log_batch = lambda *a, **k: (_ for _ in ()).throw(MlflowException("INVALID_PARAMETER_VALUE"))

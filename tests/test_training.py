@@ -73,20 +73,64 @@ def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
     experiment = client.get_experiment_by_name("cevae")
     (run,) = client.search_runs(experiment.experiment_id)
     assert run.info.run_name == "cevae" and run.info.status == "FINISHED"
-    hyper = {"model_variant", "overlay_name", "seed", "epochs", "batch_size", "lr", "ce_weight", "kl_weight",
-             "reconstruction", "sigma", "z_dim", "image_size", "channels", "norm", "ce_n_squares", "ce_square_size",
-             "ce_fill", "ce_variant",
-             "normalization", "min_brain_fraction", "border_slices", "val_fraction"}
-    extra = {"dataset", "datalist", "datalist_sha256", "version_monai", "version_torch", "version_ignite",
-             "version_mlflow", "git_commit", "max_epochs", "epoch_length"}
+    hyper = {
+        "model_variant",
+        "overlay_name",
+        "seed",
+        "epochs",
+        "batch_size",
+        "lr",
+        "ce_weight",
+        "kl_weight",
+        "reconstruction",
+        "sigma",
+        "z_dim",
+        "image_size",
+        "channels",
+        "norm",
+        "ce_n_squares",
+        "ce_square_size",
+        "ce_fill",
+        "ce_variant",
+        "normalization",
+        "min_brain_fraction",
+        "border_slices",
+        "val_fraction",
+    }
+    extra = {
+        "dataset",
+        "datalist",
+        "datalist_sha256",
+        "version_monai",
+        "version_torch",
+        "version_ignite",
+        "version_mlflow",
+        "git_commit",
+        "max_epochs",
+        "epoch_length",
+    }
     assert set(run.data.params) == hyper | extra
     assert run.data.params["model_variant"] == "cevae" and run.data.params["ce_weight"] == "0.5"
-    metrics = {"train_loss", "train_loss_rec", "train_loss_kl", "train_loss_ce", "train_sigma", "val_neg_elbo",
-               "val_rec", "val_kl", "lr"}
-    metrics |= {f"healthy_{k}" for k in ("rec_mse", "mean_brain_mse", "rec_vs_mean_brain", "active_units",
-                                         "kl_per_dim")}
-    metrics |= {f"healthy_threshold/{c}/{s}/q{q}" for c in OPTION_SETS for s in SCORE_NAMES
-                for q in ("0.95", "0.98", "0.99", "0.995", "0.999")}
+    metrics = {
+        "train_loss",
+        "train_loss_rec",
+        "train_loss_kl",
+        "train_loss_ce",
+        "train_sigma",
+        "val_neg_elbo",
+        "val_rec",
+        "val_kl",
+        "lr",
+    }
+    metrics |= {
+        f"healthy_{k}" for k in ("rec_mse", "mean_brain_mse", "rec_vs_mean_brain", "active_units", "kl_per_dim")
+    }
+    metrics |= {
+        f"healthy_threshold/{c}/{s}/q{q}"
+        for c in OPTION_SETS
+        for s in SCORE_NAMES
+        for q in ("0.95", "0.98", "0.99", "0.995", "0.999")
+    }
     assert set(run.data.metrics) == metrics
     assert len(client.get_metric_history(run.info.run_id, "val_neg_elbo")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -103,8 +147,9 @@ def test_training_ends_with_healthy_thresholds_of_the_selected_checkpoint(cevae_
     # reference without the network: the `intensity` score of the plain option set is the preprocessed image, so
     # its thresholds are numpy quantiles of the healthy validation subjects' brain voxels
     transform = brain_volume_transform()
-    voxels = np.concatenate([np.asarray(d["image"][0])[np.asarray(d["brainmask"][0]) > 0]
-                             for d in (transform(e) for e in validation)])
+    voxels = np.concatenate(
+        [np.asarray(d["image"][0])[np.asarray(d["brainmask"][0]) > 0] for d in (transform(e) for e in validation)]
+    )
     expected = np.quantile(voxels, [0.95, 0.98, 0.99, 0.995, 0.999])
     got = [healthy["thresholds"]["paper"]["intensity"][q] for q in ("0.95", "0.98", "0.99", "0.995", "0.999")]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
@@ -144,8 +189,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_pa
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0)
     torch.testing.assert_close(resumed["loss"]["sigma"], straight["loss"]["sigma"], rtol=0, atol=0)
     # the resumed run ends with the healthy thresholds of its own selected checkpoint, like the straight one
-    thresholds = [json.loads((tmp_path / run / "checkpoints" / "threshold.json").read_text())
-                  for run in ("straight", "resumed")]
+    thresholds = [
+        json.loads((tmp_path / run / "checkpoints" / "threshold.json").read_text()) for run in ("straight", "resumed")
+    ]
     assert thresholds[1]["checkpoint_sha256"] == checkpoint_sha256(tmp_path / "resumed" / "checkpoints" / "model.pt")
     assert thresholds[1]["healthy"] == thresholds[0]["healthy"] != first["healthy"]
 
@@ -209,8 +255,16 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     net = CeVAE(z_dim=8, channels=(4, 8, 8, 8))
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
     saver = AtomicCheckpointSaver(tmp_path, net, optimizer)
-    trainer = CeVAETrainer("cpu", 5, loader, net, optimizer, NaNAfter(bad_call=4), ContextEncodingNoise(),
-                           train_handlers=[saver, StopOnNonFiniteLoss()])
+    trainer = CeVAETrainer(
+        "cpu",
+        5,
+        loader,
+        net,
+        optimizer,
+        NaNAfter(bad_call=4),
+        ContextEncodingNoise(),
+        train_handlers=[saver, StopOnNonFiniteLoss()],
+    )
     trainer.run()
     assert trainer.state.epoch == 2 and trainer.state.iteration == 4, "stopped at the first NaN"
     last = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -228,9 +282,18 @@ def test_compiled_training_matches_eager_and_saves_the_plain_module(tmp_path):
         net = CeVAE(z_dim=8, channels=(4, 8, 8, 8))
         optimizer = torch.optim.Adam(net.parameters(), 1e-3)
         saver = AtomicCheckpointSaver(tmp_path / str(compiled), net, optimizer)
-        trainer = CeVAETrainer("cpu", 2, torch.utils.data.DataLoader(data, batch_size=4), net, optimizer, CeVAELoss(),
-                               ContextEncodingNoise(), train_handlers=[saver], compile=compiled,
-                               compile_kwargs={"backend": "eager"})
+        trainer = CeVAETrainer(
+            "cpu",
+            2,
+            torch.utils.data.DataLoader(data, batch_size=4),
+            net,
+            optimizer,
+            CeVAELoss(),
+            ContextEncodingNoise(),
+            train_handlers=[saver],
+            compile=compiled,
+            compile_kwargs={"backend": "eager"},
+        )
         assert (trainer.forward_network is not net) == compiled
         trainer.run()
         weights[compiled] = torch.load(tmp_path / str(compiled) / "last.pt", weights_only=True)["model"]
@@ -252,10 +315,30 @@ def test_amp_dtype_is_checked_and_bfloat16_needs_no_loss_scaling():
 
 @pytest.mark.slow
 def test_bundle_cli_from_the_repository_root(tiny_demo, tmp_path):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           "bundles/cevae/configs/train.json", "--datalist", str(tiny_demo), "--output_dir", str(tmp_path),
-           "--epochs", "1", "--batch_size", "16", "--z_dim", "16", "--progress_bar", "False"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "bundles/cevae/configs/train.json",
+        "--datalist",
+        str(tiny_demo),
+        "--output_dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--batch_size",
+        "16",
+        "--z_dim",
+        "16",
+        "--progress_bar",
+        "False",
+    ]
+    result = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "model.pt").is_file()
 
@@ -264,10 +347,34 @@ def test_bundle_cli_from_the_repository_root(tiny_demo, tmp_path):
 def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
     """torchrun with 2 CPU processes (gloo): DDP + DistributedSampler; only rank 0 saves and tracks."""
     configs = "['bundles/cevae/configs/train.json','bundles/cevae/configs/multi_gpu_train.json']"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", "training", "--config_file", configs, "--datalist", str(tiny_demo), "--output_dir", str(tmp_path),
-           "--epochs", "2", "--batch_size", "8", "--z_dim", "16", "--progress_bar", "False"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs,
+        "--datalist",
+        str(tiny_demo),
+        "--output_dir",
+        str(tmp_path),
+        "--epochs",
+        "2",
+        "--batch_size",
+        "8",
+        "--z_dim",
+        "16",
+        "--progress_bar",
+        "False",
+    ]
+    result = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = torch.load(tmp_path / "checkpoints" / "model.pt", weights_only=True)["model"]
     net = CeVAE(z_dim=16)
@@ -321,37 +428,91 @@ def test_checkpoints_with_code_are_refused(tmp_path):
 def test_cli_reports_bad_input_in_one_line(tiny_demo, tmp_path, problem):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    datalist, output = ((tmp_path / "missing.json", tmp_path) if problem == "missing datalist"
-                        else (tiny_demo, blocker / "out"))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           "bundles/cevae/configs/train.json", "--datalist", str(datalist), "--output_dir", str(output)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    datalist, output = (
+        (tmp_path / "missing.json", tmp_path) if problem == "missing datalist" else (tiny_demo, blocker / "out")
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "bundles/cevae/configs/train.json",
+        "--datalist",
+        str(datalist),
+        "--output_dir",
+        str(output),
+    ]
+    result = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     assert result.returncode == 2
-    expected = (f"error: datalist {datalist} does not exist" if problem == "missing datalist"
-                else f"Not a directory: '{output}'; check the path, or choose a writable --output_dir")
+    expected = (
+        f"error: datalist {datalist} does not exist"
+        if problem == "missing datalist"
+        else f"Not a directory: '{output}'; check the path, or choose a writable --output_dir"
+    )
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_demo, tmp_path):
-    settings = ["--datalist", str(tiny_demo), "--epochs", "4", "--batch_size", "4", "--z_dim", "16",
-                "--channels", "[8,16,32,64]", "--progress_bar", "False", "--min_brain_fraction", "0.3"]
-    base = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundles/cevae/configs/train.json"]
+    settings = [
+        "--datalist",
+        str(tiny_demo),
+        "--epochs",
+        "4",
+        "--batch_size",
+        "4",
+        "--z_dim",
+        "16",
+        "--channels",
+        "[8,16,32,64]",
+        "--progress_bar",
+        "False",
+        "--min_brain_fraction",
+        "0.3",
+    ]
+    base = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "bundles/cevae/configs/train.json",
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run(base + settings + ["--output_dir", str(tmp_path / "straight")], cwd=REPO, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        base + settings + ["--output_dir", str(tmp_path / "straight")],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     killed = tmp_path / "killed"
-    process = subprocess.Popen(base + settings + ["--output_dir", str(killed)], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        base + settings + ["--output_dir", str(killed)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "last.pt").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)  # in epoch 2, right after epoch 1's checkpoint
     process.wait()
     interrupted_at = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["trainer"]["iteration"]
-    subprocess.run(base + settings + ["--output_dir", str(killed), "--resume", "True"], cwd=REPO, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        base + settings + ["--output_dir", str(killed), "--resume", "True"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
     resumed = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
     assert interrupted_at < resumed["trainer"]["iteration"] == straight["trainer"]["iteration"]

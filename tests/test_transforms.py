@@ -31,8 +31,10 @@ def test_lps_and_ras_give_the_same_slices(tmp_path):
         "ras": (image, mask, label, ras),
         "lps": (lps_copy(image)[0], lps_copy(mask)[0], lps_copy(label)[0], lps_copy(image)[1]),
     }.items():
-        files[name] = {k: save_nifti(v, tmp_path / f"{name}_{k}.nii.gz", aff)
-                       for k, v in {"image": img, "brainmask": msk, "label": lab}.items()}
+        files[name] = {
+            k: save_nifti(v, tmp_path / f"{name}_{k}.nii.gz", aff)
+            for k, v in {"image": img, "brainmask": msk, "label": lab}.items()
+        }
     chain = brain_volume_transform(image_size=64)
     out_ras, out_lps = chain(files["ras"]), chain(files["lps"])
     for key in ("image", "brainmask", "label"):
@@ -87,8 +89,10 @@ def test_skull_and_negative_background_do_not_bleed_into_the_brain(tmp_path):
     chain = brain_volume_transform(image_size=64)
     outputs = {}
     for name, array in variants.items():
-        files = {"image": save_nifti(array.astype(np.float32), tmp_path / f"{name}.nii.gz", affine),
-                 "brainmask": save_nifti(mask, tmp_path / "mask.nii.gz", affine)}
+        files = {
+            "image": save_nifti(array.astype(np.float32), tmp_path / f"{name}.nii.gz", affine),
+            "brainmask": save_nifti(mask, tmp_path / "mask.nii.gz", affine),
+        }
         outputs[name] = chain(files)["image"].as_tensor()
     assert float(outputs["stripped"].max()) > 0.9
     for name in ("head", "negative"):
@@ -107,9 +111,12 @@ def test_equalize_normalisation_makes_brains_uniform_and_keeps_tissue_order(phan
     # (the ranks are taken at the input's own resolution); percentile scaling changes it
     image = brain_volume_transform(image_size=64, normalization="equalize")(phantom_files)["image"].as_tensor()
     image_np, mask, label = brain_phantom()
-    warped = {"image": save_nifti(np.where(mask > 0, np.exp(image_np / 200.0), 0), tmp_path / "w.nii.gz",
-                                  np.diag([2.0, 2.0, 2.0, 1.0])),
-              "brainmask": phantom_files["brainmask"]}
+    warped = {
+        "image": save_nifti(
+            np.where(mask > 0, np.exp(image_np / 200.0), 0), tmp_path / "w.nii.gz", np.diag([2.0, 2.0, 2.0, 1.0])
+        ),
+        "brainmask": phantom_files["brainmask"],
+    }
     again = brain_volume_transform(image_size=64, normalization="equalize")(warped)["image"].as_tensor()
     assert float((again - image).abs().mean()) < 0.005
     scaled = [brain_volume_transform(image_size=64)(f)["image"].as_tensor() for f in (phantom_files, warped)]
@@ -128,7 +135,10 @@ def test_labels_are_binary_and_aligned(phantom_files):
 def test_negative_background_without_mask_is_derived_from_corners(tmp_path):
     image, mask, _ = brain_phantom(lesion=False)
     zscored = np.where(mask > 0, (image - image[mask > 0].mean()) / image[mask > 0].std(), -3.7).astype(np.float32)
-    with_mask = {"image": save_nifti(zscored, tmp_path / "z.nii.gz"), "brainmask": save_nifti(mask, tmp_path / "m.nii.gz")}
+    with_mask = {
+        "image": save_nifti(zscored, tmp_path / "z.nii.gz"),
+        "brainmask": save_nifti(mask, tmp_path / "m.nii.gz"),
+    }
     without_mask = {"image": with_mask["image"]}
     chain = brain_volume_transform(image_size=64)
     a, b = chain(with_mask), chain(without_mask)
@@ -245,12 +255,15 @@ def write_oversized_header(path):
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("truncated", "truncated or corrupt"),
-    ("not_nifti", "cannot be read as NIfTI"),
-    ("oversized", "over the limit"),
-    ("missing", "file not found"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("truncated", "truncated or corrupt"),
+        ("not_nifti", "cannot be read as NIfTI"),
+        ("oversized", "over the limit"),
+        ("missing", "file not found"),
+    ],
+)
 def test_unreadable_files_fail_with_the_file_named(tmp_path, case, message):
     image, mask, _ = brain_phantom(lesion=False)
     path = tmp_path / f"{case}.nii.gz"

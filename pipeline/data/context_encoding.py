@@ -70,8 +70,14 @@ class ContextEncodingNoise:
         hi = min(side, max(lo, round(self.square_size[1] * side)))
         return lo, hi
 
-    def squares(self, batch: int, height: int, width: int, generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+    def squares(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
         """Boolean ``(B, K, H, W)``: square ``k`` of image ``b`` (all False for squares beyond its count)."""
         if self.variant == "authors":
             k_max, fits = 1, 0  # positions randint(0, S - side): the square never touches the last row/column
@@ -115,7 +121,8 @@ class ContextEncodingNoise:
         elif fill_mode == "constant":
             k_max = squares.shape[1]
             values = lo.view(b, 1) + (hi - lo).view(b, 1) * torch.rand(
-                (b, k_max), generator=generator, device=x.device, dtype=x.dtype)
+                (b, k_max), generator=generator, device=x.device, dtype=x.dtype
+            )
             # the value of the last square covering a pixel (0 = none)
             order = torch.arange(1, k_max + 1, device=x.device).view(1, k_max, 1, 1)
             last = (squares * order).amax(dim=1)
@@ -133,8 +140,12 @@ class ContextEncodingMask(Randomizable, Transform):
     call is kept in ``self.last_mask`` (``(1, H, W)`` boolean).
     """
 
-    def __init__(self, n_squares: tuple[int, int] = (1, 3), square_size: tuple[float, float] = (1 / 8, 1 / 2),
-                 fill: str = "noise") -> None:
+    def __init__(
+        self,
+        n_squares: tuple[int, int] = (1, 3),
+        square_size: tuple[float, float] = (1 / 8, 1 / 2),
+        fill: str = "noise",
+    ) -> None:
         self.noise = ContextEncodingNoise(tuple(n_squares), tuple(square_size), fill)
         self._seed = 0
         self.last_mask: torch.Tensor | None = None
@@ -162,9 +173,16 @@ class ContextEncodingMaskd(Randomizable, MapTransform):
         n_squares, square_size, fill: see :class:`ContextEncodingNoise`.
     """
 
-    def __init__(self, keys: KeysCollection, suffix: str = "_ce", mask_suffix: str | None = None,
-                 n_squares: tuple[int, int] = (1, 3), square_size: tuple[float, float] = (1 / 8, 1 / 2),
-                 fill: str = "noise", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        suffix: str = "_ce",
+        mask_suffix: str | None = None,
+        n_squares: tuple[int, int] = (1, 3),
+        square_size: tuple[float, float] = (1 / 8, 1 / 2),
+        fill: str = "noise",
+        allow_missing_keys: bool = False,
+    ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.suffix, self.mask_suffix = suffix, mask_suffix
         self.masker = ContextEncodingMask(n_squares, square_size, fill)

@@ -20,15 +20,18 @@ __all__ = ["PATH_KEYS", "load_datalist", "split_subjects", "write_datalist"]
 PATH_KEYS = ("image", "brainmask", "label")
 
 
-def load_datalist(path: str | os.PathLike, key: str, required: Sequence[str] = ("image",),
-                  missing_ok: bool = False) -> list[dict]:
+def load_datalist(
+    path: str | os.PathLike, key: str, required: Sequence[str] = ("image",), missing_ok: bool = False
+) -> list[dict]:
     """Entries under ``key`` with absolute paths; raises :class:`InputError` listing every problem found.
 
     With ``missing_ok`` a datalist without ``key`` gives an empty list instead of an error."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"datalist {path} does not exist; create it with scripts/prepare_datalist.py or "
-                         "scripts/make_demo_data.py.")
+        raise InputError(
+            f"datalist {path} does not exist; create it with scripts/prepare_datalist.py or "
+            "scripts/make_demo_data.py."
+        )
     try:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -61,8 +64,10 @@ def load_datalist(path: str | os.PathLike, key: str, required: Sequence[str] = (
         resolved.append(item)
     if problems:
         listed = "\n  ".join(problems)
-        raise InputError(f"datalist {path} ('{key}') has {len(problems)} problem(s):\n  {listed}\n"
-                         "Fix the paths or regenerate the datalist.")
+        raise InputError(
+            f"datalist {path} ('{key}') has {len(problems)} problem(s):\n  {listed}\n"
+            "Fix the paths or regenerate the datalist."
+        )
     return resolved
 
 
@@ -70,8 +75,13 @@ def write_datalist(datalist: Mapping[str, Sequence[dict]], path: str | os.PathLi
     """Write ``datalist`` to ``path`` (atomically), with file paths relative to its folder."""
     base = Path(path).resolve().parent
     out = {
-        key: [{k: (os.path.relpath(Path(v).resolve(), base) if k in PATH_KEYS and v is not None else v)
-               for k, v in entry.items()} for entry in entries]
+        key: [
+            {
+                k: (os.path.relpath(Path(v).resolve(), base) if k in PATH_KEYS and v is not None else v)
+                for k, v in entry.items()
+            }
+            for entry in entries
+        ]
         for key, entries in datalist.items()
     }
     return atomic_write_json(out, path)

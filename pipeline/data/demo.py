@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from pipeline.io import atomic_write_json, atomic_save_nifti
+from pipeline.io import atomic_save_nifti, atomic_write_json
 
 __all__ = ["LESION_KINDS", "Template", "load_template", "make_demo_dataset", "make_subject"]
 
@@ -108,8 +108,13 @@ def _warp(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0)
 
 
-def _blob(shape: tuple[int, int, int], centre: np.ndarray, radii: np.ndarray, rng: np.random.Generator,
-          roughness: float = 0.25) -> np.ndarray:
+def _blob(
+    shape: tuple[int, int, int],
+    centre: np.ndarray,
+    radii: np.ndarray,
+    rng: np.random.Generator,
+    roughness: float = 0.25,
+) -> np.ndarray:
     """Soft irregular ellipsoid in [0, 1]: 1 inside, smooth edge about one voxel wide."""
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
     dist = np.sqrt((((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0))
@@ -139,8 +144,14 @@ def _t2_contrast(gm: np.ndarray, wm: np.ndarray, csf: np.ndarray, rng: np.random
     return (levels["gm"] * gm + levels["wm"] * wm + levels["csf"] * csf).astype(np.float32)
 
 
-def _add_lesion(kind: str, image: np.ndarray, maps: dict[str, np.ndarray], mask: np.ndarray,
-                rng: np.random.Generator, centre: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _add_lesion(
+    kind: str,
+    image: np.ndarray,
+    maps: dict[str, np.ndarray],
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    centre: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Insert one lesion of ``kind`` into the noiseless contrast ``image``; returns (image, lesion weight).
 
     ``centre`` (voxel coordinates) fixes the tumour centre, so that it matches the mass effect.
@@ -178,8 +189,9 @@ def _add_lesion(kind: str, image: np.ndarray, maps: dict[str, np.ndarray], mask:
     raise ValueError(f"unknown lesion kind {kind!r}; choose from {LESION_KINDS}.")
 
 
-def make_subject(template: Template, rng: np.random.Generator, lesion: str | None = None,
-                 noise: float = 0.02, bias: float = 0.15) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def make_subject(
+    template: Template, rng: np.random.Generator, lesion: str | None = None, noise: float = 0.02, bias: float = 0.15
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One synthetic subject: ``(image, brainmask, label)`` arrays on the template grid (label None if healthy)."""
     coords = _random_warp(template.mask.shape, rng)
     maps = {name: _warp(getattr(template, name), coords) for name in ("gm", "wm", "csf")}
@@ -199,8 +211,9 @@ def make_subject(template: Template, rng: np.random.Generator, lesion: str | Non
     return image, mask, label
 
 
-def make_demo_dataset(out_dir: str | os.PathLike, n_train: int = 16, n_test: int = 8, seed: int = 0,
-                      spacing_mm: float = 2.0) -> Path:
+def make_demo_dataset(
+    out_dir: str | os.PathLike, n_train: int = 16, n_test: int = 8, seed: int = 0, spacing_mm: float = 2.0
+) -> Path:
     """Write the demo data set (see the module docstring) and return the path of ``datalist.json``."""
     if n_train < 1 or n_test < 0:
         raise ValueError(f"need n_train >= 1 and n_test >= 0, got {n_train} and {n_test}.")

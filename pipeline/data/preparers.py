@@ -1,19 +1,16 @@
 """Datalist preparers for the folder layouts of public brain MRI sets.
 
 Each layout knows where its images, brain masks and labels lie, which sequences it has (``--modality``, case-
-insensitive) and whether it is a healthy training set or a labelled test set:
+insensitive; default first) and whether it is a healthy training set or a labelled test set:
 
-=====================  ==========  =========================  ==============================================
-layout                 role        modalities (default first)  files
-=====================  ==========  =========================  ==============================================
-``hcp``                training    T2, T1                     ``**/T2w_acpc_dc_restore_brain.nii.gz`` (skull-stripped)
-``ixi``                training    T1, T2, PD                 ``images/*_T1.nii.gz`` + ``segmentations/<subject>_*`` (mask = label > 0)
-``brats2017``          test        T2, FLAIR, T1, T1c         ``**/<case>_t2.nii.gz`` + ``<case>_seg.nii.gz``
-``isles2015``          test        T2, FLAIR, T1, DWI         ``<case>/**/VSD.Brain.XX.O.MR_T2.*.nii`` + ``VSD.Brain.XX.O.OT.*.nii``
-``brats2013-deepmedic`` test       T1c, FLAIR                 ``<case>/T1c_subtrMeanDivStd.nii.gz`` + ``OTMultiClass`` + ``brainmask``
-``open-ms``            test        T1, T2, FLAIR, T1c         ``<case>/T1.nii.gz`` + ``lesion_gt.nii.gz`` (T1c = ``T1POST``)
-``brats-toolkit``      test        T1c, T1, T2, FLAIR         ``<case>/t1c_bet.nii.gz`` + ``fusion_mav_pseudolabel.nii.gz``
-=====================  ==========  =========================  ==============================================
+- ``hcp`` (training; T2, T1): ``**/T2w_acpc_dc_restore_brain.nii.gz`` (skull-stripped)
+- ``ixi`` (training; T1, T2, PD): ``images/*_T1.nii.gz`` + ``segmentations/<subject>_*`` (mask = label > 0)
+- ``brats2017`` (test; T2, FLAIR, T1, T1c): ``**/<case>_t2.nii.gz`` + ``<case>_seg.nii.gz``
+- ``isles2015`` (test; T2, FLAIR, T1, DWI): ``<case>/**/VSD.Brain.XX.O.MR_T2.*.nii`` + ``VSD.Brain.XX.O.OT.*.nii``
+- ``brats2013-deepmedic`` (test; T1c, FLAIR): ``<case>/T1c_subtrMeanDivStd.nii.gz`` + ``OTMultiClass`` +
+  ``brainmask``
+- ``open-ms`` (test; T1, T2, FLAIR, T1c): ``<case>/T1.nii.gz`` + ``lesion_gt.nii.gz`` (T1c = ``T1POST``)
+- ``brats-toolkit`` (test; T1c, T1, T2, FLAIR): ``<case>/t1c_bet.nii.gz`` + ``fusion_mav_pseudolabel.nii.gz``
 
 ``brats-toolkit`` (BrainLesion tutorial cases) carries **model-made pseudo-labels**, not expert ground truth: use
 it for development (choosing options), not to report results.
@@ -58,8 +55,9 @@ class Layout:
     def token(self, modality: str | None) -> str:
         name = (modality or self.default_modality).upper()
         if name not in self.modalities:
-            raise InputError(f"layout '{self.name}' has no modality {modality!r}; choose one of "
-                             f"{list(self.modalities)}.")
+            raise InputError(
+                f"layout '{self.name}' has no modality {modality!r}; choose one of " f"{list(self.modalities)}."
+            )
         return self.modalities[name]
 
 
@@ -189,8 +187,9 @@ def check_entry(entry: dict, affine_atol: float = 1e-3) -> list[str]:
     return problems
 
 
-def prepare_entries(layout: str, root: str | os.PathLike, modality: str | None = None,
-                    skip_incomplete: bool = False) -> list[dict]:
+def prepare_entries(
+    layout: str, root: str | os.PathLike, modality: str | None = None, skip_incomplete: bool = False
+) -> list[dict]:
     """Find and check the entries of ``root`` in ``layout``.
 
     Args:
@@ -219,11 +218,15 @@ def prepare_entries(layout: str, root: str | os.PathLike, modality: str | None =
         problems += check_entry(entry)
     if problems:
         listed = "\n  ".join(problems)
-        raise InputError(f"{len(problems)} problem(s) in {root} (layout '{layout}', modality "
-                         f"{(modality or spec.default_modality).upper()}):\n  {listed}\nFix or remove these files"
-                         + ("" if skip_incomplete else ", or pass --skip-incomplete to leave out images without "
-                            "a mask/label") + ".")
+        raise InputError(
+            f"{len(problems)} problem(s) in {root} (layout '{layout}', modality "
+            f"{(modality or spec.default_modality).upper()}):\n  {listed}\nFix or remove these files"
+            + ("" if skip_incomplete else ", or pass --skip-incomplete to leave out images without " "a mask/label")
+            + "."
+        )
     if not entries:
-        raise InputError(f"no '{layout}' image of modality {(modality or spec.default_modality).upper()} found "
-                         f"under {root}; check --root, --layout and --modality.")
+        raise InputError(
+            f"no '{layout}' image of modality {(modality or spec.default_modality).upper()} found "
+            f"under {root}; check --root, --layout and --modality."
+        )
     return entries

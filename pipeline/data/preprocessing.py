@@ -83,8 +83,11 @@ def brain_volume_transform(
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
     ]
     if pixdim is not None:
-        steps.append(Spacingd(keys, pixdim=tuple(pixdim), mode=("bilinear",) + ("nearest",) * (len(keys) - 1),
-                              allow_missing_keys=True))
+        steps.append(
+            Spacingd(
+                keys, pixdim=tuple(pixdim), mode=("bilinear",) + ("nearest",) * (len(keys) - 1), allow_missing_keys=True
+            )
+        )
     if class_key:
         steps.append(CopyItemsd(label_key, names=class_key, allow_missing_keys=True))
     steps += [
@@ -92,8 +95,9 @@ def brain_volume_transform(
         Binarized(label_key, allow_missing_keys=True),
         # normalised at native resolution, background exactly 0: skull or a negative background cannot bleed into
         # brain-rim voxels through the interpolation below
-        BrainIntensityNormalized(image_key, mask_key=mask_key, mode=normalization,
-                                 lower=lower_percentile, upper=upper_percentile),
+        BrainIntensityNormalized(
+            image_key, mask_key=mask_key, mode=normalization, lower=lower_percentile, upper=upper_percentile
+        ),
         CropForegroundd(keys, source_key=mask_key, margin=margin, allow_smaller=True, allow_missing_keys=True),
         SquarePadd(keys, allow_missing_keys=True),
         AntiAliasd(image_key, spatial_size=(image_size, image_size, -1)),  # = MONAI's anti-aliasing, faster
@@ -104,8 +108,16 @@ def brain_volume_transform(
     ]
     chain = Compose(steps)
     # what makes its output what it is: the key of the slice cache (pipeline.data.slice_cache)
-    chain.cache_settings = {"chain": "brain_volume", "version": PREPROCESSING_VERSION, "image_size": image_size,
-                            "pixdim": list(pixdim) if pixdim is not None else None, "margin": margin,
-                            "normalization": normalization, "percentiles": [lower_percentile, upper_percentile],
-                            "background": background, "keys": keys, "load": load}
+    chain.cache_settings = {
+        "chain": "brain_volume",
+        "version": PREPROCESSING_VERSION,
+        "image_size": image_size,
+        "pixdim": list(pixdim) if pixdim is not None else None,
+        "margin": margin,
+        "normalization": normalization,
+        "percentiles": [lower_percentile, upper_percentile],
+        "background": background,
+        "keys": keys,
+        "load": load,
+    }
     return chain

@@ -53,8 +53,10 @@ class CachedVolume:
         self.folder = folder
         self.slices: list[int] = list(meta["slices"])
         self.depth: int = int(meta["depth"])
-        self._arrays = {key: (folder / f"{key}.npy", tuple(info["shape"]), np.dtype(info["dtype"]),
-                              int(info["offset"])) for key, info in meta["arrays"].items()}
+        self._arrays = {
+            key: (folder / f"{key}.npy", tuple(info["shape"]), np.dtype(info["dtype"]), int(info["offset"]))
+            for key, info in meta["arrays"].items()
+        }
         self.keys = tuple(self._arrays)
 
     def read(self, key: str, index: int) -> np.ndarray:
@@ -111,8 +113,9 @@ class SliceCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def get_or_build(self, key: str, build: Callable[[], tuple[dict[str, np.ndarray], list[int], int]]
-                     ) -> tuple[CachedVolume, bool]:
+    def get_or_build(
+        self, key: str, build: Callable[[], tuple[dict[str, np.ndarray], list[int], int]]
+    ) -> tuple[CachedVolume, bool]:
         """The entry ``key``, built first if it is missing or damaged: ``build()`` returns ``(arrays, slices,
         depth)``. Returns ``(entry, built)``."""
         entry = self.get(key)
@@ -129,13 +132,17 @@ class SliceCache:
                 raise self._unwritable(self.folder(key), err) from err
             entry = self.get(key)
             if entry is None:
-                raise OSError(f"slice cache entry {self.folder(key)} is unreadable right after writing it; check the "
-                              f"disk under {self.root}")
+                raise OSError(
+                    f"slice cache entry {self.folder(key)} is unreadable right after writing it; check the "
+                    f"disk under {self.root}"
+                )
             return entry, True
 
     def _unwritable(self, path: Path, err: OSError) -> WriteError:
-        return WriteError(f"cannot write the slice cache at {path}: {err.strerror or err}; free space there, or give "
-                          "another --cache_dir (--cache_dir None keeps the slices in memory)")
+        return WriteError(
+            f"cannot write the slice cache at {path}: {err.strerror or err}; free space there, or give "
+            "another --cache_dir (--cache_dir None keeps the slices in memory)"
+        )
 
     @contextmanager
     def _locked(self, key: str):
@@ -162,8 +169,12 @@ class SliceCache:
                 path = tmp / f"{name}.npy"
                 np.save(path, array)
                 size = path.stat().st_size
-                meta["arrays"][name] = {"shape": list(array.shape), "dtype": str(array.dtype), "nbytes": array.nbytes,
-                                        "offset": size - array.nbytes}
+                meta["arrays"][name] = {
+                    "shape": list(array.shape),
+                    "dtype": str(array.dtype),
+                    "nbytes": array.nbytes,
+                    "offset": size - array.nbytes,
+                }
             (tmp / _META).write_text(json.dumps(meta))
             for path in tmp.iterdir():
                 with open(path, "rb") as handle:

@@ -17,8 +17,14 @@ from tqdm.auto import tqdm
 
 from pipeline.data.slice_cache import CachedVolume, SliceCache
 
-__all__ = ["BrainSliceDataset", "InMemoryVolume", "VolumeSlices", "brain_slice_indices", "slices_to_volume",
-           "volume_to_slices"]
+__all__ = [
+    "BrainSliceDataset",
+    "InMemoryVolume",
+    "VolumeSlices",
+    "brain_slice_indices",
+    "slices_to_volume",
+    "volume_to_slices",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +77,16 @@ class VolumeSlices(torch.utils.data.Dataset):
     for an entry that is not made of files), in memory with only ``keys``. Run through a ``DataLoader`` so that
     ``num_workers`` processes share the first pass."""
 
-    def __init__(self, data: Sequence[dict], transform: Callable, min_brain_fraction: float, border_slices: int,
-                 keys: Sequence[str], mask_key: str, cache: SliceCache | None) -> None:
+    def __init__(
+        self,
+        data: Sequence[dict],
+        transform: Callable,
+        min_brain_fraction: float,
+        border_slices: int,
+        keys: Sequence[str],
+        mask_key: str,
+        cache: SliceCache | None,
+    ) -> None:
         self.data, self.transform, self.cache = list(data), transform, cache
         self.min_brain_fraction, self.border_slices = min_brain_fraction, border_slices
         self.keys, self.mask_key = tuple(keys), mask_key
@@ -100,8 +114,9 @@ class VolumeSlices(torch.utils.data.Dataset):
         stored = [k for k in dict.fromkeys(("image", self.mask_key, "label", *self.keys)) if entry.get(k) is not None]
         if self.cache is None or not all(isinstance(entry[k], (str, os.PathLike)) for k in stored):
             return InMemoryVolume(*self.preprocess(entry, self.keys)), True
-        return self.cache.get_or_build(self.cache.key({k: entry[k] for k in stored}),
-                                       lambda: self.preprocess(entry, stored))
+        return self.cache.get_or_build(
+            self.cache.key({k: entry[k] for k in stored}), lambda: self.preprocess(entry, stored)
+        )
 
     def preprocess(self, entry: dict, keys: Sequence[str]) -> tuple[dict[str, np.ndarray], list[int], int]:
         """``(arrays, slices, depth)`` of one datalist entry: ``image`` float32, masks and labels uint8 0/1."""
@@ -156,14 +171,28 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         if cache_dir is not None:
             settings = getattr(transform, "cache_settings", None)
             if settings is None:
-                raise ValueError("cache_dir needs a transform with cache_settings (brain_volume_transform has them); "
-                                 "pass cache_dir=None for another transform.")
-            cache = SliceCache(cache_dir, {"transform": settings, "min_brain_fraction": min_brain_fraction,
-                                           "border_slices": border_slices, "mask_key": mask_key})
+                raise ValueError(
+                    "cache_dir needs a transform with cache_settings (brain_volume_transform has them); "
+                    "pass cache_dir=None for another transform."
+                )
+            cache = SliceCache(
+                cache_dir,
+                {
+                    "transform": settings,
+                    "min_brain_fraction": min_brain_fraction,
+                    "border_slices": border_slices,
+                    "mask_key": mask_key,
+                },
+            )
         passes = VolumeSlices(data, transform, min_brain_fraction, border_slices, keys, mask_key, cache)
         # its own generator: the loader draws a seed for its workers, which must not shift training's random stream
-        loader = torch.utils.data.DataLoader(passes, batch_size=None, num_workers=min(num_workers, len(data) - 1),
-                                             collate_fn=_unchanged, generator=torch.Generator())
+        loader = torch.utils.data.DataLoader(
+            passes,
+            batch_size=None,
+            num_workers=min(num_workers, len(data) - 1),
+            collate_fn=_unchanged,
+            generator=torch.Generator(),
+        )
         self.volumes: list[CachedVolume | InMemoryVolume] = []
         subject, local, slice_index, position, preprocessed = [], [], [], [], 0  # one array per volume
         # an iterator, not the loader: tqdm.auto's asyncio class calls iter() on what it gets and then iterates it
@@ -188,8 +217,13 @@ class BrainSliceDataset(torch.utils.data.Dataset):
             raise ValueError(f"keys {uneven} are present for only some datalist entries; give them for all or none.")
         self.keys = present[0]
         if cache is not None:
-            logger.info("slice cache %s: %d of %d volumes preprocessed, %d found", cache.root, preprocessed, len(data),
-                        len(data) - preprocessed)
+            logger.info(
+                "slice cache %s: %d of %d volumes preprocessed, %d found",
+                cache.root,
+                preprocessed,
+                len(data),
+                len(data) - preprocessed,
+            )
         index = [torch.from_numpy(np.concatenate(parts)) for parts in (subject, local, slice_index, position)]
         self.subject, self.local, self.slice, self.position = index
 

@@ -96,8 +96,10 @@ class ForegroundMask(Transform):
         if self.background != "corner":
             return float(self.background)
         spatial = img.shape[1:]
-        corners = [img[(slice(None), *(0 if bit == "0" else s - 1 for bit, s in zip(code, spatial)))]
-                   for code in (format(i, f"0{len(spatial)}b") for i in range(2 ** len(spatial)))]
+        corners = [
+            img[(slice(None), *(0 if bit == "0" else s - 1 for bit, s in zip(code, spatial)))]
+            for code in (format(i, f"0{len(spatial)}b") for i in range(2 ** len(spatial)))
+        ]
         values, counts = torch.unique(torch.cat([c.reshape(-1) for c in corners]), return_counts=True)
         return float(values[counts.argmax()])
 
@@ -131,8 +133,10 @@ class ForegroundMaskd(MapTransform):
         else:
             d[self.mask_key] = self.foreground(d[self.keys[0]])
         if not bool(torch.as_tensor(d[self.mask_key]).any()):
-            raise InputError(f"{source_of(d[self.mask_key])}: the brain mask is empty; check the mask file, or for "
-                             "an image without a mask that it is skull-stripped with a constant background.")
+            raise InputError(
+                f"{source_of(d[self.mask_key])}: the brain mask is empty; check the mask file, or for "
+                "an image without a mask that it is skull-stripped with a constant background."
+            )
         return d
 
 
@@ -263,8 +267,9 @@ class AntiAlias(Transform):
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         spatial = img.shape[1:]
         if len(spatial) != len(self.spatial_size):
-            raise ValueError(f"AntiAlias: spatial_size {self.spatial_size} does not match image shape "
-                             f"{tuple(img.shape)}.")
+            raise ValueError(
+                f"AntiAlias: spatial_size {self.spatial_size} does not match image shape " f"{tuple(img.shape)}."
+            )
         out = img.float()
         for axis, (n, size) in enumerate(zip(spatial, self.spatial_size)):
             sigma = max(0.0, (n / size - 1) / 2) if size > 0 else 0.0

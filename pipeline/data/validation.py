@@ -45,11 +45,15 @@ class CheckVolumesd(MapTransform):
         image = d[image_key]
         src = source_of(image)
         if image.ndim != 4:
-            raise InputError(f"{src}: expected a 3D volume, got {image.ndim - 1} spatial dimensions "
-                             f"(shape {tuple(image.shape[1:])}); give a 3D NIfTI volume.")
+            raise InputError(
+                f"{src}: expected a 3D volume, got {image.ndim - 1} spatial dimensions "
+                f"(shape {tuple(image.shape[1:])}); give a 3D NIfTI volume."
+            )
         if image.shape[0] != 1:
-            raise InputError(f"{src}: has {image.shape[0]} volumes (a 4D series); extract one 3D volume first "
-                             "(e.g. with fslroi or nibabel's image slicer).")
+            raise InputError(
+                f"{src}: has {image.shape[0]} volumes (a 4D series); extract one 3D volume first "
+                "(e.g. with fslroi or nibabel's image slicer)."
+            )
         _check_finite(image, src)
         if float(image.max()) == float(image.min()):
             raise InputError(f"{src}: every voxel has the value {float(image.min())}; the image is empty.")
@@ -60,13 +64,17 @@ class CheckVolumesd(MapTransform):
             other_src = source_of(other)
             _check_finite(other, other_src)
             if tuple(other.shape[1:]) != tuple(image.shape[1:]):
-                raise InputError(f"{other_src} ({key}) has shape {tuple(other.shape[1:])} but {src} has "
-                                 f"{tuple(image.shape[1:])}; resample it onto the image grid.")
+                raise InputError(
+                    f"{other_src} ({key}) has shape {tuple(other.shape[1:])} but {src} has "
+                    f"{tuple(image.shape[1:])}; resample it onto the image grid."
+                )
             if isinstance(other, MetaTensor) and isinstance(image, MetaTensor):
                 delta = float(np.abs(np.asarray(other.affine) - np.asarray(image.affine)).max())
                 if delta > self.affine_atol:
-                    raise InputError(f"{other_src} ({key}) and {src} have different affines (max difference "
-                                     f"{delta:.4g}); they are not on the same grid, resample one onto the other.")
+                    raise InputError(
+                        f"{other_src} ({key}) and {src} have different affines (max difference "
+                        f"{delta:.4g}); they are not on the same grid, resample one onto the other."
+                    )
         return d
 
 
@@ -86,11 +94,15 @@ def check_nifti_header(path: str, max_voxels: int = MAX_VOXELS) -> nib.spatialim
     except FileNotFoundError as err:
         raise InputError(f"{path}: file not found; check the path in the datalist.") from err
     except Exception as err:  # nibabel raises several types for foreign or broken headers
-        raise InputError(f"{path}: cannot be read as NIfTI ({err}); give a .nii/.nii.gz file, or re-export it.") from err
+        raise InputError(
+            f"{path}: cannot be read as NIfTI ({err}); give a .nii/.nii.gz file, or re-export it."
+        ) from err
     shape = tuple(int(s) for s in img.shape)
     if int(np.prod(shape, dtype=np.int64)) > max_voxels:
-        raise InputError(f"{path}: the header declares shape {shape} ({np.prod(shape, dtype=np.int64):.3g} voxels), "
-                         f"over the limit of {max_voxels:.3g}; the file is corrupt or not a brain volume.")
+        raise InputError(
+            f"{path}: the header declares shape {shape} ({np.prod(shape, dtype=np.int64):.3g} voxels), "
+            f"over the limit of {max_voxels:.3g}; the file is corrupt or not a brain volume."
+        )
     return img
 
 
@@ -107,5 +119,6 @@ class LoadVolumed(LoadImaged):
             return super().__call__(data, reader)
         except Exception as err:
             files = ", ".join(str(data[k]) for k in self.key_iterator(dict(data)) if data[k] is not None)
-            raise InputError(f"cannot load {files} ({err}); the file is truncated or corrupt: re-export or "
-                             "re-download it.") from err
+            raise InputError(
+                f"cannot load {files} ({err}); the file is truncated or corrupt: re-export or " "re-download it."
+            ) from err

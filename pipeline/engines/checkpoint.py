@@ -56,8 +56,10 @@ class BestMetric:
         self.validator = validator
 
     def state_dict(self) -> dict[str, float]:
-        return {"best_metric": float(self.validator.state.best_metric),
-                "best_metric_epoch": int(self.validator.state.best_metric_epoch)}
+        return {
+            "best_metric": float(self.validator.state.best_metric),
+            "best_metric_epoch": int(self.validator.state.best_metric_epoch),
+        }
 
     def load_state_dict(self, state: Mapping[str, float]) -> None:
         self.validator.state.best_metric = float(state["best_metric"])
@@ -71,16 +73,21 @@ def save_checkpoint(objects: Mapping[str, object], path: str | os.PathLike) -> P
     return Path(path)
 
 
-def load_trained(checkpoint: str | os.PathLike, network: torch.nn.Module, loss: torch.nn.Module | None = None,
-                 device: str | torch.device = "cpu") -> dict:
+def load_trained(
+    checkpoint: str | os.PathLike,
+    network: torch.nn.Module,
+    loss: torch.nn.Module | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
     """Load a ``model.pt`` (``{"model", "loss"?}``, or a bare state dict) into ``network`` and ``loss`` with
     ``weights_only=True``; returns the loaded dict. A checkpoint without a ``loss`` entry (older runs, or weights
     from elsewhere) leaves ``loss`` as constructed, which is right for a fixed likelihood; a calibrated loss then
     refuses to score (:meth:`pipeline.losses.CeVAELoss.scoring_sigma`)."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train first, or pass the path of a trained "
-                                "model.pt.")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; train first, or pass the path of a trained " "model.pt."
+        )
     state = torch.load(path, map_location=device, weights_only=True)
     getattr(network, "module", network).load_state_dict(state.get("model", state))
     if loss is not None and "loss" in state:
@@ -105,15 +112,23 @@ class AtomicCheckpointSaver:
     Attach it to the trainer **after** the ``ValidationHandler`` so that the best epoch is known when it runs.
     """
 
-    def __init__(self, save_dir: str | os.PathLike, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_function: torch.nn.Module | None = None, validator: Engine | None = None,
-                 save_interval: int = 1, last_filename: str = "last.pt",
-                 best_filename: str = "model.pt") -> None:
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: torch.nn.Module | None = None,
+        validator: Engine | None = None,
+        save_interval: int = 1,
+        last_filename: str = "last.pt",
+        best_filename: str = "model.pt",
+    ) -> None:
         self.save_dir = Path(save_dir)
         self.network = getattr(network, "module", network)
         self.optimizer = optimizer
-        self.weights = {"model": self.network} if loss_function is None else {"model": self.network,
-                                                                              "loss": loss_function}
+        self.weights = (
+            {"model": self.network} if loss_function is None else {"model": self.network, "loss": loss_function}
+        )
         self.validator = validator
         self.save_interval = save_interval
         self.last_path = self.save_dir / last_filename
@@ -128,8 +143,12 @@ class AtomicCheckpointSaver:
     def epoch_completed(self, engine: Engine) -> None:
         epoch = engine.state.epoch
         if not _finite(self.network):
-            logger.error("epoch %d: weights are not finite; not saved (last good checkpoint: %s, epoch %s)",
-                         epoch, self.last_path, self.last_saved_epoch)
+            logger.error(
+                "epoch %d: weights are not finite; not saved (last good checkpoint: %s, epoch %s)",
+                epoch,
+                self.last_path,
+                self.last_saved_epoch,
+            )
             return
         if self.validator is None or self.validator.state.best_metric_epoch == epoch:
             save_checkpoint(self.weights, self.best_path)
@@ -142,11 +161,17 @@ class AtomicCheckpointSaver:
 
     def save_last(self, engine: Engine) -> None:
         best = {} if self.validator is None else {"validator": BestMetric(self.validator)}
-        save_checkpoint({**self.weights, "optimizer": self.optimizer, "trainer": engine, "rng": RNGState(), **best},
-                        self.last_path)
+        save_checkpoint(
+            {**self.weights, "optimizer": self.optimizer, "trainer": engine, "rng": RNGState(), **best}, self.last_path
+        )
         self.last_saved_epoch = engine.state.epoch
 
     def terminated(self, engine: Engine) -> None:
-        logger.error("training stopped early at epoch %d, iteration %d (non-finite loss?); the last good "
-                     "checkpoint is %s (epoch %s)", engine.state.epoch, engine.state.iteration, self.last_path,
-                     self.last_saved_epoch)
+        logger.error(
+            "training stopped early at epoch %d, iteration %d (non-finite loss?); the last good "
+            "checkpoint is %s (epoch %s)",
+            engine.state.epoch,
+            engine.state.iteration,
+            self.last_path,
+            self.last_saved_epoch,
+        )

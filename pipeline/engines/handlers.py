@@ -92,11 +92,20 @@ class HealthyCalibration:
             when either is None).
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, network: torch.nn.Module, loss_function: CeVAELoss,
-                 data: Sequence[dict], transform: Callable, option_sets: Mapping[str, ScoreOptions],
-                 quantiles: Sequence[float] = HEALTHY_QUANTILES, train_slices: BrainSliceDataset | None = None,
-                 validation_slices: BrainSliceDataset | None = None, batch_size: int = 64,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        network: torch.nn.Module,
+        loss_function: CeVAELoss,
+        data: Sequence[dict],
+        transform: Callable,
+        option_sets: Mapping[str, ScoreOptions],
+        quantiles: Sequence[float] = HEALTHY_QUANTILES,
+        train_slices: BrainSliceDataset | None = None,
+        validation_slices: BrainSliceDataset | None = None,
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.checkpoint, self.network, self.loss_function = checkpoint, network, loss_function
         self.data, self.transform, self.option_sets = list(data), transform, dict(option_sets)
         self.quantiles, self.batch_size, self.device = tuple(quantiles), batch_size, device
@@ -114,19 +123,26 @@ class HealthyCalibration:
         network = copy.deepcopy(getattr(self.network, "module", self.network)).eval()
         loss = copy.deepcopy(self.loss_function).eval()
         load_trained(self.checkpoint, network, loss, self.device)
-        healthy = healthy_thresholds(network, loss, self.data, self.transform, self.option_sets, self.quantiles,
-                                     self.batch_size, self.device)
+        healthy = healthy_thresholds(
+            network, loss, self.data, self.transform, self.option_sets, self.quantiles, self.batch_size, self.device
+        )
         if self.train_slices is not None and self.validation_slices is not None:
-            healthy["validation"] = mean_brain_check(network, self.train_slices, self.validation_slices,
-                                                     device=self.device)
+            healthy["validation"] = mean_brain_check(
+                network, self.train_slices, self.validation_slices, device=self.device
+            )
         update_thresholds(self.checkpoint, {c: o.to_dict() for c, o in self.option_sets.items()}, healthy=healthy)
         check = healthy.get("validation", {})
         metrics = {f"healthy_{k}": float(check[k]) for k in CHECK_METRICS if k in check}
         for config, per_score in healthy["thresholds"].items():
             for score, values in per_score.items():
                 metrics.update({f"healthy_threshold/{config}/{score}/q{q}": v for q, v in values.items()})
-        logger.info("healthy calibration of %s on %d validation subjects: thresholds written; reconstruction MSE "
-                    "%.4g vs %.4g for the mean brain, %s active latent units", self.checkpoint, len(self.data),
-                    check.get("rec_mse", float("nan")), check.get("mean_brain_mse", float("nan")),
-                    check.get("active_units", "?"))
+        logger.info(
+            "healthy calibration of %s on %d validation subjects: thresholds written; reconstruction MSE "
+            "%.4g vs %.4g for the mean brain, %s active latent units",
+            self.checkpoint,
+            len(self.data),
+            check.get("rec_mse", float("nan")),
+            check.get("mean_brain_mse", float("nan")),
+            check.get("active_units", "?"),
+        )
         return metrics

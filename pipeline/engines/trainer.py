@@ -143,8 +143,9 @@ class CeVAETrainer(Trainer):
             recon, mu, logvar, recon_ce = engine.forward_network(x, x_ce)
             engine.state.output[CommonKeys.PRED] = recon
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            terms = engine.loss_function(x, recon.float(), mu.float(), logvar.float(),
-                                         None if recon_ce is None else recon_ce.float())
+            terms = engine.loss_function(
+                x, recon.float(), mu.float(), logvar.float(), None if recon_ce is None else recon_ce.float()
+            )
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
         scaler = engine.loss_scaler
         if scaler is not None:

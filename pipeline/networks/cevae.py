@@ -50,8 +50,10 @@ class FullMapConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != self.weight.shape[1:]:
-            raise ValueError(f"FullMapConv2d expects inputs of shape (B, {self.in_channels}, {self.kernel_size[0]}, "
-                             f"{self.kernel_size[1]}), got {list(x.shape)}; check the network's image_size.")
+            raise ValueError(
+                f"FullMapConv2d expects inputs of shape (B, {self.in_channels}, {self.kernel_size[0]}, "
+                f"{self.kernel_size[1]}), got {list(x.shape)}; check the network's image_size."
+            )
         weight = self.weight
         if weight.is_contiguous(memory_format=torch.channels_last):  # flatten (C, k, k) in memory order: no copies
             x, weight = x.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
@@ -67,8 +69,10 @@ class FullMapConvTranspose2d(nn.ConvTranspose2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if list(x.shape[1:]) != [self.in_channels, 1, 1]:
-            raise ValueError(f"FullMapConvTranspose2d expects inputs of shape (B, {self.in_channels}, 1, 1), "
-                             f"got {list(x.shape)}.")
+            raise ValueError(
+                f"FullMapConvTranspose2d expects inputs of shape (B, {self.in_channels}, 1, 1), "
+                f"got {list(x.shape)}."
+            )
         b, (kh, kw) = x.shape[0], self.kernel_size
         if self.weight.is_contiguous(memory_format=torch.channels_last):  # (Cin, kh, kw, Cout) in memory: no copies
             y = torch.mm(x.flatten(1), self.weight.permute(0, 2, 3, 1).flatten(1))
@@ -99,7 +103,8 @@ class CeVAE(nn.Module):
         negative_slope: LeakyReLU slope.
         norm: None (paper), ``"batch"``, ``"instance"`` or ``"group"``.
 
-    ``forward(x, x_ce=None)`` is the training pass (see its docstring); ``encode(x)`` returns ``(mu, logvar)`` of shape ``(B, z_dim)``; ``decode(z)`` returns ``(B, in_channels, S, S)``.
+    ``forward(x, x_ce=None)`` is the training pass (see its docstring); ``encode(x)`` returns ``(mu, logvar)`` of
+    shape ``(B, z_dim)``; ``decode(z)`` returns ``(B, in_channels, S, S)``.
     """
 
     def __init__(
@@ -114,7 +119,7 @@ class CeVAE(nn.Module):
         super().__init__()
         n_down = downsampling_layers(image_size)
         if channels is None:
-            channels = (16,) * max(n_down - 3, 1) + (32, 64, 256)[-min(n_down - 1, 3):]
+            channels = (16,) * max(n_down - 3, 1) + (32, 64, 256)[-min(n_down - 1, 3) :]
         channels = tuple(int(c) for c in channels)
         if len(channels) != n_down:
             raise ValueError(f"image_size {image_size} needs {n_down} channel widths, got {len(channels)}: {channels}.")
@@ -130,8 +135,12 @@ class CeVAE(nn.Module):
         enc.append(FullMapConv2d(channels[-1], 2 * z_dim, bottleneck))
         self.encoder = nn.Sequential(*enc)
 
-        dec = _block(FullMapConvTranspose2d(z_dim, channels[-1], bottleneck, bias=norm is None), channels[-1], norm,
-                     negative_slope)
+        dec = _block(
+            FullMapConvTranspose2d(z_dim, channels[-1], bottleneck, bias=norm is None),
+            channels[-1],
+            norm,
+            negative_slope,
+        )
         rev = channels[::-1]
         for c_in, c_out in zip(rev[:-1], rev[1:]):
             dec += _block(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=norm is None), c_out, norm, negative_slope)
@@ -145,8 +154,9 @@ class CeVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z[:, :, None, None])
 
-    def forward(self, x: torch.Tensor, x_ce: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, x_ce: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Training pass: ``(recon, mu, logvar, recon_ce)``.
 
         ``recon`` decodes ``z ~ q(z|x)`` (reparameterised); if the context-encoded input ``x_ce`` is given,
