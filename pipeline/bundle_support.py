@@ -212,13 +212,22 @@ def _user_error(exc: BaseException | None) -> BaseException | None:
     return None
 
 
+def _bundle_command_line() -> bool:
+    """Whether this process is ``python -m monai.bundle ...`` (or ``torchrun -m monai.bundle``)."""
+    main = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    return main is not None and main.name == "__main__.py" and main.parent.name == "bundle"
+
+
 def install_error_hook() -> None:
     """Print user errors (bad input, missing files, unreachable tracking server) as one line, not a traceback.
 
     MONAI's bundle runner wraps every error raised inside a config expression in ``RuntimeError`` chains; this
     hook shows the original message with ``error:`` and exits with status 2. Other errors keep their traceback.
-    Set ``CEVAE_TRACEBACK=1`` to always see the full traceback.
+    Set ``CEVAE_TRACEBACK=1`` to always see the full traceback. Only in the ``monai.bundle`` command line: a
+    Python session that builds the workflow (``monai.bundle.load``, ``create_workflow``) keeps its own hook.
     """
+    if not _bundle_command_line():
+        return
     previous = sys.excepthook
 
     def hook(kind, value, tb):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -33,25 +33,42 @@ from pipeline.data.validation import InputError
 from pipeline.engines.checkpoint import load_trained
 from pipeline.healthy import DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE
 from pipeline.io import atomic_save_nifti, atomic_write_json
-from pipeline.losses import CeVAELoss
-from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, score_volume, segment
+from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, VolumeScorer, segment
 from pipeline.thresholds import checkpoint_sha256, read_thresholds, select_threshold, threshold_path
 
-__all__ = ["AnomalyInference"]
+__all__ = ["AnomalyInference", "inference_entries"]
 
 logger = logging.getLogger(__name__)
 
 
+def inference_entries(
+    datalist: str | os.PathLike | None = None,
+    key: str = "test",
+    image: str | os.PathLike | None = None,
+    mask: str | os.PathLike | None = None,
+) -> list[dict[str, str]]:
+    """The volumes to score: every entry of ``datalist[key]`` (``image`` and optional ``brainmask``), the one
+    ``image`` (with its ``mask``), or none (a workflow built without input, e.g. by ``monai.bundle.load``)."""
+    if datalist:
+        return load_datalist(datalist, key)
+    if not image:
+        return []
+    return [{"image": str(image)} if mask is None else {"image": str(image), "brainmask": str(mask)}]
+
+
 class AnomalyInference:
-    """Score new volumes with a trained ceVAE (see the module docstring).
+    """Score new volumes with a trained ceVAE (see the module docstring): the bundle's inference ``evaluator``.
+
+    ``run(dataset)`` scores every item of a dataset whose transform is ``transform``; ``inference(image, mask)``
+    scores one file.
 
     Args:
-        network: the network (``CeVAE`` or its ``CeVAEReconstruction`` view: both have ``encode``/``decode``).
-        checkpoint: ``model.pt``.
+        scorer: the model computation (:class:`~pipeline.scoring.VolumeScorer`: network ``CeVAE`` or its
+            ``CeVAEReconstruction`` view, and the training loss, whose slice score is its negative ELBO, as in
+            evaluation); both get their trained state from ``checkpoint``.
+        checkpoint: ``model.pt`` (``{"model", "loss"}`` of training, or an exported plain state dict).
         transform: the volume chain used in training (its spatial steps are inverted).
-        output_dir: where outputs go.
-        loss: the training loss (:class:`~pipeline.losses.CeVAELoss`; its trained state is loaded from the
-            checkpoint): the slice scores are its negative ELBO, as in evaluation.
+        output_dir: where outputs go (created if missing).
         threshold: segmentation threshold; None takes it from ``threshold.json`` next to the checkpoint.
         healthy_quantile: the healthy quantile whose threshold to use (0.99 default; see :mod:`pipeline.healthy`).
         calibration: instead, the name of a labelled evaluation whose calibrated threshold to use.
@@ -62,37 +79,34 @@ class AnomalyInference:
 
     def __init__(
         self,
-        network: torch.nn.Module,
+        scorer: VolumeScorer,
         checkpoint: str | os.PathLike,
         transform: Callable,
         output_dir: str | os.PathLike,
-        loss: CeVAELoss | None = None,
-        device: str | torch.device = "cpu",
         threshold: float | None = None,
         healthy_quantile: float = DEFAULT_QUANTILE,
         calibration: str | None = None,
         option_set: str = DEFAULT_OPTION_SET,
         score: str = DEFAULT_SCORE,
-        batch_size: int = 64,
         model_version: str = "unknown",
     ) -> None:
         if score not in SCORE_NAMES:
             raise InputError(f"unknown score {score!r}; choose one of {SCORE_NAMES} (--score).")
-        self.network, self.checkpoint, self.transform = network, Path(checkpoint), transform
-        self.output_dir, self.device = Path(output_dir), torch.device(device)
-        self.loss = CeVAELoss(ce_weight=0.0) if loss is None else loss
+        self.scorer, self.checkpoint, self.transform = scorer, Path(checkpoint), transform
+        self.output_dir = Path(output_dir)
         self.threshold, self.healthy_quantile, self.calibration = threshold, healthy_quantile, calibration
         self.option_set, self.score_name = option_set, score
-        self.batch_size, self.model_version = batch_size, model_version
+        self.model_version = model_version
         self.threshold_source = "given (--threshold)"
         self._loaded = False
 
     def _prepare(self) -> None:
         if self._loaded:
             return
-        load_trained(self.checkpoint, self.network, self.loss, self.device)
-        self.network.to(self.device).eval()
-        self.loss.to(self.device).eval()
+        scorer = self.scorer
+        load_trained(self.checkpoint, scorer.network, scorer.loss, scorer.device)
+        scorer.network.to(scorer.device).eval()
+        scorer.loss.to(scorer.device).eval()
         content = None
         if self.threshold is None:
             content = read_thresholds(self.checkpoint)
@@ -114,23 +128,27 @@ class AnomalyInference:
         self.checkpoint_sha256 = checkpoint_sha256(self.checkpoint)
         self._loaded = True
 
+    def run(self, dataset: Sequence[Mapping]) -> list[dict[str, str]]:
+        """Score every item of ``dataset`` (preprocessed by ``transform``: ``image``, ``brainmask``); returns the
+        paths written for each."""
+        if not len(dataset):
+            raise InputError("nothing to score: pass --input_image IMAGE [--input_mask MASK] or --datalist DATALIST.")
+        return [self.score(item) for item in dataset]
+
     def __call__(self, image: str | os.PathLike, mask: str | os.PathLike | None = None) -> dict[str, str]:
-        """Score one volume; returns the paths written."""
+        """Score one volume file; returns the paths written."""
+        return self.score(self.transform(inference_entries(image=image, mask=mask)[0]))
+
+    def score(self, pre: Mapping) -> dict[str, str]:
+        """Score one preprocessed volume (an item of the transform's output); returns the paths written."""
         self._prepare()
-        image = Path(image)
+        image = Path(pre["image"].meta["filename_or_obj"])
+        mask_file = pre["brainmask"].meta.get("filename_or_obj")
+        mask = None if mask_file in (None, str(image)) else str(mask_file)  # a derived mask has the image's name
         name = image.name.split(".nii")[0]
-        data = {"image": str(image)} if mask is None else {"image": str(image), "brainmask": str(mask)}
-        pre = self.transform(data)
         brain = np.asarray(pre["brainmask"][0] > 0)
-        terms, maps = score_volume(
-            self.network,
-            pre["image"].as_tensor(),
-            brain,
-            {self.option_set: self.options},
-            self.loss,
-            self.batch_size,
-            scores=(self.score_name,),
-            device=self.device,
+        terms, maps = self.scorer(
+            pre["image"].as_tensor(), brain, {self.option_set: self.options}, scores=(self.score_name,)
         )
         anomaly = maps[self.option_set][self.score_name]
         seg = segment(anomaly, brain, self.threshold, self.options)
@@ -149,7 +167,7 @@ class AnomalyInference:
         atomic_write_json(
             {
                 "input": str(image),
-                "mask": None if mask is None else str(mask),
+                "mask": mask,
                 "volume_score_mean_neg_elbo": float(brain_scores.mean()),
                 "volume_score_max_neg_elbo": float(brain_scores.max()),
                 "slice_neg_elbo": slice_scores,
@@ -182,10 +200,6 @@ class AnomalyInference:
         )
         inverted = np.asarray(inverter({"image": reference, "maps": stacked})["maps"])
         return dict(zip(maps, inverted))
-
-    def run_datalist(self, datalist: str | os.PathLike, key: str = "test") -> list[dict[str, str]]:
-        """Batch mode: every entry of ``datalist[key]`` (``image`` and optional ``brainmask``)."""
-        return [self(entry["image"], entry.get("brainmask")) for entry in load_datalist(datalist, key)]
 
 
 def _like(reference: nib.Nifti1Image, array: np.ndarray) -> nib.Nifti1Image:

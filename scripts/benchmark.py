@@ -55,7 +55,7 @@ from pipeline.inference import AnomalyInference
 from pipeline.io import atomic_write_json, atomic_write_text, parallel_gzip
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE, CeVAEReconstruction
-from pipeline.scoring import kl_gradient
+from pipeline.scoring import VolumeScorer, kl_gradient
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "cevae" / "configs"
@@ -146,7 +146,7 @@ def scoring(tmp: Path, volumes: list[int]) -> dict:
     checkpoint = tmp / "model.pt"
     loss = CeVAELoss(sigma=0.1)  # the state a trained calibrated loss saves
     torch.save({"model": net.state_dict(), "loss": loss.state_dict()}, checkpoint)
-    infer = AnomalyInference(net, checkpoint, brain_volume_transform(), tmp / "scored", threshold=0.5)
+    infer = AnomalyInference(VolumeScorer(net), checkpoint, brain_volume_transform(), tmp / "scored", threshold=0.5)
     infer(image)  # warm-up (and checkpoint loading)
     times = []
     for _ in range(3):

@@ -2,24 +2,42 @@
 and the configs point there, so the zip runs without this repository (only its metadata's packages installed).
 
     python scripts/export_bundle.py --out cevae_bundle.zip [--checkpoint runs/demo/cevae/checkpoints/model.pt]
+        [--weights-url https://host/cevae/model.pt]
 
-With ``--checkpoint`` the weights go into ``models/`` with the two files next to them that inference reads: the
-training's executed ``config.json`` (network, preprocessing and likelihood settings) and ``threshold.json`` (the
-healthy-data thresholds, bound to the weights by their hash); the weights' hash goes into ``large_files.yml``.
+With ``--checkpoint`` the bundle gets, in ``models/``:
+
+* ``model.pt``: the network's **plain state dict** (what MONAI's ``ckpt_export``, ``monai.bundle.load`` and the
+  Model Zoo's CI read without ``key_in_ckpt``); training's own checkpoints keep their ``{"model", "loss"}`` format;
+* ``config.json``: the training's executed config (network, preprocessing and likelihood settings), with the
+  likelihood ``sigma`` that training calibrated written in as a number (it travelled in the checkpoint's ``loss``);
+* ``threshold.json``: the healthy-data thresholds, checked against the training checkpoint and bound to the
+  exported weights' SHA-256;
+* ``model.ts``: the TorchScript module of ``network_def`` (``monai.bundle ckpt_export``), when it exports and loads.
+
+``large_files.yml`` gets the MD5 of ``model.pt`` and, with ``--weights-url``, the URL it will be served from: a
+Model Zoo pull request carries no weights, its CI downloads them from there.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from pipeline.thresholds import read_thresholds, threshold_path
+import torch
+
+from pipeline.bundle_support import EXECUTED_CONFIG, training_config
+from pipeline.data.validation import InputError
+from pipeline.engines.checkpoint import split_trained
+from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thresholds, threshold_path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cevae"
@@ -32,7 +50,41 @@ def _rewrite(text: str) -> str:
     return PACKAGE_REFERENCE.sub("scripts", text)
 
 
-def build(out_dir: Path, checkpoint: Path | None = None) -> Path:
+def export_weights(checkpoint: Path, models: Path) -> None:
+    """Write ``models/{model.pt, config.json, threshold.json}`` from a training checkpoint (see the docstring)."""
+    weights, sigma = split_trained(checkpoint)
+    torch.save(weights, models / "model.pt")
+    config = training_config(checkpoint)
+    if sigma is not None and config.get("sigma", "calibrated") == "calibrated":
+        config["sigma"] = sigma
+    config["exported_from"] = {
+        "checkpoint_sha256": checkpoint_sha256(checkpoint),
+        "sigma": "the likelihood sigma of the checkpoint's loss state" if sigma is not None else "as trained",
+    }
+    atomic_write_json(config, models / EXECUTED_CONFIG)
+    if threshold_path(checkpoint).is_file():
+        thresholds = read_thresholds(checkpoint)  # refuses thresholds computed for other weights
+        thresholds["checkpoint_sha256"] = checkpoint_sha256(models / "model.pt")
+        atomic_write_json(thresholds, models / THRESHOLD_FILENAME)
+
+
+def export_torchscript(root: Path) -> bool:
+    """``models/model.ts`` through MONAI's own ``ckpt_export`` (in a fresh process, from the bundle folder, as the
+    Zoo runs it); True if it was written and loads."""
+    command = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", "models/model.ts"]
+    command += ["--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json"]
+    command += ["--config_file", "configs/inference.json", "--bundle_root", "."]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    target = root / "models" / "model.ts"
+    if done.returncode != 0 or not target.is_file():
+        print(f"warning: no models/model.ts (ckpt_export failed: {done.stderr.strip()[-300:]})", file=sys.stderr)
+        target.unlink(missing_ok=True)
+        return False
+    torch.jit.load(str(target))
+    return True
+
+
+def build(out_dir: Path, checkpoint: Path | None = None, weights_url: str = "") -> Path:
     """Write the self-contained bundle folder ``out_dir/cevae`` and return it."""
     root = out_dir / "cevae"
     shutil.copytree(
@@ -48,39 +100,44 @@ def build(out_dir: Path, checkpoint: Path | None = None) -> Path:
     if checkpoint is not None:
         models = root / "models"
         models.mkdir(exist_ok=True)
-        shutil.copy(checkpoint, models / "model.pt")
-        if threshold_path(checkpoint).is_file():
-            read_thresholds(checkpoint)  # refuses thresholds computed for other weights
-        for name in ("config.json", "threshold.json"):
-            if (checkpoint.parent / name).is_file():
-                shutil.copy(checkpoint.parent / name, models / name)
+        export_weights(checkpoint, models)
+        export_torchscript(root)
         digest = hashlib.md5((models / "model.pt").read_bytes()).hexdigest()
         text = (root / "large_files.yml").read_text()
-        (root / "large_files.yml").write_text(re.sub(r'hash_val: ".*"', f'hash_val: "{digest}"', text, count=1))
+        text = re.sub(r'hash_val: ".*"', f'hash_val: "{digest}"', text, count=1)
+        text = re.sub(r'url: ".*"', f"url: {json.dumps(weights_url)}", text, count=1)
+        atomic_write_text(text, root / "large_files.yml")
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="zip file to write")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model.pt to ship in models/")
+    parser.add_argument("--out", required=True, help="zip file to write (its folder is created if missing)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="model.pt of a training run to ship")
+    parser.add_argument("--weights-url", default="", help="URL that will serve models/model.pt (large_files.yml)")
     args = parser.parse_args(argv)
     if args.checkpoint is not None and not args.checkpoint.is_file():
         print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
         return 2
-    from pipeline.data.validation import InputError
-
+    if args.weights_url and args.checkpoint is None:
+        print("error: --weights-url needs --checkpoint (the weights it serves)", file=sys.stderr)
+        return 2
     out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: cannot create the folder of --out {out}: {err}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            root = build(Path(tmp), args.checkpoint)
+            root = build(Path(tmp), args.checkpoint, args.weights_url)
         except InputError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         partial = out.with_name(f".{out.name}.tmp")
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(root.rglob("*")):
-                if path.is_file():
+                if path.is_file() and "__pycache__" not in path.parts:
                     archive.write(path, path.relative_to(root.parent))
         partial.replace(out)
     print(f"wrote {out}")

@@ -1,14 +1,22 @@
-"""Model Zoo sharing: metadata schema, verify_net_in_out, TorchScript export, and the self-contained bundle zip."""
+"""Model Zoo sharing: metadata schema, verify_net_in_out, TorchScript export, the self-contained bundle zip, the
+Zoo's own CI on it (weights downloaded from large_files.yml), and MONAI's ``load`` and ``download`` of it."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import zipfile
+from pathlib import Path
 
 import nibabel as nib
+import pytest
 import torch
 from bundle_helpers import BUNDLE
 from conftest import REPO, script_main
@@ -72,24 +80,159 @@ def test_torchscript_export_gives_the_same_reconstruction(evaluated_run, tmp_pat
     torch.testing.assert_close(scripted(x), net(x))
 
 
-def test_self_contained_zip_runs_without_the_repository(evaluated_run, tiny_demo, tmp_path):
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # no request log on stderr
+        pass
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real HTTP server on the loopback interface over a folder: ``(folder, base URL)``."""
+    folder = tmp_path_factory.mktemp("served")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def exported(evaluated_run, served, tmp_path_factory):
+    """``scripts/export_bundle.py`` of the tiny trained run with its weights URL on the loopback server, which then
+    serves the zip and the weights: ``(zip, extracted bundle folder)``."""
     out, _ = evaluated_run
-    archive = tmp_path / "cevae_bundle.zip"
+    folder, url = served
+    tmp = tmp_path_factory.mktemp("export")
+    archive = tmp / "dist" / "cevae.zip"  # dist/ does not exist yet: the script creates it
+    checkpoint = str(out / "checkpoints" / "model.pt")
+    weights_url = f"{url}/model.pt"
     assert (
-        script_main("export_bundle")(["--out", str(archive), "--checkpoint", str(out / "checkpoints" / "model.pt")])
+        script_main("export_bundle")(["--out", str(archive), "--checkpoint", checkpoint, "--weights-url", weights_url])
         == 0
     )
     with zipfile.ZipFile(archive) as zipped:
-        names = zipped.namelist()
-        zipped.extractall(tmp_path / "unzipped")
-    assert {
-        "cevae/models/model.pt",
-        "cevae/models/config.json",
-        "cevae/models/threshold.json",
-        "cevae/scripts/inference.py",
-    } <= set(names)
-    root = tmp_path / "unzipped" / "cevae"
+        zipped.extractall(tmp / "unzipped")
+    root = tmp / "unzipped" / "cevae"
+    shutil.copy(root / "models" / "model.pt", folder / "model.pt")
+    shutil.copy(archive, folder / "cevae.zip")
+    return archive, root
+
+
+def test_export_ships_plain_weights_bound_thresholds_and_the_weights_url(exported, evaluated_run, served):
+    archive, root = exported
+    out, _ = evaluated_run
+    trained = torch.load(out / "checkpoints" / "model.pt", weights_only=True)
+    weights = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert weights.keys() == trained["model"].keys()  # a plain state dict, no "model"/"loss" nesting
+    assert all(torch.equal(weights[k], trained["model"][k]) for k in weights)
+    config = json.loads((root / "models" / "config.json").read_text())
+    assert config["sigma"] == pytest.approx(float(trained["loss"]["sigma"]))  # the calibrated sigma, as a number
+    digest = hashlib.sha256((root / "models" / "model.pt").read_bytes()).hexdigest()
+    assert json.loads((root / "models" / "threshold.json").read_text())["checkpoint_sha256"] == digest
+    large = ConfigParser.load_config_file(str(root / "large_files.yml"))["large_files"][0]
+    assert large["url"] == f"{served[1]}/model.pt"
+    assert large["hash_val"] == hashlib.md5((root / "models" / "model.pt").read_bytes()).hexdigest()
+    torch.jit.load(str(root / "models" / "model.ts"))
+    with zipfile.ZipFile(archive) as zipped:
+        assert {"cevae/models/model.ts", "cevae/scripts/inference.py"} <= set(zipped.namelist())
     assert "pipeline." not in (root / "configs" / "inference.json").read_text()
+
+
+ZOO_CI = REPO.parent / "shared" / "tools" / "model_zoo_ci"
+
+
+@pytest.mark.skipif(not ZOO_CI.is_dir(), reason="the Model Zoo CI copy (../shared/tools/model_zoo_ci) is absent")
+def test_model_zoo_ci_passes_with_the_weights_downloaded_from_large_files(exported, served, tmp_path):
+    _, root = exported
+    bundle = tmp_path / "cevae"
+    shutil.copytree(root, bundle)
+    (bundle / "models" / "model.pt").unlink()  # as in a Zoo pull request: weights come from large_files.yml
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", str(ZOO_CI / "run.sh"), str(bundle), str(tmp_path / "zoo")], capture_output=True, text=True, env=env
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    for step in ("directory is verified", "metadata format is verified", "data shape is verified", "successfully"):
+        assert step in log, step
+    assert "Provided TorchScript module is verified correctly" in log
+    downloaded = tmp_path / "zoo" / "models" / "cevae" / "models" / "model.pt"
+    assert downloaded.read_bytes() == (served[0] / "model.pt").read_bytes()
+    # negative control: a wrong hash in large_files.yml stops the Zoo's download
+    text = (bundle / "large_files.yml").read_text()
+    (bundle / "large_files.yml").write_text(text.replace('hash_val: "', 'hash_val: "0'))
+    result = subprocess.run(
+        ["bash", str(ZOO_CI / "run.sh"), str(bundle), str(tmp_path / "zoo2")], capture_output=True, text=True, env=env
+    )
+    assert result.returncode != 0 and "md5" in (result.stdout + result.stderr).lower()
+
+
+def test_the_export_passes_the_model_zoo_code_format_check(exported):
+    _, root = exported
+    tools = Path(sys.executable).parent
+    flake8_config = ZOO_CI / "setup.cfg" if ZOO_CI.is_dir() else REPO / ".flake8"  # the same settings
+    for command in (
+        [tools / "black", "--check", "-l", "120", "."],
+        [tools / "isort", "--check", "--profile", "black", "-l", "120", "."],
+        [tools / "flake8", "--config", str(flake8_config), "."],
+    ):
+        result = subprocess.run([str(c) for c in command], cwd=root, capture_output=True, text=True)
+        assert result.returncode == 0, (command[0].name, result.stdout[-2000:], result.stderr[-2000:])
+
+
+LOAD = """
+import json, shutil, sys, torch, monai.bundle
+from pathlib import Path
+sys.modules["pipeline"] = None  # the repository's package is not there
+root, trained, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+net = monai.bundle.load(name="cevae", bundle_dir=str(root.parent), workflow_type="inference")
+torch.save(net.state_dict(), work / "loaded.pt")
+workflow = monai.bundle.ConfigWorkflow(
+    config_file=str(root / "configs" / "inference.json"), workflow_type="inference", logging_file=False,
+    meta_file=str(root / "configs" / "metadata.json"),
+)
+workflow.initialize()
+missing = workflow.check_properties()
+# negative control: the training checkpoint format ({"model", "loss"}) in models/model.pt
+shutil.copytree(root, work / "other" / "cevae")
+shutil.copy(trained, work / "other" / "cevae" / "models" / "model.pt")
+net = monai.bundle.load(name="cevae", bundle_dir=str(work / "other"), workflow_type="inference")
+torch.save(net.state_dict(), work / "nested.pt")
+print(json.dumps({"missing": missing}))
+"""
+
+
+def test_monai_bundle_load_gives_the_trained_network_from_any_directory(exported, evaluated_run, tmp_path):
+    _, root = exported
+    out, _ = evaluated_run
+    trained = out / "checkpoints" / "model.pt"
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD, str(root), str(trained), str(tmp_path)],
+        cwd=tmp_path,  # neither the bundle's folder nor the repository
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"missing": []}  # MONAI's inference properties
+    expected = torch.load(trained, weights_only=True)["model"]
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected), "every tensor is the trained one"
+    nested = torch.load(tmp_path / "nested.pt", weights_only=True)
+    assert not any(torch.equal(nested[k], expected[k]) for k in expected if k.endswith("weight"))
+
+
+def test_monai_bundle_download_from_a_url(exported, served, tmp_path):
+    _, root = exported
+    bundle_command(
+        "download", "--name", "cevae", "--bundle_dir", str(tmp_path), "--url", f"{served[1]}/cevae.zip", cwd=tmp_path
+    )
+    for name in ("configs/inference.json", "models/model.pt", "models/threshold.json", "scripts/inference.py"):
+        assert (tmp_path / "cevae" / name).read_bytes() == (root / name).read_bytes(), name
+
+
+def test_self_contained_zip_runs_without_the_repository(exported, tiny_demo, tmp_path):
+    _, root = exported
     image = load_datalist(tiny_demo, "test")[0]["image"]
     # the repository's package is blocked: `import pipeline` fails in this process
     launcher = (

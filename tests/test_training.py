@@ -414,11 +414,12 @@ class RunsCode:
 
 def test_checkpoints_with_code_are_refused(tmp_path):
     from pipeline.inference import AnomalyInference
+    from pipeline.scoring import VolumeScorer
 
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "model.pt"
     torch.save({"model": RunsCode(marker)}, checkpoint)
-    infer = AnomalyInference(CeVAE(), checkpoint, lambda d: d, tmp_path, threshold=0.5)
+    infer = AnomalyInference(VolumeScorer(CeVAE()), checkpoint, lambda d: d, tmp_path, threshold=0.5)
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         infer._prepare()
     assert not marker.exists(), "no code ran while loading"

@@ -25,7 +25,7 @@ from ignite.engine import Engine, Events
 
 from pipeline.io import atomic_path
 
-__all__ = ["AtomicCheckpointSaver", "BestMetric", "RNGState", "load_trained", "save_checkpoint"]
+__all__ = ["AtomicCheckpointSaver", "BestMetric", "RNGState", "load_trained", "save_checkpoint", "split_trained"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,16 @@ def load_trained(
     if loss is not None and "loss" in state:
         loss.load_state_dict(state["loss"])
     return state
+
+
+def split_trained(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], float | None]:
+    """``(network state dict, likelihood sigma or None)`` of a ``model.pt`` (``{"model", "loss"?}`` or a bare state
+    dict), for a plain-state-dict export (MONAI's ``ckpt_export``/``load`` without ``key_in_ckpt``)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "model" not in state:
+        return state, None
+    sigma = state.get("loss", {}).get("sigma")
+    return state["model"], None if sigma is None else float(sigma)
 
 
 def _finite(module: torch.nn.Module) -> bool:
