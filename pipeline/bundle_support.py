@@ -23,6 +23,7 @@ __all__ = [
     "active_config_parser",
     "check_config_keys",
     "check_matches_training",
+    "defer_monai_tracking",
     "install_error_hook",
     "resolve_datalist",
     "resume_if_requested",
@@ -130,6 +131,8 @@ def check_config_keys() -> None:
 
     workflow = _active(ConfigWorkflow)
     known, values = {"_meta_"}, {"_meta_"}  # values: ids whose content is a value (e.g. null), not a config dict
+    known |= MONAI_TRACKING_KEYS  # what `--tracking mlflow` adds (see defer_monai_tracking)
+    values |= MONAI_TRACKING_KEYS
     for path in Path(workflow.config_root_path).glob("*.json"):
         for key, content in _ids(json.loads(path.read_text())):
             known.add(key)
@@ -149,6 +152,50 @@ def check_config_keys() -> None:
         raise InputError(
             f"unknown config key(s): {', '.join(hints)}; no config of {workflow.config_root_path} "
             "defines them. Fix the --key on the command line."
+        )
+
+
+def _monai_tracking_keys() -> frozenset[str]:
+    """The top-level config ids that MONAI's ``--tracking`` settings add (``is_not_rank0``, ...), not its handlers."""
+    from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+    return frozenset(
+        key
+        for settings in DEFAULT_EXP_MGMT_SETTINGS.values()
+        for key in settings["configs"]
+        if key not in settings["handlers_id"]
+    )
+
+
+MONAI_TRACKING_KEYS = _monai_tracking_keys()
+MONAI_TRACKING_HANDLERS = ("MLFlowHandler", "monai.handlers.MLFlowHandler")
+
+
+def defer_monai_tracking() -> None:
+    """Let ``python -m monai.bundle run ... --tracking mlflow`` (MONAI's experiment tracking) run without logging twice.
+
+    MONAI's ``--tracking`` appends its own ``MLFlowHandler`` to ``train#handlers`` and ``validate#handlers`` and adds
+    a few top-level keys (accepted by :func:`check_config_keys`; the bundle's ``tracking_uri``, ``experiment_name``,
+    ``run_name`` and ``output_dir`` are kept, and its ``save_execute_config`` is off: the executed config is already
+    ``checkpoints/config.json``). The bundle's own MLflow run (:class:`~pipeline.tracking.MLflowRunHandler`) already
+    records all of it, with the nested runs, outage spool and model logging that MONAI's handler lacks, so MONAI's
+    handlers are disabled here: one run per training, each value logged once. Called from the configs' ``initialize``.
+    """
+    parser = active_config_parser()
+    disabled = []
+    for handlers_id in ("train#handlers", "validate#handlers", "handlers"):
+        handlers = parser.get(handlers_id)
+        if not isinstance(handlers, list):
+            continue
+        for i, handler in enumerate(handlers):
+            if isinstance(handler, dict) and handler.get("_target_") in MONAI_TRACKING_HANDLERS:
+                parser[f"{handlers_id}#{i}#_disabled_"] = True
+                disabled.append(f"{handlers_id}#{i}")
+    if disabled:
+        logger.info(
+            "--tracking: this bundle's own MLflow run records the run; MONAI's MLFlowHandler (%s) is disabled so that "
+            "nothing is logged twice",
+            ", ".join(disabled),
         )
 
 

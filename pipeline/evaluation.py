@@ -58,7 +58,7 @@ from pipeline.healthy import (
     active_units,
     healthy_thresholds,
 )
-from pipeline.io import atomic_path, atomic_write_json, atomic_write_text
+from pipeline.io import atomic_path, atomic_write_json, atomic_write_text, file_sha256
 from pipeline.losses import CeVAELoss
 from pipeline.metrics import (
     ThresholdCurve,
@@ -480,8 +480,36 @@ class AnomalyEvaluation:
         return out
 
     # ----------------------------------------------------------------------------------------------- outputs
+    def test_set(self) -> str:
+        """The test set's identity: SHA-256 of the datalist file and its key."""
+        return f"{file_sha256(self.datalist)}#{self.key}"
+
+    def check_name_is_free(self) -> None:
+        """Refuse to evaluate a test set under a name that already holds another test set's results for this
+        checkpoint (MLflow metrics ``<name>/...`` of its run, ``calibrated.<name>`` of ``threshold.json``): they would
+        be overwritten. Re-evaluating the same test set under its name is allowed."""
+        try:
+            previous = read_thresholds(self.checkpoint).get("calibrated", {}).get(self.name)
+        except InputError:  # no threshold.json yet, or one for other weights (replaced on write)
+            return
+        if previous is None:
+            return
+        same = (
+            previous["test_set"] == self.test_set()
+            if "test_set" in previous
+            else Path(previous["datalist"]).resolve() == Path(self.datalist).resolve()
+        )
+        if not same:
+            raise InputError(
+                f"the evaluation name {self.name!r} already holds the results of the test set "
+                f"{previous['datalist']} for {self.checkpoint} (MLflow metrics {self.name}/..., threshold.json "
+                f"calibrated.{self.name}); evaluating {self.datalist} under it would overwrite them. Name this "
+                "test set with --eval_name NAME."
+            )
+
     def run(self) -> dict:
         """Score every test volume, compute the metrics and write/log all outputs. Returns the metrics."""
+        self.check_name_is_free()
         self.load_network()
         healthy = self.healthy()
         entries = load_datalist(self.datalist, self.key, required=("image", "label"))
@@ -510,6 +538,7 @@ class AnomalyEvaluation:
             calibrated={
                 self.name: {
                     "datalist": str(self.datalist),
+                    "test_set": self.test_set(),
                     "subjects": results["calibration_subjects"],
                     "thresholds": calibrated,
                 }

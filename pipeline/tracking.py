@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.handlers import MLFlowHandler
-from monai.utils import path_to_sqlite_uri
+from monai.utils import path_to_sqlite_uri, path_to_uri
 
 from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.io import atomic_path, atomic_write_json, file_lock, file_sha256
@@ -28,6 +29,8 @@ from pipeline.tracking_spool import SpooledClient, report_pending
 
 __all__ = [
     "RUN_INFO_FILENAME",
+    "ModelLogging",
+    "artifact_location",
     "store_lock",
     "check_tracking_server",
     "MLflowRunHandler",
@@ -74,11 +77,23 @@ def store_lock(uri: str | None):
         yield
 
 
+def artifact_location(uri: str | None) -> str | None:
+    """Where a new experiment's artifacts go: for a local SQLite store, ``mlruns/`` next to its database (as MONAI's
+    ``MLFlowHandler`` does), so that store and artifacts move, and are deleted, together; otherwise MLflow's choice
+    (a server's artifact root). MLflow's own default for SQLite is ``./mlruns`` of whatever the working folder is."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    return path_to_uri(Path(uri[len("sqlite:///") :]).parent / "mlruns")
+
+
 def experiment_id(client, name: str) -> str:
-    """Id of the MLflow experiment ``name``, created if missing (under :func:`store_lock`, so concurrent runs agree)."""
+    """Id of the MLflow experiment ``name``, created if missing (under :func:`store_lock`, so concurrent runs agree;
+    artifacts at :func:`artifact_location`)."""
     with store_lock(client.tracking_uri):
         experiment = client.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment else client.create_experiment(name)
+        if experiment:
+            return experiment.experiment_id
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
@@ -140,6 +155,49 @@ def save_executed_config(path: str | os.PathLike) -> str:
     return str(path)
 
 
+class ModelLogging:
+    """Log the trained network as an MLflow model (``mlflow.pytorch.log_model``, artifact path ``model``), so that
+    ``mlflow.pytorch.load_model("runs:/<run id>/model")`` returns it; optionally register it as a new version of
+    ``registered_name`` in the Model Registry.
+
+    The model is ``network`` (the inference view, :class:`~pipeline.networks.CeVAEReconstruction`: input
+    ``(B, 1, S, S)`` in [0, 1], output the reconstruction from the posterior mean) with the weights of
+    ``checkpoint`` (the best epoch's ``model.pt``), saved as the module itself (MLflow's ``pickle`` format:
+    ``encode``/``decode`` stay available for the anomaly maps; MLflow's default ``torch.export`` graph would keep only
+    ``forward``, for batch size 1). Its code (this package) travels with it (``code_paths``), its pip requirements
+    are this torch and numpy, and a ``(1, 1, S, S)`` input example gives its signature.
+    """
+
+    def __init__(self, network: torch.nn.Module, checkpoint: str | os.PathLike, registered_name: str | None = None):
+        self.network, self.checkpoint, self.registered_name = network, Path(checkpoint), registered_name or None
+
+    def __call__(self, tracking_uri: str, run_id: str) -> None:
+        import mlflow
+        import numpy as np
+
+        from pipeline.engines.checkpoint import load_trained
+
+        network = self.network.cpu().eval()
+        load_trained(self.checkpoint, network)
+        size = int(getattr(network, "image_size", 64))
+        package = Path(sys.modules[type(network).__module__.split(".")[0]].__file__).parent  # pipeline/ (or scripts/)
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                mlflow.pytorch.log_model(
+                    network,
+                    name="model",
+                    serialization_format="pickle",  # the module itself (encode/decode for the anomaly maps)
+                    code_paths=[str(package)],
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+                    input_example=np.zeros((1, 1, size, size), dtype=np.float32),
+                    registered_model_name=self.registered_name,
+                )
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+
 class MLflowRunHandler(MLFlowHandler):
     """MONAI's ``MLFlowHandler`` that starts a **new** run, or with ``resume`` continues the newest unfinished run
     of the same name (the one a killed training left open; a new run if there is none).
@@ -149,7 +207,8 @@ class MLflowRunHandler(MLFlowHandler):
     (:data:`RUN_INFO_FILENAME` next to the checkpoints), so that evaluation logs into the run that trained them.
     With ``parent_run_id`` a new run is created nested under that run (``scripts/compare.py`` groups the runs of
     one comparison this way). With ``spool_dir`` every write survives an outage of the tracking server during the
-    run (:class:`~pipeline.tracking_spool.SpooledClient`, probing it every ``retry_s`` seconds).
+    run (:class:`~pipeline.tracking_spool.SpooledClient`, probing it every ``retry_s`` seconds). With
+    ``model_logging`` the trained model is logged as an MLflow model at completion (:class:`ModelLogging`).
     """
 
     def __init__(
@@ -160,6 +219,7 @@ class MLflowRunHandler(MLFlowHandler):
         parent_run_id: str | None = None,
         spool_dir: str | os.PathLike | None = None,
         retry_s: float = 30.0,
+        model_logging: ModelLogging | None = None,
         **kwargs,
     ) -> None:
         self.store_uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
@@ -170,6 +230,7 @@ class MLflowRunHandler(MLFlowHandler):
         self.resume = resume
         self.run_info_path = run_info_path
         self.parent_run_id = parent_run_id
+        self.model_logging = model_logging
 
     def start(self, engine: Engine) -> None:
         if not self.cur_run:
@@ -201,6 +262,22 @@ class MLflowRunHandler(MLFlowHandler):
                     self.run_info_path,
                 )
         super().start(engine)
+
+    def complete(self) -> None:
+        """Log the artifacts, then the trained model (:class:`ModelLogging`)."""
+        super().complete()
+        if self.model_logging is None or not self.cur_run:
+            return
+        try:
+            self.model_logging(self.client.tracking_uri, self.cur_run.info.run_id)
+        except Exception as err:  # the tracking server is down, say: training's outputs stay on disk
+            logger.warning(
+                "the trained model was not logged to MLflow run %s (%s: %s); its weights are in %s",
+                self.cur_run.info.run_id,
+                type(err).__name__,
+                err,
+                self.model_logging.checkpoint,
+            )
 
     def close(self) -> None:
         super().close()
