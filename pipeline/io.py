@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write_text",
     "file_lock",
     "file_sha256",
+    "make_output_folder",
     "parallel_gzip",
 ]
 
@@ -47,6 +48,19 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 class WriteError(OSError):
     """Writing an output failed (disk full, I/O error, ...); the message names the file and says that its previous
     version, if any, is intact."""
+
+
+def make_output_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` and its parents if missing; one that cannot be created (a file in the way, no permission)
+    raises :class:`WriteError` naming it and the fix."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteError(
+            f"cannot create the {what} {folder}: {err.strerror or err}; choose a writable {what}."
+        ) from err
+    return folder
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pipeline.data.validation import InputError
+from pipeline.io import make_output_folder
 
 __all__ = [
     "EVALUATION_OUTPUTS",
@@ -67,7 +68,7 @@ def claim(folder: str | os.PathLike, what: str = "run") -> Path:
         handle, count = _held[folder]
         _held[folder] = (handle, count + 1)
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_folder(folder)
     lock_path = folder / LOCK_FILENAME
     handle = open(lock_path, "a+")
     try:

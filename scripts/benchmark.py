@@ -52,7 +52,7 @@ from pipeline.data.slices import BrainSliceDataset
 from pipeline.data.transforms import AntiAlias
 from pipeline.engines import CeVAETrainer
 from pipeline.inference import AnomalyInference
-from pipeline.io import atomic_write_json, atomic_write_text, parallel_gzip
+from pipeline.io import WriteError, atomic_write_json, atomic_write_text, make_output_folder, parallel_gzip
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE, CeVAEReconstruction
 from pipeline.scoring import VolumeScorer, kl_gradient
@@ -595,6 +595,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scale-child", nargs=2, metavar=("COHORT", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:  # before hours of benchmarking
+        make_output_folder(out.parent, "--out folder")
+    except WriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.scale_child:  # one cohort of --scale, in its own process
         cohort_file, cache = args.scale_child
         print(json.dumps(scale_child(Path(cohort_file), None if cache == "none" else Path(cache), args.quick)))
@@ -618,10 +624,13 @@ def main(argv: list[str] | None = None) -> int:
         keys = SCALE_KEYS
     else:
         results, keys = cpu_benchmark(args.quick, args.repeats or (1 if args.quick else 5)), KEYS
-    out = Path(args.out)
-    atomic_write_json(results, out)
-    atomic_write_text(summary(results, keys), out.with_suffix(".md"))
     print(summary(results, keys))
+    try:
+        atomic_write_json(results, out)
+        atomic_write_text(summary(results, keys), out.with_suffix(".md"))
+    except OSError as err:  # the figures are printed above
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -36,7 +36,7 @@ import torch
 from pipeline.bundle_support import EXECUTED_CONFIG, training_config
 from pipeline.data.validation import InputError
 from pipeline.engines.checkpoint import split_trained
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.io import atomic_path, atomic_write_json, atomic_write_text, make_output_folder
 from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thresholds, threshold_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,22 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"error: cannot create the folder of --out {out}: {err}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
+        make_output_folder(out.parent, "--out folder")
+        with tempfile.TemporaryDirectory() as tmp:
             root = build(Path(tmp), args.checkpoint, args.weights_url)
-        except InputError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        partial = out.with_name(f".{out.name}.tmp")
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
-            for path in sorted(root.rglob("*")):
-                if path.is_file() and "__pycache__" not in path.parts:
-                    archive.write(path, path.relative_to(root.parent))
-        partial.replace(out)
+            with atomic_path(out) as partial, zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
+                for path in sorted(root.rglob("*")):
+                    if path.is_file() and "__pycache__" not in path.parts:
+                        archive.write(path, path.relative_to(root.parent))
+    except (InputError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.data.datalist import write_datalist
 from pipeline.data.preparers import LAYOUTS, prepare_entries
 from pipeline.data.validation import InputError
+from pipeline.io import make_output_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = Path(args.out)
     try:
+        make_output_folder(out.parent, "--out folder")  # before scanning the data set
         entries = prepare_entries(args.layout, args.root, args.modality, args.skip_incomplete)
         datalist = json.loads(out.read_text()) if out.is_file() else {}
         base = out.resolve().parent

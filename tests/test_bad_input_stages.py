@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from bundle_helpers import CONFIGS, TINY
-from conftest import REPO, input_error
+from conftest import REPO, input_error, script_main
 from mlflow import MlflowClient
 from monai.bundle import ConfigWorkflow
 
@@ -139,3 +139,28 @@ def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
     finished = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
     assert sorted(r.info.run_name for r in finished) == ["a", "b"]
     assert all(r.info.status == "FINISHED" and "train_loss" in r.data.metrics for r in finished)
+
+
+TOOLS = {  # command line -> a file its output folder argument will be created in (None: a folder argument)
+    "export_bundle": ["--out", "{out}/b.zip"],
+    "benchmark": ["--quick", "--out", "{out}/bench.json"],
+    "compare": ["--output-dir", "{out}", "--demo-dir", "{out}/demo", "--seeds", "0", "--epochs", "1"],
+    "make_demo_data": ["--out", "{out}", "--n-train", "1", "--n-test", "1"],
+    "prepare_datalist": ["--layout", "ixi", "--root", "{data}", "--out", "{out}/d.json"],
+}
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_command_line_tools_refuse_an_output_folder_they_cannot_create_in_one_line(tool, tiny_demo, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")  # a file where the output folder's parent should be
+    args = [a.format(out=blocker / "out", data=tiny_demo.parent) for a in TOOLS[tool]]
+    assert script_main(tool)(args) == 2  # an exception instead would fail this test with its traceback
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "Not a directory" in line and str(blocker) in line, line
+
+
+def test_command_line_tools_create_a_missing_output_folder(tmp_path):
+    out = tmp_path / "new" / "deeper"
+    assert script_main("make_demo_data")(["--out", str(out), "--n-train", "1", "--n-test", "1"]) == 0
+    assert (out / "datalist.json").is_file()  # export_bundle: tests/test_bundle_sharing.py (dist/ is created)

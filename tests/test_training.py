@@ -452,7 +452,7 @@ def test_cli_reports_bad_input_in_one_line(tiny_demo, tmp_path, problem):
     expected = (
         f"error: datalist {datalist} does not exist"
         if problem == "missing datalist"
-        else f"Not a directory: '{output}'; check the path, or choose a writable --output_dir"
+        else f"cannot create the output folder {output}: Not a directory; choose a writable output folder"
     )
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
