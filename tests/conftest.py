@@ -132,6 +132,10 @@ class MlflowServer:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        self.wait_until_up(timeout_s)
+
+    def wait_until_up(self, timeout_s: float = 90.0) -> None:
+        """Wait for the server started in ``self.process`` to answer on ``/health``."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -139,7 +143,8 @@ class MlflowServer:
                     return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{(self.folder / 'server.log').read_text()[-2000:]}")
+                    log = self.folder / "server.log"
+                    pytest.fail(f"mlflow server did not start:\n{log.read_text()[-2000:] if log.is_file() else ''}")
                 time.sleep(0.3)
 
     def stop(self) -> None:

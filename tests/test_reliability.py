@@ -6,10 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,13 +196,54 @@ def comparison_values(folder):
         return {(r["variant"], r["metric"]): r["values"] for r in csv.DictReader(handle)}
 
 
+def readme_mlflow_ui_serves_the_comparison(out, cwd):
+    """The README's ``mlflow ui`` command, run from ``cwd`` after a comparison into ``cwd/runs/demo`` (as after
+    ``make demo``), serves the comparison's runs and their artifacts, which lie under ``runs/demo/mlruns``."""
+    (command,) = re.findall(r"^mlflow ui .*$", (REPO / "README.md").read_text(), flags=re.M)
+    server = MlflowServer(cwd)
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server.process = subprocess.Popen(
+        ["bash", "-c", f"{command} --host 127.0.0.1 --port {server.port}"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        server.wait_until_up()
+        api = f"{server.uri}/api/2.0/mlflow"
+        experiment = rest(f"{api}/experiments/get-by-name?experiment_name=cevae-compare")["experiment"]
+        runs = rest(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        parent = json.loads((out / "parent_run.json").read_text())["run_id"]
+        children = sorted(r["info"]["run_name"] for r in runs if r["info"]["run_id"] != parent)
+        assert len(runs) == 3 and children == ["cevae-0.5-seed0", "vae-seed0"], runs  # the parent and its children
+        assert experiment["artifact_location"] == (out / "mlruns").as_uri()
+        listed = rest(f"{api}/artifacts/list?run_id={parent}&path=comparison")["files"]
+        assert "comparison/comparison.md" in {f["path"] for f in listed}
+        assert (out / "mlruns" / parent / "artifacts" / "comparison" / "comparison.md").is_file()
+    finally:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait()
+    assert not (cwd / "mlruns").exists(), "no artifacts in the working folder"
+
+
+def rest(url, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
 @pytest.mark.slow
 def test_an_interrupted_comparison_resumes_to_the_same_tables(tiny_demo, tmp_path):
     tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
     args = ["--datalist-train", str(tiny_demo), "--seeds", "0", "--epochs", "2", "--ce-weights", "0", "0.5", *tiny]
     compare = [sys.executable, "scripts/compare.py"]
-    reference = cli(compare + args + ["--output-dir", str(tmp_path / "straight")])
+    straight = tmp_path / "runs" / "demo"  # where `make demo` writes, relative to tmp_path
+    reference = cli(compare + args + ["--output-dir", str(straight)])
     assert reference.returncode == 0, reference.stderr[-3000:]
+    readme_mlflow_ui_serves_the_comparison(straight, cwd=tmp_path)
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(
         compare + args + ["--output-dir", str(interrupted)],
@@ -225,7 +269,7 @@ def test_an_interrupted_comparison_resumes_to_the_same_tables(tiny_demo, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "vae-seed0: done before, reused" in resumed.stdout
     assert (interrupted / "runs" / "vae-seed0" / "checkpoints" / "model.pt").stat().st_mtime == first_child
-    assert comparison_values(interrupted) == comparison_values(tmp_path / "straight")
+    assert comparison_values(interrupted) == comparison_values(straight)
 
 
 # ------------------------------------------------------------------------------------------ 5. write errors
