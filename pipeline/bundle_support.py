@@ -17,6 +17,7 @@ from monai.handlers import CheckpointLoader
 from pipeline.data.datalist import load_datalist, split_subjects
 from pipeline.data.demo import make_demo_dataset
 from pipeline.data.validation import InputError
+from pipeline.engines.checkpoint import load_trained
 from pipeline.io import WriteError
 
 __all__ = [
@@ -26,7 +27,7 @@ __all__ = [
     "defer_monai_tracking",
     "install_error_hook",
     "resolve_datalist",
-    "resume_if_requested",
+    "restore_training_state",
     "train_val_split",
     "training_config",
     "validation_entries",
@@ -68,12 +69,23 @@ def validation_entries(datalist: str | os.PathLike, val_fraction: float, seed: i
     return train_val_split(datalist, val_fraction, seed)[1]
 
 
-def resume_if_requested(
-    resume: bool, checkpoint: str | os.PathLike, objects: Mapping[str, object], device: str | torch.device = "cpu"
+def restore_training_state(
+    resume: bool,
+    checkpoint: str | os.PathLike,
+    objects: Mapping[str, object],
+    device: str | torch.device = "cpu",
+    pretrained: str | os.PathLike | None = None,
 ) -> None:
-    """With ``resume``, load ``objects`` (model, optimizer, trainer state, RNG state) from ``checkpoint`` through
-    MONAI's ``CheckpointLoader`` (``weights_only=True``); the trainer's next ``run()`` continues from there."""
+    """Where training starts: with ``resume``, everything (model, optimizer, trainer state, RNG state) from
+    ``checkpoint`` (``last.pt``) through MONAI's ``CheckpointLoader`` (``weights_only=True``), and the trainer's next
+    ``run()`` continues from there; else with ``pretrained`` (fine-tuning) the network's weights from that
+    ``model.pt`` (a training checkpoint or an exported bundle's plain state dict), whose training must have had this
+    run's architecture (its ``config.json``); else nothing (fresh weights)."""
     if not resume:
+        if pretrained:
+            check_matches_training(pretrained, ARCHITECTURE_KEYS)
+            load_trained(pretrained, objects["model"], device=device)
+            logger.info("fine-tuning: network weights from %s", pretrained)
         return
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(
@@ -200,6 +212,7 @@ def defer_monai_tracking() -> None:
 
 
 EXECUTED_CONFIG = "config.json"  # the training's executed config, next to its checkpoints
+ARCHITECTURE_KEYS = ("image_size", "z_dim", "channels", "norm")
 SCORING_KEYS = ("image_size", "normalization", "reconstruction", "sigma", "kl_weight", "z_dim", "channels", "norm")
 EVALUATION_KEYS = (*SCORING_KEYS, "min_brain_fraction", "border_slices")
 

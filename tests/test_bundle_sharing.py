@@ -301,3 +301,17 @@ def test_export_requires_an_existing_checkpoint(tmp_path):
         script_main("export_bundle")(["--out", str(tmp_path / "b.zip"), "--checkpoint", str(tmp_path / "none.pt")]) == 2
     )
     assert not (tmp_path / "b.zip").exists()
+
+
+def test_metadata_eval_metrics_are_the_benchmark_figures():
+    """configs/metadata.json's eval_metrics are the figures of docs/benchmarks.md's sections they name."""
+    metrics = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["eval_metrics"]
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    sections = {
+        "demo_": text.split("## Demo data (synthetic T2")[1].split("\n## ")[0],
+        "ixi_t1_to_brats2013_t1c_": text.split("### BraTS2013 T1c, 64x64, defaults")[1].split("\n### ")[0],
+    }
+    assert metrics and all(any(k.startswith(p) for p in sections) for k in metrics)
+    for key, value in metrics.items():
+        section = next(s for p, s in sections.items() if key.startswith(p))
+        assert f"{value:.3f}" in section, (key, value)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from bundle_helpers import TINY, initialized_workflow, run_bundle
-from conftest import REPO
+from conftest import REPO, input_error
 from mlflow import MlflowClient
 
 from pipeline.bundle_support import train_val_split
@@ -519,3 +519,25 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_demo, tmp_path):
     assert interrupted_at < resumed["trainer"]["iteration"] == straight["trainer"]["iteration"]
     for key, value in straight["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+
+
+def test_fine_tuning_starts_from_the_pretrained_weights(evaluated_run, tiny_demo, tmp_path):
+    out, _ = evaluated_run
+    pretrained = out / "checkpoints" / "model.pt"
+    trained = torch.load(pretrained, weights_only=True)["model"]
+
+    def starting_weights(folder, **overrides):
+        workflow = initialized_workflow(folder, tiny_demo, epochs=1, **overrides)
+        try:
+            workflow.parser.get_parsed_content("run#0")  # restore_training_state, without training
+            return workflow.parser.get_parsed_content("network").state_dict()
+        finally:
+            workflow.finalize()
+
+    tuned = starting_weights(tmp_path / "tuned", pretrained=str(pretrained))
+    assert all(torch.equal(tuned[k], trained[k]) for k in trained)
+    fresh = starting_weights(tmp_path / "fresh")  # negative control
+    assert not any(torch.equal(fresh[k], trained[k]) for k in trained if k.endswith("weight"))
+    with pytest.raises(Exception) as info:  # another architecture than the pretrained model's
+        starting_weights(tmp_path / "other", pretrained=str(pretrained), z_dim=32)
+    assert "z_dim=32 (trained with 16)" in str(input_error(info.value))
