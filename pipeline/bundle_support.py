@@ -273,9 +273,16 @@ def _user_error(exc: BaseException | None) -> BaseException | None:
 
 
 def _bundle_command_line() -> bool:
-    """Whether this process is ``python -m monai.bundle ...`` (or ``torchrun -m monai.bundle``)."""
-    main = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    return main is not None and main.name == "__main__.py" and main.parent.name == "bundle"
+    """Whether the workflow runs under ``monai.bundle.run`` (``python -m monai.bundle run ...``), not under ``load``
+    or ``create_workflow`` in a user's Python session."""
+    from monai.bundle import scripts
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is scripts.run.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def install_error_hook() -> None:

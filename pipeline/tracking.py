@@ -181,7 +181,10 @@ class ModelLogging:
         load_trained(self.checkpoint, network)
         size = int(getattr(network, "image_size", 64))
         package = Path(sys.modules[type(network).__module__.split(".")[0]].__file__).parent  # pipeline/ (or scripts/)
-        previous = mlflow.get_tracking_uri()
+        # log_model needs the fluent API's active run, hence its global tracking URI, which MLflow also writes into
+        # MLFLOW_TRACKING_URI: both are put back as they were (a user's variable kept), or later runs of this
+        # process would log into this store
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(tracking_uri)
         try:
             with mlflow.start_run(run_id=run_id):

@@ -73,6 +73,7 @@ def test_each_stage_names_the_bad_file_and_keeps_earlier_outputs(evaluated_run, 
             {k: v for k, v in TINY.items() if k not in settings},
             epochs=1,
             ckpt_path=str(out / "checkpoints" / "model.pt"),
+            eval_name="broken",  # 'eval' holds the fixture's test set
         )
     config = [str(CONFIGS / f) for f in files]
     workflow = ConfigWorkflow(

@@ -142,7 +142,7 @@ def test_evaluation_on_real_labelled_scans(evaluated_run, shared_data, tmp_path)
     entries = prepare_entries("brats2013-deepmedic", shared_data / "brats2013", "T1c")[:2]
     entries += prepare_entries("open-ms", shared_data / "open_ms", "T1")
     datalist = write_datalist({"test": entries}, tmp_path / "real.json")
-    run_bundle(tmp_path, datalist, EVAL_FILES, ckpt_path=str(checkpoint))
+    run_bundle(tmp_path, datalist, EVAL_FILES, ckpt_path=str(checkpoint), eval_name="real")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_subjects"] == 3 and metrics["n_slices"] > 300
     assert 0.0 <= metrics["pixel_auroc"]["combined"] <= 1.0
@@ -154,7 +154,8 @@ def test_one_subject_and_label_groups(evaluated_run, tiny_demo, tmp_path):
     entry = json.loads(tiny_demo.read_text())["test"][0]
     entry = {k: str(tiny_demo.parent / v) if k in ("image", "brainmask", "label") else v for k, v in entry.items()}
     datalist = write_datalist({"test": [entry]}, tmp_path / "one.json")
-    run_bundle(tmp_path, datalist, EVAL_FILES, ckpt_path=str(checkpoint), label_groups={"lesion": [1], "absent": [7]})
+    groups = {"lesion": [1], "absent": [7]}
+    run_bundle(tmp_path, datalist, EVAL_FILES, ckpt_path=str(checkpoint), eval_name="one", label_groups=groups)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     split = metrics["paper"]["dice_split"]["combined"]
     assert math.isnan(split["dice"]) and math.isfinite(split["threshold"]), "no held-out Dice from one subject"

@@ -96,6 +96,7 @@ def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
         "min_brain_fraction",
         "border_slices",
         "val_fraction",
+        "pretrained",
     }
     extra = {
         "dataset",
@@ -526,18 +527,19 @@ def test_fine_tuning_starts_from_the_pretrained_weights(evaluated_run, tiny_demo
     pretrained = out / "checkpoints" / "model.pt"
     trained = torch.load(pretrained, weights_only=True)["model"]
 
-    def starting_weights(folder, **overrides):
+    def weights_before_and_after_restoring(folder, **overrides):
         workflow = initialized_workflow(folder, tiny_demo, epochs=1, **overrides)
         try:
+            network = workflow.parser.get_parsed_content("network")
+            before = {k: v.clone() for k, v in network.state_dict().items()}
             workflow.parser.get_parsed_content("run#0")  # restore_training_state, without training
-            return workflow.parser.get_parsed_content("network").state_dict()
+            return before, network.state_dict()
         finally:
             workflow.finalize()
 
-    tuned = starting_weights(tmp_path / "tuned", pretrained=str(pretrained))
+    fresh, tuned = weights_before_and_after_restoring(tmp_path / "tuned", pretrained=str(pretrained))
     assert all(torch.equal(tuned[k], trained[k]) for k in trained)
-    fresh = starting_weights(tmp_path / "fresh")  # negative control
-    assert not any(torch.equal(fresh[k], trained[k]) for k in trained if k.endswith("weight"))
+    assert not any(torch.equal(fresh[k], trained[k]) for k in trained if k.endswith("weight"))  # it did change
     with pytest.raises(Exception) as info:  # another architecture than the pretrained model's
-        starting_weights(tmp_path / "other", pretrained=str(pretrained), z_dim=32)
+        weights_before_and_after_restoring(tmp_path / "other", pretrained=str(pretrained), z_dim=32)
     assert "z_dim=32 (trained with 16)" in str(input_error(info.value))
