@@ -19,6 +19,7 @@ from pipeline.data.demo import make_demo_dataset
 from pipeline.data.validation import InputError
 from pipeline.engines.checkpoint import load_trained
 from pipeline.io import WriteError
+from pipeline.networks import ARCHITECTURE_KEYS
 
 __all__ = [
     "active_config_parser",
@@ -212,7 +213,6 @@ def defer_monai_tracking() -> None:
 
 
 EXECUTED_CONFIG = "config.json"  # the training's executed config, next to its checkpoints
-ARCHITECTURE_KEYS = ("image_size", "z_dim", "channels", "norm")
 SCORING_KEYS = ("image_size", "normalization", "reconstruction", "sigma", "kl_weight", "z_dim", "channels", "norm")
 EVALUATION_KEYS = (*SCORING_KEYS, "min_brain_fraction", "border_slices")
 

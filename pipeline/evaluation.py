@@ -259,7 +259,7 @@ class AnomalyEvaluation:
         if self.label_groups:
             if "label_classes" not in data:
                 raise ValueError(
-                    "label_groups needs the label's classes: build the transform with " "class_key='label_classes'."
+                    "label_groups needs the label's classes: build the transform with class_key='label_classes'."
                 )
             classes = np.rint(np.asarray(data["label_classes"][0])[brain]).astype(np.int16)
         subject = _Subject(name, brain, label, classes)

@@ -59,8 +59,8 @@ def inference_entries(
 class AnomalyInference:
     """Score new volumes with a trained ceVAE (see the module docstring): the bundle's inference ``evaluator``.
 
-    ``run(dataset)`` scores every item of a dataset whose transform is ``transform``; ``inference(image, mask)``
-    scores one file.
+    ``run(dataset)`` scores every item of a dataset whose transform is ``transform``; calling it with ``(image,
+    mask)`` scores one file.
 
     Args:
         scorer: the model computation (:class:`~pipeline.scoring.VolumeScorer`: network ``CeVAE`` or its
@@ -118,7 +118,7 @@ class AnomalyInference:
         available = content["options"] if content else {c: o.to_dict() for c, o in OPTION_SETS.items()}
         if self.option_set not in available:
             raise InputError(
-                f"unknown option set {self.option_set!r}; choose one of {sorted(available)} " "(--option_set)."
+                f"unknown option set {self.option_set!r}; choose one of {sorted(available)} (--option_set)."
             )
         if self.threshold is None:
             self.threshold, self.threshold_source = select_threshold(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -25,11 +24,11 @@ from monai.utils import path_to_sqlite_uri, path_to_uri
 
 from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.io import atomic_path, atomic_write_json, file_lock, file_sha256
+from pipeline.model_logging import ModelLogging
 from pipeline.tracking_spool import SpooledClient, report_pending
 
 __all__ = [
     "RUN_INFO_FILENAME",
-    "ModelLogging",
     "artifact_location",
     "store_lock",
     "check_tracking_server",
@@ -155,52 +154,6 @@ def save_executed_config(path: str | os.PathLike) -> str:
     return str(path)
 
 
-class ModelLogging:
-    """Log the trained network as an MLflow model (``mlflow.pytorch.log_model``, artifact path ``model``), so that
-    ``mlflow.pytorch.load_model("runs:/<run id>/model")`` returns it; optionally register it as a new version of
-    ``registered_name`` in the Model Registry.
-
-    The model is ``network`` (the inference view, :class:`~pipeline.networks.CeVAEReconstruction`: input
-    ``(B, 1, S, S)`` in [0, 1], output the reconstruction from the posterior mean) with the weights of
-    ``checkpoint`` (the best epoch's ``model.pt``), saved as the module itself (MLflow's ``pickle`` format:
-    ``encode``/``decode`` stay available for the anomaly maps; MLflow's default ``torch.export`` graph would keep only
-    ``forward``, for batch size 1). Its code (this package) travels with it (``code_paths``), its pip requirements
-    are this torch and numpy, and a ``(1, 1, S, S)`` input example gives its signature.
-    """
-
-    def __init__(self, network: torch.nn.Module, checkpoint: str | os.PathLike, registered_name: str | None = None):
-        self.network, self.checkpoint, self.registered_name = network, Path(checkpoint), registered_name or None
-
-    def __call__(self, tracking_uri: str, run_id: str) -> None:
-        import mlflow
-        import numpy as np
-
-        from pipeline.engines.checkpoint import load_trained
-
-        network = self.network.cpu().eval()
-        load_trained(self.checkpoint, network)
-        size = int(getattr(network, "image_size", 64))
-        package = Path(sys.modules[type(network).__module__.split(".")[0]].__file__).parent  # pipeline/ (or scripts/)
-        # log_model needs the fluent API's active run, hence its global tracking URI, which MLflow also writes into
-        # MLFLOW_TRACKING_URI: both are put back as they were (a user's variable kept), or later runs of this
-        # process would log into this store
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(tracking_uri)
-        try:
-            with mlflow.start_run(run_id=run_id):
-                mlflow.pytorch.log_model(
-                    network,
-                    name="model",
-                    serialization_format="pickle",  # the module itself (encode/decode for the anomaly maps)
-                    code_paths=[str(package)],
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-                    input_example=np.zeros((1, 1, size, size), dtype=np.float32),
-                    registered_model_name=self.registered_name,
-                )
-        finally:
-            mlflow.set_tracking_uri(previous)
-
-
 class MLflowRunHandler(MLFlowHandler):
     """MONAI's ``MLFlowHandler`` that starts a **new** run, or with ``resume`` continues the newest unfinished run
     of the same name (the one a killed training left open; a new run if there is none).
@@ -271,12 +224,16 @@ class MLflowRunHandler(MLFlowHandler):
         super().complete()
         if self.model_logging is None or not self.cur_run:
             return
+        run_id = self.cur_run.info.run_id
         try:
-            self.model_logging(self.client.tracking_uri, self.cur_run.info.run_id)
-        except Exception as err:  # the tracking server is down, say: training's outputs stay on disk
+            if isinstance(self.client, SpooledClient):  # kept in the spool while the server is unreachable
+                self.client.log_model(run_id, self.model_logging)
+            else:
+                self.model_logging(self.client.tracking_uri, run_id)
+        except Exception as err:  # a rejected model: training's outputs stay on disk
             logger.warning(
                 "the trained model was not logged to MLflow run %s (%s: %s); its weights are in %s",
-                self.cur_run.info.run_id,
+                run_id,
                 type(err).__name__,
                 err,
                 self.model_logging.checkpoint,

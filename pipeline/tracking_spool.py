@@ -1,7 +1,7 @@
 """MLflow writes that survive a tracking-server outage: nothing logged is lost, and training never waits for it.
 
 :class:`SpooledClient` wraps an ``MlflowClient``. Its writes (``log_batch``, ``log_param``, ``set_tag``,
-``log_artifact``, ``set_terminated``) go to the server with a short timeout and no retry loop
+``log_artifact``, ``log_model``, ``set_terminated``) go to the server with a short timeout and no retry loop
 (:func:`bounded_http`); when the server cannot be reached, the write is appended to a spool in the output folder
 (``tracking_spool/spool.jsonl``, one JSON line per write, artifacts copied beside it), the log says so once, and
 later writes go straight to the spool. At a later write, at most every ``retry_s`` seconds, one health probe of a
@@ -111,6 +111,18 @@ class SpooledClient:
             {"op": "log_artifact", "run_id": run_id, "local_path": str(local_path), "artifact_path": artifact_path}
         )
 
+    def log_model(self, run_id: str, model_logging) -> None:
+        """Log the trained model (:class:`~pipeline.model_logging.ModelLogging`); spooled with a copy of its
+        checkpoint and ``config.json``."""
+        self._write(
+            {
+                "op": "log_model",
+                "run_id": run_id,
+                "checkpoint": str(model_logging.checkpoint),
+                "registered_name": model_logging.registered_name,
+            }
+        )
+
     def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
         self._write(
             {
@@ -145,16 +157,26 @@ class SpooledClient:
             self.client.log_artifact(entry["run_id"], entry["local_path"], entry["artifact_path"])
         elif op == "set_terminated":
             self.client.set_terminated(entry["run_id"], entry["status"], entry["end_time"])
+        elif op == "log_model":
+            from pipeline.model_logging import ModelLogging
+
+            ModelLogging(entry["checkpoint"], entry["registered_name"])(self.client.tracking_uri, entry["run_id"])
         else:
             raise ValueError(f"unknown spooled operation {op!r} in {self.spool}")
 
     def _append(self, entry: dict) -> None:
         with file_lock(self.spool_dir / ".lock"):
+            kept = self.spool_dir / "artifacts" / f"{len(self._entries()):06d}"
             if entry["op"] == "log_artifact":  # keep the file as it is now: the run may overwrite it later
-                kept = self.spool_dir / "artifacts" / f"{len(self._entries()):06d}" / Path(entry["local_path"]).name
-                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(entry["local_path"], kept)
-                entry = {**entry, "local_path": str(kept)}
+                entry = {**entry, "local_path": str(kept / Path(entry["local_path"]).name)}
+            elif entry["op"] == "log_model":  # the weights and the architecture they need, as they are now
+                kept.mkdir(parents=True, exist_ok=True)
+                checkpoint = Path(entry["checkpoint"])
+                for source in (checkpoint, checkpoint.parent / "config.json"):
+                    shutil.copy2(source, kept)
+                entry = {**entry, "checkpoint": str(kept / checkpoint.name)}
             with open(self.spool, "a") as handle:
                 handle.write(json.dumps({**entry, "tracking_uri": self.client.tracking_uri}) + "\n")
                 handle.flush()

@@ -585,13 +585,13 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         type=int,
         default=2,
-        help="with --scale: preprocessing processes to compare " "with none (default 2)",
+        help="with --scale: preprocessing processes to compare with none (default 2)",
     )
     parser.add_argument(
         "--scale-datalist",
         type=Path,
         default=None,
-        help="with --scale: the training volumes of " "this datalist instead of the demo data's (e.g. real scans)",
+        help="with --scale: the training volumes of this datalist instead of the demo data's (e.g. real scans)",
     )
     parser.add_argument("--scale-child", nargs=2, metavar=("COHORT", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--test-names",
         nargs="+",
-        help="MLflow names of the test sets (default: 'eval', or the " "datalist file names when there are several)",
+        help="MLflow names of the test sets (default: 'eval', or the datalist file names when there are several)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--ce-weights", nargs="+", type=float, default=[0.0, 0.5], help="λ per variant (0 = VAE)")
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-name", help="name of the parent run (default: compare-<time>)")
     parser.add_argument(
         "--tracking-uri",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else " "sqlite:///<output-dir>/mlruns.db)",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<output-dir>/mlruns.db)",
     )
     parser.add_argument(
         "--from-mlflow",

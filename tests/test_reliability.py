@@ -14,12 +14,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from bundle_helpers import TINY, initialized_workflow, run_bundle
 from conftest import REPO, MlflowServer, input_error, script_main
 from ignite.engine import Events
 from mlflow import MlflowClient
+
+from pipeline.networks import CeVAEReconstruction
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 TRAIN = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundles/cevae/configs/train.json"]
@@ -182,6 +185,11 @@ def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tm
         assert run.info.status == "FINISHED"
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert {"model.pt", "threshold.json", "evaluation"} <= artifacts
+        mlflow.set_tracking_uri(server.uri)  # the MLflow model, logged while the server was down: sent by the sync
+        try:
+            assert isinstance(mlflow.pytorch.load_model(f"runs:/{run_id}/model"), CeVAEReconstruction)
+        finally:
+            mlflow.set_tracking_uri(None)
         assert (
             not spool.exists()
             and "nothing to send" in cli([sys.executable, "scripts/sync_tracking.py", str(out)]).stdout

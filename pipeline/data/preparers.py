@@ -221,7 +221,7 @@ def prepare_entries(
         raise InputError(
             f"{len(problems)} problem(s) in {root} (layout '{layout}', modality "
             f"{(modality or spec.default_modality).upper()}):\n  {listed}\nFix or remove these files"
-            + ("" if skip_incomplete else ", or pass --skip-incomplete to leave out images without " "a mask/label")
+            + ("" if skip_incomplete else ", or pass --skip-incomplete to leave out images without a mask/label")
             + "."
         )
     if not entries:

@@ -120,5 +120,5 @@ class LoadVolumed(LoadImaged):
         except Exception as err:
             files = ", ".join(str(data[k]) for k in self.key_iterator(dict(data)) if data[k] is not None)
             raise InputError(
-                f"cannot load {files} ({err}); the file is truncated or corrupt: re-export or " "re-download it."
+                f"cannot load {files} ({err}); the file is truncated or corrupt: re-export or re-download it."
             ) from err

@@ -86,7 +86,7 @@ def load_trained(
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(
-            f"checkpoint {path} does not exist; train first, or pass the path of a trained " "model.pt."
+            f"checkpoint {path} does not exist; train first, or pass the path of a trained model.pt."
         )
     state = torch.load(path, map_location=device, weights_only=True)
     getattr(network, "module", network).load_state_dict(state.get("model", state))

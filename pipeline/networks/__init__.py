@@ -1,3 +1,3 @@
-from pipeline.networks.cevae import CeVAE, CeVAEReconstruction
+from pipeline.networks.cevae import ARCHITECTURE_KEYS, CeVAE, CeVAEReconstruction
 
-__all__ = ["CeVAE", "CeVAEReconstruction"]
+__all__ = ["ARCHITECTURE_KEYS", "CeVAE", "CeVAEReconstruction"]

@@ -22,7 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CeVAE", "CeVAEReconstruction", "FullMapConv2d", "FullMapConvTranspose2d", "downsampling_layers"]
+__all__ = [
+    "ARCHITECTURE_KEYS",
+    "CeVAE",
+    "CeVAEReconstruction",
+    "FullMapConv2d",
+    "FullMapConvTranspose2d",
+    "downsampling_layers",
+]
+
+ARCHITECTURE_KEYS = ("image_size", "z_dim", "channels", "norm")  # the config keys that build a CeVAE
 
 NORMS = {
     "batch": lambda c: nn.BatchNorm2d(c),
