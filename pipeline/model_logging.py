@@ -8,7 +8,6 @@ when it is back or by ``scripts/sync_tracking.py``).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.bundle_support import training_config
 from pipeline.engines.checkpoint import load_trained
 from pipeline.networks import ARCHITECTURE_KEYS, CeVAEReconstruction
 
@@ -42,7 +42,7 @@ class ModelLogging:
 
     def network(self) -> CeVAEReconstruction:
         """The trained network (CPU, eval mode)."""
-        config = json.loads((self.checkpoint.parent / "config.json").read_text())
+        config = training_config(self.checkpoint)
         network = CeVAEReconstruction(**{k: config[k] for k in ARCHITECTURE_KEYS if k in config})
         load_trained(self.checkpoint, network)
         return network.eval()

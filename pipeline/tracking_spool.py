@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 
+from pipeline.bundle_support import EXECUTED_CONFIG
 from pipeline.io import atomic_write_text, file_lock
 
 __all__ = ["SPOOL_DIRNAME", "SpooledClient", "bounded_http", "is_unreachable", "report_pending", "sync"]
@@ -174,7 +175,7 @@ class SpooledClient:
             elif entry["op"] == "log_model":  # the weights and the architecture they need, as they are now
                 kept.mkdir(parents=True, exist_ok=True)
                 checkpoint = Path(entry["checkpoint"])
-                for source in (checkpoint, checkpoint.parent / "config.json"):
+                for source in (checkpoint, checkpoint.parent / EXECUTED_CONFIG):
                     shutil.copy2(source, kept)
                 entry = {**entry, "checkpoint": str(kept / checkpoint.name)}
             with open(self.spool, "a") as handle:
