@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from conftest import REPO
 from monai.bundle import ConfigWorkflow
 
 BUNDLE = REPO / "bundles" / "cevae"
 CONFIGS = BUNDLE / "configs"
+
+# the bundle's command line in a subprocess (cwd: the repository root), without Python's warnings in its stderr
+CLI_ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+BUNDLE_RUN = [sys.executable, "-m", "monai.bundle", "run"]
+TRAIN_CLI = [*BUNDLE_RUN, "training", "--config_file", "bundles/cevae/configs/train.json"]
 
 TINY = {  # small enough for CI: ~100 slices of 64x64, a narrow net
     "batch_size": 16,

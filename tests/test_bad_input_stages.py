@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
-from bundle_helpers import CONFIGS, TINY
+from bundle_helpers import CLI_ENV, CONFIGS, TINY, TRAIN_CLI
 from conftest import REPO, input_error, script_main
 from mlflow import MlflowClient
 from monai.bundle import ConfigWorkflow
@@ -101,13 +100,7 @@ def test_each_stage_names_the_bad_file_and_keeps_earlier_outputs(evaluated_run, 
 def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
     store = f"sqlite:///{tmp_path}/shared.db"
     base = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "bundles/cevae/configs/train.json",
+        *TRAIN_CLI,
         "--datalist",
         str(tiny_demo),
         "--epochs",
@@ -121,12 +114,11 @@ def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
         "--tracking_uri",
         store,
     ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     runs = [
         subprocess.Popen(
             base + ["--output_dir", str(tmp_path / n), "--run_name", n],
             cwd=REPO,
-            env=env,
+            env=CLI_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

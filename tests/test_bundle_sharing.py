@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
-from bundle_helpers import BUNDLE
+from bundle_helpers import BUNDLE, CLI_ENV
 from conftest import REPO, script_main
 from monai.bundle import ConfigParser
 
@@ -28,12 +28,11 @@ from pipeline.scoring import OPTION_SETS
 
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # copy of the Model Zoo schema, for offline checks
 TINY_NET = ["--z_dim", "16", "--channels", "[8,16,32,64]"]
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def bundle_command(*args, cwd=BUNDLE):
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True, env=ENV
+        [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True, env=CLI_ENV
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
@@ -146,7 +145,7 @@ def test_model_zoo_ci_passes_with_the_weights_downloaded_from_large_files(export
     bundle = tmp_path / "cevae"
     shutil.copytree(root, bundle)
     (bundle / "models" / "model.pt").unlink()  # as in a Zoo pull request: weights come from large_files.yml
-    env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**CLI_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
         ["bash", str(ZOO_CI / "run.sh"), str(bundle), str(tmp_path / "zoo")], capture_output=True, text=True, env=env
     )
@@ -210,7 +209,7 @@ def test_monai_bundle_load_gives_the_trained_network_from_any_directory(exported
         cwd=tmp_path,  # neither the bundle's folder nor the repository
         capture_output=True,
         text=True,
-        env=ENV,
+        env=CLI_ENV,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # MONAI's inference properties; the session keeps its excepthook (the bundle's one-line errors are for the CLI)
@@ -253,7 +252,7 @@ def test_self_contained_zip_runs_without_the_repository(exported, tiny_demo, tmp
         "--output_dir",
         str(tmp_path / "pred"),
     ]  # settings: models/config.json
-    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=ENV)
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=CLI_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     for kind in ("anomaly", "seg"):
         (written,) = (tmp_path / "pred").glob(f"*_{kind}.nii.gz")
@@ -280,7 +279,7 @@ def test_self_contained_zip_runs_without_the_repository(exported, tiny_demo, tmp
         "16",
         *TINY_NET,
     ]
-    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=ENV)
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=CLI_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "train" / "checkpoints" / "model.pt").is_file()
 

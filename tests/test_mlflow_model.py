@@ -5,14 +5,12 @@ checkpoint on different test sets side by side."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import mlflow
 import pytest
 import torch
-from bundle_helpers import CONFIGS
+from bundle_helpers import BUNDLE_RUN, CLI_ENV, CONFIGS
 from conftest import REPO
 
 from pipeline.data.datalist import load_datalist, write_datalist
@@ -20,14 +18,11 @@ from pipeline.networks import CeVAEReconstruction
 
 EPOCHS = 2
 TINY = ["--z_dim", "16", "--channels", "[8,16,32,64]", "--batch_size", "16", "--progress_bar", "False"]
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
 
 
 def bundle_run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO, capture_output=True, text=True, env=ENV
-    )
+    return subprocess.run([*BUNDLE_RUN, *args], cwd=REPO, capture_output=True, text=True, env=CLI_ENV)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,13 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from bundle_helpers import TINY, initialized_workflow, run_bundle
+from bundle_helpers import BUNDLE_RUN, CLI_ENV, TINY, TRAIN_CLI, initialized_workflow, run_bundle
 from conftest import REPO, MlflowServer, input_error, script_main
 from ignite.engine import Events
 from mlflow import MlflowClient
 
 from pipeline.networks import CeVAEReconstruction
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
-TRAIN = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundles/cevae/configs/train.json"]
 TINY_ARGS = [
     "--epochs",
     "1",
@@ -45,7 +43,7 @@ TINY_ARGS = [
 
 
 def cli(cmd, **kwargs):
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV, **kwargs)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=CLI_ENV, **kwargs)
 
 
 def one_line_error(result) -> str:
@@ -99,20 +97,19 @@ def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_holder(tiny_demo
         ],
         stdout=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=CLI_ENV,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
         start = time.monotonic()
-        line = one_line_error(cli(TRAIN + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS]))
+        line = one_line_error(
+            cli(TRAIN_CLI + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS])
+        )
         assert f"is in use by process {holder.pid}" in line and time.monotonic() - start < 60
         assert not (tmp_path / "checkpoints").exists(), "nothing written"
         evaluate = cli(
             [
-                sys.executable,
-                "-m",
-                "monai.bundle",
-                "run",
+                *BUNDLE_RUN,
                 "evaluating",
                 "--config_file",
                 str(["bundles/cevae/configs/train.json", "bundles/cevae/configs/evaluate.json"]),
@@ -128,7 +125,7 @@ def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_holder(tiny_demo
     finally:
         holder.send_signal(signal.SIGKILL)  # a crash releases the lock
         holder.wait()
-    result = cli(TRAIN + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS])
+    result = cli(TRAIN_CLI + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS])
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -209,7 +206,7 @@ def readme_mlflow_ui_serves_the_comparison(out, cwd):
     ``make demo``), serves the comparison's runs and their artifacts, which lie under ``runs/demo/mlruns``."""
     (command,) = re.findall(r"^mlflow ui .*$", (REPO / "README.md").read_text(), flags=re.M)
     server = MlflowServer(cwd)
-    env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**CLI_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     server.process = subprocess.Popen(
         ["bash", "-c", f"{command} --host 127.0.0.1 --port {server.port}"],
         cwd=cwd,
@@ -256,7 +253,7 @@ def test_an_interrupted_comparison_resumes_to_the_same_tables(tiny_demo, tmp_pat
     process = subprocess.Popen(
         compare + args + ["--output-dir", str(interrupted)],
         cwd=REPO,
-        env=ENV,
+        env=CLI_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -299,7 +296,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_in_one_line(tiny_de
     settings = [a if a != "1" else "3" for a in TINY_ARGS]  # 3 epochs
     cmd = (
         [sys.executable, "-c", FAIL_SECOND_SAVE]
-        + TRAIN[3:]
+        + TRAIN_CLI[3:]
         + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *settings]
     )
     line = one_line_error(cli(cmd))

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import TINY, initialized_workflow, run_bundle
+from bundle_helpers import CLI_ENV, TINY, TRAIN_CLI, initialized_workflow, run_bundle
 from conftest import REPO, input_error
 from mlflow import MlflowClient
 
@@ -317,13 +317,7 @@ def test_amp_dtype_is_checked_and_bfloat16_needs_no_loss_scaling():
 @pytest.mark.slow
 def test_bundle_cli_from_the_repository_root(tiny_demo, tmp_path):
     cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "bundles/cevae/configs/train.json",
+        *TRAIN_CLI,
         "--datalist",
         str(tiny_demo),
         "--output_dir",
@@ -337,9 +331,7 @@ def test_bundle_cli_from_the_repository_root(tiny_demo, tmp_path):
         "--progress_bar",
         "False",
     ]
-    result = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-    )
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=CLI_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "model.pt").is_file()
 
@@ -373,9 +365,7 @@ def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
         "--progress_bar",
         "False",
     ]
-    result = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-    )
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=CLI_ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = torch.load(tmp_path / "checkpoints" / "model.pt", weights_only=True)["model"]
     net = CeVAE(z_dim=16)
@@ -434,21 +424,13 @@ def test_cli_reports_bad_input_in_one_line(tiny_demo, tmp_path, problem):
         (tmp_path / "missing.json", tmp_path) if problem == "missing datalist" else (tiny_demo, blocker / "out")
     )
     cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "bundles/cevae/configs/train.json",
+        *TRAIN_CLI,
         "--datalist",
         str(datalist),
         "--output_dir",
         str(output),
     ]
-    result = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-    )
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=CLI_ENV)
     assert result.returncode == 2
     expected = (
         f"error: datalist {datalist} does not exist"
@@ -477,20 +459,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_demo, tmp_path):
         "--min_brain_fraction",
         "0.3",
     ]
-    base = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "bundles/cevae/configs/train.json",
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    base = TRAIN_CLI
     subprocess.run(
         base + settings + ["--output_dir", str(tmp_path / "straight")],
         cwd=REPO,
-        env=env,
+        env=CLI_ENV,
         check=True,
         capture_output=True,
     )
@@ -498,7 +471,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_demo, tmp_path):
     process = subprocess.Popen(
         base + settings + ["--output_dir", str(killed)],
         cwd=REPO,
-        env=env,
+        env=CLI_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -511,7 +484,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_demo, tmp_path):
     subprocess.run(
         base + settings + ["--output_dir", str(killed), "--resume", "True"],
         cwd=REPO,
-        env=env,
+        env=CLI_ENV,
         check=True,
         capture_output=True,
     )
