@@ -33,6 +33,7 @@ the removal of small connected components acts on thresholded segmentations (:fu
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -56,6 +57,7 @@ __all__ = [
     "VolumeScorer",
     "elbo_terms",
     "kl_gradient",
+    "median_filter",
     "postprocess_volume",
     "raw_scores",
     "score_maps",
@@ -175,11 +177,31 @@ def score_maps(raw: dict[str, torch.Tensor], x: torch.Tensor, options: ScoreOpti
     return {"rec": rec, "kl_grad": grad, "combined": rec * grad, "intensity": x.detach()}
 
 
+def median_filter(volume: np.ndarray, size: int, workers: int | None = None) -> np.ndarray:
+    """``scipy.ndimage.median_filter(volume, size)`` of an ``(H, W, D)`` volume, computed in ``workers`` threads
+    (default: torch's thread count) on slabs of the last axis that overlap by ``size // 2``: every voxel's window
+    lies inside its slab, so the result is exactly scipy's (which releases the GIL: 2x on 2 cores)."""
+    workers = max(1, min(workers or torch.get_num_threads(), volume.shape[-1]))
+    if workers == 1:
+        return ndimage.median_filter(volume, size=size)
+    depth, reach = volume.shape[-1], size // 2
+    bounds = np.linspace(0, depth, workers + 1).astype(int)
+
+    def slab(i: int) -> np.ndarray:
+        lo, hi = max(0, bounds[i] - reach), min(depth, bounds[i + 1] + reach)
+        return ndimage.median_filter(volume[..., lo:hi], size=size)[..., bounds[i] - lo : bounds[i + 1] - lo]
+
+    with ThreadPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(slab, range(workers))), axis=-1)
+
+
 def postprocess_volume(volume: np.ndarray, brainmask: np.ndarray, options: ScoreOptions) -> np.ndarray:
-    """Volume-level options on one ``(H, W, D)`` score map: brain mask (eroded) and 3D median filter."""
+    """Volume-level options on one ``(H, W, D)`` score map, in this order: the 3D median filter (on the whole map,
+    so that the brain's rim is filtered with its true neighbours), then the multiplication by the brain mask
+    (eroded)."""
     out = volume
     if options.median_size > 1:
-        out = ndimage.median_filter(out, size=options.median_size)
+        out = median_filter(out, options.median_size)
     if options.brain_mask:
         mask = brainmask > 0
         if options.mask_erosion > 0:

@@ -42,6 +42,7 @@ from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thre
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cevae"
 LIBRARY = REPO / "pipeline"
+NOT_SHIPPED = ("benchmarks",)  # measures this repository's bundle configs; not part of the model
 # `pipeline.x` / `import pipeline` / `from pipeline` -> the bundle's own `scripts` package
 PACKAGE_REFERENCE = re.compile(r"\bpipeline(?=[.\s])")
 
@@ -94,6 +95,8 @@ def build(out_dir: Path, checkpoint: Path | None = None, weights_url: str = "") 
         path.write_text(_rewrite(path.read_text()))
     scripts = root / "scripts"
     for source in LIBRARY.rglob("*.py"):
+        if source.relative_to(LIBRARY).parts[0] in NOT_SHIPPED:
+            continue
         target = scripts / source.relative_to(LIBRARY)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(_rewrite(source.read_text()))

@@ -132,7 +132,9 @@ def test_export_ships_plain_weights_bound_thresholds_and_the_weights_url(exporte
     assert large["hash_val"] == hashlib.md5((root / "models" / "model.pt").read_bytes()).hexdigest()
     torch.jit.load(str(root / "models" / "model.ts"))
     with zipfile.ZipFile(archive) as zipped:
-        assert {"cevae/models/model.ts", "cevae/scripts/inference.py"} <= set(zipped.namelist())
+        names = set(zipped.namelist())
+        assert {"cevae/models/model.ts", "cevae/scripts/inference.py"} <= names
+        assert not any(name.startswith("cevae/scripts/benchmarks/") for name in names), "benchmarks stay home"
     assert "pipeline." not in (root / "configs" / "inference.json").read_text()
 
 

@@ -29,6 +29,7 @@ from pipeline.scoring import (
     ScoreOptions,
     elbo_terms,
     kl_gradient,
+    median_filter,
     postprocess_volume,
     raw_scores,
     score_maps,
@@ -148,6 +149,26 @@ def test_score_maps_follow_their_options():
     mask[2:6, 2:6, :] = True
     masked = postprocess_volume(vol, mask, ScoreOptions(brain_mask=True, mask_erosion=1))
     assert np.all(masked[~mask] == 0) and np.all(masked[3:5, 3:5, 1:5] == vol[3:5, 3:5, 1:5])
+
+
+@pytest.mark.parametrize("shape,size,workers", [((9, 7, 23), 5, 2), ((6, 6, 5), 3, 4), ((5, 8, 2), 5, 3)])
+def test_median_filter_in_slabs_equals_scipy(shape, size, workers):
+    """The threaded median filter is scipy's, voxel for voxel (slab edges, volume edges, more workers than slabs)."""
+    volume = np.random.default_rng(size).random(shape).astype(np.float32)
+    assert np.array_equal(median_filter(volume, size, workers), ndimage.median_filter(volume, size=size))
+
+
+def test_postprocessing_filters_the_whole_map_then_masks():
+    """The median filter sees the map around the brain (a rim voxel's median takes its outside neighbours), and only
+    then is the map multiplied by the eroded brain mask: filtering after masking would give the rim another value."""
+    vol = np.random.default_rng(1).random((12, 12, 10)).astype(np.float32)
+    mask = np.zeros(vol.shape, bool)
+    mask[3:9, 3:9, 2:8] = True
+    options = ScoreOptions(brain_mask=True, mask_erosion=1, median_size=5)
+    out = postprocess_volume(vol, mask, options)
+    eroded = ndimage.binary_erosion(mask, iterations=1)
+    assert np.array_equal(out, ndimage.median_filter(vol, size=5) * eroded)
+    assert not np.array_equal(out, ndimage.median_filter(vol * eroded, size=5) * eroded), "the order matters here"
 
 
 def test_histogram_equalisation_gives_brain_quantiles():

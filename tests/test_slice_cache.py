@@ -89,6 +89,22 @@ def test_cached_slices_equal_the_in_memory_ones_and_are_reused(entries, tmp_path
     assert len(entry_folders(tmp_path / "cache2")) == 3
 
 
+def test_a_batch_read_gives_each_indexed_slice_in_order(entries, tmp_path):
+    """``__getitems__`` (a DataLoader's batch) reads each volume's slices together; every item is the slice that
+    ``np.load`` of the whole arrays gives at that index, masks as 0/1 floats, in the order asked, repeats kept."""
+    for cached in (dataset(entries, tmp_path / "cache"), dataset(entries, None)):
+        reference = {key: cached.stacked(key) for key in cached.keys}
+        order = torch.randperm(len(cached), generator=torch.Generator().manual_seed(0)).tolist()[:40] + [3, 3]
+        items = cached.__getitems__(order)
+        assert len({int(item["subject"]) for item in items}) == 3, "the batch spans every volume"
+        for i, item in zip(order, items):
+            for key in cached.keys:
+                assert item[key].dtype == torch.float32 and torch.equal(item[key], reference[key][i])
+            assert int(item["subject"]) == int(cached.subject[i]) and int(item["slice"]) == int(cached.slice[i])
+        batch = next(iter(torch.utils.data.DataLoader(cached, batch_size=len(order), sampler=order)))
+        assert torch.equal(batch["image"], reference["image"][order])
+
+
 def test_a_changed_file_or_setting_rebuilds_only_its_entries(entries, tmp_path, builds):
     cache = tmp_path / "cache"
     dataset(entries, cache)

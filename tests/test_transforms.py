@@ -59,6 +59,16 @@ def test_percentile_normalisation_statistics():
     assert 0.002 < float((inside == 0.0).float().mean()) < 0.01
 
 
+def test_percentile_normalisation_equals_torch_quantile_clipping():
+    """An independent reference: torch.quantile's percentiles (linear interpolation), clipping and scaling of the
+    whole volume in float64, then the background set to 0: the same float32 values, bit for bit."""
+    image, mask, brain = native_phantom()
+    voxels = image[0][brain].double()
+    lo, hi = torch.quantile(voxels, torch.tensor([0.005, 0.995], dtype=torch.float64)).tolist()
+    expected = torch.where(brain, ((image[0].double().clamp(lo, hi) - lo) / (hi - lo)), 0.0).float()
+    assert torch.equal(BrainIntensityNormalize("percentile")(image, mask)[0], expected)
+
+
 def test_zscore_normalisation_statistics():
     image, mask, brain = native_phantom()
     out = BrainIntensityNormalize("zscore")(image, mask)[0]

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,14 +61,21 @@ class CachedVolume:
 
     def read(self, key: str, index: int) -> np.ndarray:
         """Slice ``index`` (of :attr:`slices`) of ``key``: ``(C, H, W)``."""
+        return self.read_many(key, [index])[0]
+
+    def read_many(self, key: str, indices: Sequence[int]) -> np.ndarray:
+        """Slices ``indices`` of ``key``, in that order: ``(len(indices), C, H, W)``, with the file opened once."""
         path, shape, dtype, offset = self._arrays[key]
-        size = int(np.prod(shape[1:])) * dtype.itemsize
+        out = np.empty((len(indices), *shape[1:]), dtype=dtype)
+        size = out[0].nbytes if len(indices) else 0
         fd = os.open(path, os.O_RDONLY)
         try:
-            data = os.pread(fd, size, offset + index * size)
+            for row, index in zip(out, indices):
+                if os.preadv(fd, [memoryview(row).cast("B")], offset + index * size) != size:
+                    raise OSError(f"slice cache entry {path} is shorter than its meta.json says; delete {self.folder}")
         finally:
             os.close(fd)
-        return np.frombuffer(data, dtype=dtype).reshape(shape[1:])
+        return out
 
     def array(self, key: str) -> np.ndarray:
         """All slices of ``key``: ``(n, C, H, W)`` (loads them; for small sets)."""

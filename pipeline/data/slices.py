@@ -67,6 +67,9 @@ class InMemoryVolume:
     def read(self, key: str, index: int) -> np.ndarray:
         return self.arrays[key][index]
 
+    def read_many(self, key: str, indices: Sequence[int]) -> np.ndarray:
+        return self.arrays[key][list(indices)]
+
     def array(self, key: str) -> np.ndarray:
         return self.arrays[key]
 
@@ -226,6 +229,8 @@ class BrainSliceDataset(torch.utils.data.Dataset):
             )
         index = [torch.from_numpy(np.concatenate(parts)) for parts in (subject, local, slice_index, position)]
         self.subject, self.local, self.slice, self.position = index
+        first = self.volumes[int(self.subject[0])]
+        self.slice_shapes = {key: first.read(key, int(self.local[0])).shape for key in self.keys}
 
     def __len__(self) -> int:
         return len(self.subject)
@@ -236,10 +241,25 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         return torch.tensor(array, dtype=torch.float32)
 
     def __getitem__(self, index: int) -> dict:
-        item = {key: self.read(key, index) for key in self.keys}
-        item["subject"] = self.subject[index]
-        item["slice"] = self.slice[index]
-        return item
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """The items of ``indices`` (a ``DataLoader`` asks for a batch at once): each volume's slices of a key are
+        read together, with its file opened once (docs/performance.md: the training data path)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        subjects = self.subject[index]
+        arrays = {key: np.empty((len(indices), *self.slice_shapes[key]), dtype=np.float32) for key in self.keys}
+        for subject in torch.unique(subjects).tolist():
+            rows = torch.nonzero(subjects == subject).flatten().numpy()
+            local = self.local[index[rows]].tolist()
+            for key, out in arrays.items():
+                out[rows] = self.volumes[subject].read_many(key, local)
+        tensors = {key: torch.from_numpy(out) for key, out in arrays.items()}
+        slices = self.slice[index]
+        return [
+            {**{key: tensor[i] for key, tensor in tensors.items()}, "subject": subjects[i], "slice": slices[i]}
+            for i in range(len(indices))
+        ]
 
     def stacked(self, key: str) -> torch.Tensor:
         """Every slice of ``key``, ``(N, 1, H, W)`` float32 in memory (for small sets: benchmarks, tests)."""

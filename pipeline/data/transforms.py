@@ -183,17 +183,18 @@ class BrainIntensityNormalize(Transform):
         if not bool(brain.any()):
             raise ValueError("the brain mask is empty: nothing to normalise (check the mask file or the image).")
         out = torch.zeros_like(img_t)
-        for c in range(img_t.shape[0]):
+        for c in range(img_t.shape[0]):  # arithmetic on the brain voxels only: the rest stays 0
             voxels = img_t[c][brain].double()
             if self.mode == "percentile":
-                q = torch.quantile(voxels, torch.tensor([self.lower, self.upper], dtype=voxels.dtype) / 100.0)
-                lo, hi = float(q[0]), float(q[1])
-                scaled = (img_t[c].double().clamp(lo, hi) - lo) / max(hi - lo, 1e-8)
+                # numpy's selection (introselect), not torch.quantile's full sort: the same linear interpolation,
+                # 4x faster on a BraTS brain (docs/performance.md)
+                lo, hi = (float(q) for q in np.percentile(voxels.numpy(), [self.lower, self.upper]))
+                scaled = (voxels.clamp(lo, hi) - lo) / max(hi - lo, 1e-8)
             elif self.mode == "equalize":
-                scaled = torch.from_numpy(equalize_in_brain(img_t[c].numpy(), brain.numpy()))
+                scaled = torch.from_numpy(equalize_in_brain(img_t[c].numpy(), brain.numpy()))[brain]
             else:
-                scaled = (img_t[c].double() - float(voxels.mean())) / max(float(voxels.std()), 1e-8)
-            out[c] = torch.where(brain, scaled, torch.zeros_like(scaled)).float()
+                scaled = (voxels - float(voxels.mean())) / max(float(voxels.std()), 1e-8)
+            out[c][brain] = scaled.float()
         return convert_to_dst_type(out, img, dtype=torch.float32)[0]
 
 
