@@ -18,19 +18,23 @@ from pipeline.data.datalist import load_datalist, split_subjects
 from pipeline.data.demo import make_demo_dataset
 from pipeline.data.validation import InputError
 from pipeline.engines.checkpoint import load_trained
-from pipeline.io import WriteError
+from pipeline.io import WriteError, atomic_write_json
 from pipeline.networks import ARCHITECTURE_KEYS
+from pipeline.run_record import EXECUTED_CONFIG, training_config
 
 __all__ = [
     "active_config_parser",
+    "barrier",
     "check_config_keys",
     "check_matches_training",
     "defer_monai_tracking",
     "install_error_hook",
     "resolve_datalist",
     "restore_training_state",
+    "save_executed_config",
+    "start_distributed",
+    "stop_distributed",
     "train_val_split",
-    "training_config",
     "validation_entries",
 ]
 
@@ -190,7 +194,7 @@ def defer_monai_tracking() -> None:
     MONAI's ``--tracking`` appends its own ``MLFlowHandler`` to ``train#handlers`` and ``validate#handlers`` and adds
     a few top-level keys (accepted by :func:`check_config_keys`; the bundle's ``tracking_uri``, ``experiment_name``,
     ``run_name`` and ``output_dir`` are kept, and its ``save_execute_config`` is off: the executed config is already
-    ``checkpoints/config.json``). The bundle's own MLflow run (:class:`~pipeline.tracking.MLflowRunHandler`) already
+    ``checkpoints/config.json``). The bundle's own MLflow run (:class:`~pipeline.tracking.runs.MLflowRunHandler`) already
     records all of it, with the nested runs, outage spool and model logging that MONAI's handler lacks, so MONAI's
     handlers are disabled here: one run per training, each value logged once. Called from the configs' ``initialize``.
     """
@@ -212,24 +216,45 @@ def defer_monai_tracking() -> None:
         )
 
 
-EXECUTED_CONFIG = "config.json"  # the training's executed config, next to its checkpoints
 SCORING_KEYS = ("image_size", "normalization", "reconstruction", "sigma", "kl_weight", "z_dim", "channels", "norm")
 EVALUATION_KEYS = (*SCORING_KEYS, "min_brain_fraction", "border_slices")
 
 
-def training_config(checkpoint: str | os.PathLike) -> dict:
-    """The executed config of the training run that wrote ``checkpoint`` (``config.json`` next to it), or ``{}`` for
-    a checkpoint from elsewhere. Inference takes its scoring settings from it."""
-    path = Path(checkpoint).parent / EXECUTED_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(
-            f"{path} (the training config next to the checkpoint) is not valid JSON ({err}); restore "
-            "it from the run's MLflow artifacts or delete it and pass every setting explicitly."
-        ) from err
+def start_distributed(distributed: bool, device: torch.device) -> None:
+    """With ``distributed`` (``multi_gpu_train.json``, under ``torchrun``): join the process group (NCCL on CUDA,
+    gloo on the CPU) and make ``device`` this process's CUDA device. Without it, nothing."""
+    if not distributed:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def barrier(distributed: bool) -> None:
+    """With ``distributed``: wait for every process (before rank 0 releases the output folder)."""
+    import torch.distributed as dist
+
+    if distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def stop_distributed(distributed: bool) -> None:
+    """With ``distributed``: leave the process group."""
+    import torch.distributed as dist
+
+    if distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def save_executed_config(path: str | os.PathLike) -> str:
+    """Write the configuration being executed (all files merged, command-line overrides applied) as JSON, found
+    from the running config expression (:func:`active_config_parser`). Called from a bundle config's ``initialize``;
+    returns the path (for MLflow's artifacts)."""
+    atomic_write_json(active_config_parser().get(), path)
+    return str(path)
 
 
 def check_matches_training(checkpoint: str | os.PathLike, keys: Sequence[str] = SCORING_KEYS) -> None:

@@ -699,8 +699,15 @@ class AnomalyEvaluation:
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
-        from pipeline.tracking import RUN_INFO_FILENAME, experiment_id, resolve_tracking_uri, store_lock
-        from pipeline.tracking_spool import SPOOL_DIRNAME, SpooledClient, report_pending
+        from pipeline.tracking import (
+            RUN_INFO_FILENAME,
+            SPOOL_DIRNAME,
+            SpooledClient,
+            experiment_id,
+            report_pending,
+            resolve_tracking_uri,
+            store_lock,
+        )
 
         info_path = self.checkpoint.parent / RUN_INFO_FILENAME
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bundle_support import EXECUTED_CONFIG, training_config
 from pipeline.data.validation import InputError
 from pipeline.engines.checkpoint import split_trained
 from pipeline.io import atomic_path, atomic_write_json, atomic_write_text, make_output_folder
+from pipeline.run_record import EXECUTED_CONFIG, training_config
 from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thresholds, threshold_path
 
 REPO = Path(__file__).resolve().parents[1]

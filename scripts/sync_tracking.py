@@ -3,7 +3,7 @@
     python scripts/sync_tracking.py OUTPUT_DIR [OUTPUT_DIR ...]
 
 Training and evaluation keep every write they could not send (metrics, parameters, artifacts, run status) in a
-``tracking_spool/`` folder of their output folder (``pipeline.tracking_spool``) and send it themselves when the
+``tracking_spool/`` folder of their output folder (``pipeline.tracking.spool``) and send it themselves when the
 server answers again during the run; what is left when a run ends is sent by this command, in the order it was
 logged, to the server each write was meant for. Exit status 0 when everything went through, 2 otherwise (nothing
 is lost: run it again later).
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="output folders of training or evaluation runs")
     args = parser.parse_args(argv)
-    from pipeline.tracking_spool import sync
+    from pipeline.tracking import sync
 
     pending = 0
     for folder in args.folders:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from conftest import script_main
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from pipeline.benchmarks import cpu, gpu, scale
 from pipeline.benchmarks.measure import EpochClock
@@ -39,13 +39,13 @@ def test_epoch_clock_times_what_runs_between_its_handlers():
     """An epoch's time includes the handlers attached before the clock (the bundle's per-epoch work) and not the
     EPOCH_STARTED handlers attached before it (the benchmark's interleaved plain epoch)."""
     engine = Engine(lambda e, b: None)
-    engine.add_event_handler("epoch_completed", lambda _: time.sleep(0.05))
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: time.sleep(0.05))
     clock = EpochClock(engine)
-    engine.add_event_handler("epoch_started", lambda _: time.sleep(0.2))  # after the clock's start: counted
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda _: time.sleep(0.2))  # after the clock's start: counted
     engine.run([0], max_epochs=2)
     assert len(clock.seconds) == 2 and all(0.25 <= s < 1.0 for s in clock.seconds)
     before = Engine(lambda e, b: None)
-    before.add_event_handler("epoch_started", lambda _: time.sleep(0.2))  # before the clock's start: not counted
+    before.add_event_handler(Events.EPOCH_STARTED, lambda _: time.sleep(0.2))  # before the clock's start: not counted
     late = EpochClock(before)
     before.run([0], max_epochs=1)
     assert late.seconds[0] < 0.1

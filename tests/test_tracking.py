@@ -11,8 +11,7 @@ import requests
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from pipeline.tracking import resolve_tracking_uri
-from pipeline.tracking_spool import SpooledClient
+from pipeline.tracking import SpooledClient, resolve_tracking_uri
 
 
 def free_port() -> int:

@@ -1,8 +1,8 @@
 """The trained network as an MLflow model: ``mlflow.pytorch.log_model`` under the artifact path ``model``, so that
 ``mlflow.pytorch.load_model("runs:/<run id>/model")`` returns it, optionally registered in the Model Registry.
 
-Called at the end of training by :class:`pipeline.tracking.MLflowRunHandler`, through
-:class:`pipeline.tracking_spool.SpooledClient` (kept in the spool while the tracking server is unreachable, logged
+Called at the end of training by :class:`pipeline.tracking.runs.MLflowRunHandler`, through
+:class:`pipeline.tracking.spool.SpooledClient` (kept in the spool while the tracking server is unreachable, logged
 when it is back or by ``scripts/sync_tracking.py``).
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.bundle_support import training_config
 from pipeline.engines.checkpoint import load_trained
 from pipeline.networks import ARCHITECTURE_KEYS, CeVAEReconstruction
+from pipeline.run_record import training_config
 
 __all__ = ["ModelLogging"]
 

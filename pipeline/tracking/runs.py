@@ -11,21 +11,19 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import matplotlib
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri, path_to_uri
 
-from pipeline.data.context_encoding import ContextEncodingNoise
-from pipeline.io import atomic_path, atomic_write_json, file_lock, file_sha256
-from pipeline.model_logging import ModelLogging
-from pipeline.tracking_spool import SpooledClient, report_pending
+from pipeline.io import atomic_write_json, file_lock, file_sha256
+from pipeline.tracking.model import ModelLogging
+from pipeline.tracking.spool import SpooledClient, report_pending
 
 __all__ = [
     "RUN_INFO_FILENAME",
@@ -33,12 +31,10 @@ __all__ = [
     "store_lock",
     "check_tracking_server",
     "MLflowRunHandler",
-    "ReconstructionFigure",
     "datalist_fingerprint",
     "experiment_id",
     "resolve_tracking_uri",
     "run_params",
-    "save_executed_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,17 +139,6 @@ def run_params(hyper_parameters: Mapping[str, object], datalist: str | os.PathLi
     }
 
 
-def save_executed_config(path: str | os.PathLike) -> str:
-    """Write the configuration being executed (all files merged, command-line overrides applied) as JSON.
-
-    Called from a bundle config's ``initialize``. Returns the path (for MLflow's artifacts).
-    """
-    from pipeline.bundle_support import active_config_parser
-
-    atomic_write_json(active_config_parser().get(), path)
-    return str(path)
-
-
 class MLflowRunHandler(MLFlowHandler):
     """MONAI's ``MLFlowHandler`` that starts a **new** run, or with ``resume`` continues the newest unfinished run
     of the same name (the one a killed training left open; a new run if there is none).
@@ -163,7 +148,7 @@ class MLflowRunHandler(MLFlowHandler):
     (:data:`RUN_INFO_FILENAME` next to the checkpoints), so that evaluation logs into the run that trained them.
     With ``parent_run_id`` a new run is created nested under that run (``scripts/compare.py`` groups the runs of
     one comparison this way). With ``spool_dir`` every write survives an outage of the tracking server during the
-    run (:class:`~pipeline.tracking_spool.SpooledClient`, probing it every ``retry_s`` seconds). With
+    run (:class:`~pipeline.tracking.spool.SpooledClient`, probing it every ``retry_s`` seconds). With
     ``model_logging`` the trained model is logged as an MLflow model at completion (:class:`ModelLogging`).
     """
 
@@ -181,7 +166,7 @@ class MLflowRunHandler(MLFlowHandler):
         self.store_uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
         with store_lock(self.store_uri):  # the client creates a new store's schema
             super().__init__(*args, **kwargs)
-        if spool_dir is not None:  # writes survive a tracking-server outage (pipeline.tracking_spool)
+        if spool_dir is not None:  # writes survive a tracking-server outage (pipeline.tracking.spool)
             self.client = SpooledClient(self.client, spool_dir, retry_s)
         self.resume = resume
         self.run_info_path = run_info_path
@@ -242,60 +227,3 @@ class MLflowRunHandler(MLFlowHandler):
     def close(self) -> None:
         super().close()
         report_pending(self.client, "training")
-
-
-class ReconstructionFigure:
-    """At the end of training, save a figure of input, reconstruction, CE-masked input and its reconstruction.
-
-    Args:
-        path: PNG to write (atomically).
-        network: the trained :class:`~pipeline.networks.CeVAE`.
-        dataset: slices to show from (items with ``image`` ``(1, H, W)``), e.g. the validation slices.
-        context_encoding: the CE noise used in training.
-        n_slices: slices shown (evenly spaced through ``dataset``).
-        seed: seed of the CE noise drawn for the figure.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        network: torch.nn.Module,
-        dataset: Sequence[dict],
-        context_encoding: ContextEncodingNoise | None = None,
-        n_slices: int = 4,
-        seed: int = 0,
-    ) -> None:
-        self.path, self.network, self.dataset = Path(path), network, dataset
-        self.context_encoding = context_encoding or ContextEncodingNoise()
-        self.n_slices, self.seed = n_slices, seed
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    @torch.no_grad()
-    def __call__(self, engine: Engine) -> None:
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        net = getattr(self.network, "module", self.network)
-        device = next(net.parameters()).device
-        picks = torch.linspace(0, len(self.dataset) - 1, self.n_slices).round().long().unique().tolist()
-        x = torch.stack([self.dataset[i]["image"] for i in picks]).to(device)
-        x_ce, _ = self.context_encoding(x.cpu(), torch.Generator().manual_seed(self.seed))
-        was_training = net.training
-        net.eval()
-        rows = {"input": x, "reconstruction": net.decode(net.encode(x)[0]), "CE input": x_ce.to(device)}
-        rows["CE reconstruction"] = net.decode(net.encode(rows["CE input"])[0])
-        net.train(was_training)
-        fig, axes = plt.subplots(len(rows), len(picks), figsize=(2 * len(picks), 2 * len(rows)), squeeze=False)
-        for r, (name, images) in enumerate(rows.items()):
-            for c in range(len(picks)):
-                axes[r, c].imshow(images[c, 0].float().cpu().T, cmap="gray", vmin=0, vmax=1, origin="lower")
-                axes[r, c].set_xticks([])
-                axes[r, c].set_yticks([])
-            axes[r, 0].set_ylabel(name)
-        fig.suptitle(f"epoch {engine.state.epoch}")
-        fig.tight_layout()
-        with atomic_path(self.path, ".png") as tmp:
-            fig.savefig(tmp)
-        plt.close(fig)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 
-from pipeline.bundle_support import EXECUTED_CONFIG
 from pipeline.io import atomic_write_text, file_lock
+from pipeline.run_record import EXECUTED_CONFIG
 
 __all__ = ["SPOOL_DIRNAME", "SpooledClient", "bounded_http", "is_unreachable", "report_pending", "sync"]
 
@@ -113,7 +113,7 @@ class SpooledClient:
         )
 
     def log_model(self, run_id: str, model_logging) -> None:
-        """Log the trained model (:class:`~pipeline.model_logging.ModelLogging`); spooled with a copy of its
+        """Log the trained model (:class:`~pipeline.tracking.model.ModelLogging`); spooled with a copy of its
         checkpoint and ``config.json``."""
         self._write(
             {
@@ -159,7 +159,7 @@ class SpooledClient:
         elif op == "set_terminated":
             self.client.set_terminated(entry["run_id"], entry["status"], entry["end_time"])
         elif op == "log_model":
-            from pipeline.model_logging import ModelLogging
+            from pipeline.tracking.model import ModelLogging
 
             ModelLogging(entry["checkpoint"], entry["registered_name"])(self.client.tracking_uri, entry["run_id"])
         else:

@@ -1,0 +1,73 @@
+"""The training's reconstruction figure: input, reconstruction, CE-masked input and its reconstruction."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import torch
+from ignite.engine import Engine, Events
+
+from pipeline.data.context_encoding import ContextEncodingNoise
+from pipeline.io import atomic_path
+
+__all__ = ["ReconstructionFigure"]
+
+
+class ReconstructionFigure:
+    """At the end of training, save a figure of input, reconstruction, CE-masked input and its reconstruction.
+
+    Args:
+        path: PNG to write (atomically).
+        network: the trained :class:`~pipeline.networks.CeVAE`.
+        dataset: slices to show from (items with ``image`` ``(1, H, W)``), e.g. the validation slices.
+        context_encoding: the CE noise used in training.
+        n_slices: slices shown (evenly spaced through ``dataset``).
+        seed: seed of the CE noise drawn for the figure.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        network: torch.nn.Module,
+        dataset: Sequence[dict],
+        context_encoding: ContextEncodingNoise | None = None,
+        n_slices: int = 4,
+        seed: int = 0,
+    ) -> None:
+        self.path, self.network, self.dataset = Path(path), network, dataset
+        self.context_encoding = context_encoding or ContextEncodingNoise()
+        self.n_slices, self.seed = n_slices, seed
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    @torch.no_grad()
+    def __call__(self, engine: Engine) -> None:
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        net = getattr(self.network, "module", self.network)
+        device = next(net.parameters()).device
+        picks = torch.linspace(0, len(self.dataset) - 1, self.n_slices).round().long().unique().tolist()
+        x = torch.stack([self.dataset[i]["image"] for i in picks]).to(device)
+        x_ce, _ = self.context_encoding(x.cpu(), torch.Generator().manual_seed(self.seed))
+        was_training = net.training
+        net.eval()
+        rows = {"input": x, "reconstruction": net.decode(net.encode(x)[0]), "CE input": x_ce.to(device)}
+        rows["CE reconstruction"] = net.decode(net.encode(rows["CE input"])[0])
+        net.train(was_training)
+        fig, axes = plt.subplots(len(rows), len(picks), figsize=(2 * len(picks), 2 * len(rows)), squeeze=False)
+        for r, (name, images) in enumerate(rows.items()):
+            for c in range(len(picks)):
+                axes[r, c].imshow(images[c, 0].float().cpu().T, cmap="gray", vmin=0, vmax=1, origin="lower")
+                axes[r, c].set_xticks([])
+                axes[r, c].set_yticks([])
+            axes[r, 0].set_ylabel(name)
+        fig.suptitle(f"epoch {engine.state.epoch}")
+        fig.tight_layout()
+        with atomic_path(self.path, ".png") as tmp:
+            fig.savefig(tmp)
+        plt.close(fig)

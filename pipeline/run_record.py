@@ -1,0 +1,30 @@
+"""What a training run records next to its checkpoints for the stages after it: the executed config
+(``config.json``), from which evaluation, inference, the MLflow model and the export take the architecture and the
+scoring settings."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline.data.validation import InputError
+
+__all__ = ["EXECUTED_CONFIG", "training_config"]
+
+EXECUTED_CONFIG = "config.json"  # the training's executed config, next to its checkpoints
+
+
+def training_config(checkpoint: str | os.PathLike) -> dict:
+    """The executed config of the training run that wrote ``checkpoint`` (``config.json`` next to it), or ``{}`` for
+    a checkpoint from elsewhere. Inference takes its scoring settings from it."""
+    path = Path(checkpoint).parent / EXECUTED_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"{path} (the training config next to the checkpoint) is not valid JSON ({err}); restore "
+            "it from the run's MLflow artifacts or delete it and pass every setting explicitly."
+        ) from err

@@ -1,0 +1,34 @@
+"""MLflow tracking, one package below the bundle glue: where runs go and what they log (:mod:`.runs`), the outage
+spool that keeps every write while the server is unreachable (:mod:`.spool`), the trained model as an MLflow model
+(:mod:`.model`). The names the bundle configs use are importable from here."""
+
+from pipeline.tracking.model import ModelLogging
+from pipeline.tracking.runs import (
+    RUN_INFO_FILENAME,
+    MLflowRunHandler,
+    artifact_location,
+    check_tracking_server,
+    datalist_fingerprint,
+    experiment_id,
+    resolve_tracking_uri,
+    run_params,
+    store_lock,
+)
+from pipeline.tracking.spool import SPOOL_DIRNAME, SpooledClient, report_pending, sync
+
+__all__ = [
+    "RUN_INFO_FILENAME",
+    "SPOOL_DIRNAME",
+    "MLflowRunHandler",
+    "ModelLogging",
+    "SpooledClient",
+    "artifact_location",
+    "check_tracking_server",
+    "datalist_fingerprint",
+    "experiment_id",
+    "report_pending",
+    "resolve_tracking_uri",
+    "run_params",
+    "store_lock",
+    "sync",
+]
