@@ -36,7 +36,7 @@ format: $(STAMP)
 	$(BIN)/isort --quiet .
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -42,7 +42,7 @@ from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thre
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cevae"
 LIBRARY = REPO / "pipeline"
-NOT_SHIPPED = ("benchmarks",)  # measures this repository's bundle configs; not part of the model
+NOT_SHIPPED = ("benchmarks", "experiments")  # run this repository's bundle configs; not part of the model
 # `pipeline.x` / `import pipeline` / `from pipeline` -> the bundle's own `scripts` package
 PACKAGE_REFERENCE = re.compile(r"\bpipeline(?=[.\s])")
 
