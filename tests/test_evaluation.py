@@ -20,6 +20,9 @@ from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slices import brain_slice_indices
 from pipeline.evaluation import AnomalyEvaluation, _counts, _pooled_dice, _Subject
+from pipeline.healthy import healthy_thresholds as evaluation_healthy
+from pipeline.losses import CeVAELoss
+from pipeline.networks import CeVAE
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions
 
 EVAL_FILES = ("train.json", "evaluate.json")
@@ -134,6 +137,49 @@ def copy_checkpoint(out, folder):
     for name in ("model.pt", "threshold.json"):
         shutil.copy(out / "checkpoints" / name, folder / name)
     return folder / "model.pt"
+
+
+def test_evaluation_recalibrates_when_its_option_sets_change(evaluated_run, tiny_demo, tmp_path, monkeypatch):
+    """Stored healthy thresholds are used as they are for the option sets they were made with; an evaluation with a
+    changed option set computes them anew (and only then), adds its options to threshold.json, and without healthy
+    data says why it cannot."""
+    import pipeline.evaluation as evaluation
+
+    out, _ = evaluated_run
+    checkpoint = copy_checkpoint(out, tmp_path / "checkpoint")
+    stored = json.loads((checkpoint.parent / "threshold.json").read_text())
+    calls = []
+    monkeypatch.setattr(
+        evaluation, "healthy_thresholds", lambda *a, **k: calls.append(1) or evaluation_healthy(*a, **k)
+    )
+    healthy = load_datalist(tiny_demo, "training")[:1]
+
+    def evaluate(configs, healthy_data):
+        network = CeVAE(channels=TINY["channels"], z_dim=TINY["z_dim"])
+        ev = AnomalyEvaluation(
+            network,
+            checkpoint,
+            tiny_demo,
+            brain_volume_transform(),
+            tmp_path / "eval",
+            CeVAELoss(),
+            configs=configs,
+            healthy_data=healthy_data,
+            default_option_set="paper",
+        )
+        ev.load_network()
+        return ev.healthy()
+
+    same = {c: OPTION_SETS[c] for c in stored["options"]}
+    assert evaluate(same, healthy)["thresholds"] == stored["healthy"]["thresholds"] and calls == []
+    changed = {"paper": ScoreOptions(median_size=3)}
+    with pytest.raises(Exception, match="option sets differ"):
+        evaluate(changed, None)
+    fresh = evaluate(changed, healthy)
+    assert calls == [1] and fresh["subjects"] == [healthy[0]["image"]]
+    assert fresh["thresholds"]["paper"]["rec"] != stored["healthy"]["thresholds"]["paper"]["rec"]
+    written = json.loads((checkpoint.parent / "threshold.json").read_text())
+    assert written["options"]["paper"]["median_size"] == 3 and written["healthy"] == fresh
 
 
 def test_evaluation_on_real_labelled_scans(evaluated_run, shared_data, tmp_path):

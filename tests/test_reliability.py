@@ -257,15 +257,15 @@ def test_an_interrupted_comparison_resumes_to_the_same_tables(tiny_demo, tmp_pat
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        start_new_session=True,  # its own process group: the comparison and the trainings it starts
     )
     assert process.stdout.readline().startswith("vae-seed0: trained and evaluated")
     killed = interrupted / "runs" / "cevae-0.5-seed0" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not killed.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.kill()  # the comparison dies in the middle of its second child's training
-    process.wait()
-    subprocess.run(["pkill", "-9", "-f", str(interrupted)], check=False)  # and that training with it
+    os.killpg(process.pid, signal.SIGKILL)  # the comparison dies in the middle of its second child's training,
+    process.wait()  # and that training with it (the same process group, and no other process)
     first_child = (interrupted / "runs" / "vae-seed0" / "checkpoints" / "model.pt").stat().st_mtime
     assert not (interrupted / "comparison.csv").exists()
     again = cli(compare + args + ["--output-dir", str(interrupted)])

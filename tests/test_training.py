@@ -21,7 +21,8 @@ from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.engines import CeVAETrainer
 from pipeline.engines.checkpoint import AtomicCheckpointSaver
-from pipeline.engines.handlers import StopOnNonFiniteLoss
+from pipeline.engines.handlers import HealthyCalibration, StopOnNonFiniteLoss
+from pipeline.healthy import healthy_thresholds
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES
@@ -161,6 +162,32 @@ def test_training_ends_with_healthy_thresholds_of_the_selected_checkpoint(cevae_
             assert values == sorted(values) and values[0] < values[-1], (config, score)
     check = healthy["validation"]
     assert check["rec_mse"] > 0 and check["mean_brain_mse"] > 0 and 0 <= check["active_units"] <= 16
+
+
+def test_healthy_calibration_scores_with_the_selected_checkpoint_not_the_last_weights(tiny_demo, tmp_path):
+    """The best epoch need not be the last: the calibration must load ``model.pt`` (the selected weights) and not
+    score with the network as training left it. Reference: :func:`healthy_thresholds` of a network that holds the
+    checkpoint's weights; negative control: the network's own (last) weights give other thresholds."""
+    small = {"channels": TINY["channels"], "z_dim": TINY["z_dim"]}
+    torch.manual_seed(0)
+    selected = CeVAE(**small)
+    torch.manual_seed(1)
+    last = CeVAE(**small)
+    loss = CeVAELoss(sigma=0.1)
+    (tmp_path / "checkpoints").mkdir()
+    checkpoint = tmp_path / "checkpoints" / "model.pt"
+    torch.save({"model": selected.state_dict(), "loss": loss.state_dict()}, checkpoint)
+    validation = train_val_split(tiny_demo, TINY["val_fraction"], 0)[1]
+    transform, options = brain_volume_transform(), {"paper": OPTION_SETS["paper"]}
+    metrics = HealthyCalibration(checkpoint, last, loss, validation, transform, options).calibrate()
+    written = json.loads((tmp_path / "checkpoints" / "threshold.json").read_text())["healthy"]["thresholds"]
+    for network, same in ((selected, True), (last, False)):
+        reference = healthy_thresholds(network.eval(), loss, validation, transform, options)["thresholds"]
+        for score in ("rec", "combined"):
+            equal = np.allclose(list(written["paper"][score].values()), list(reference["paper"][score].values()))
+            assert equal == same, (score, same)
+    assert metrics["healthy_threshold/paper/rec/q0.99"] == written["paper"]["rec"]["0.99"]
+    assert any(not torch.equal(a, b) for a, b in zip(last.state_dict().values(), selected.state_dict().values()))
 
 
 def test_vae_runs_one_forward_pass_per_step(tiny_demo, tmp_path):
