@@ -162,6 +162,11 @@ def test_training_ends_with_healthy_thresholds_of_the_selected_checkpoint(cevae_
             assert values == sorted(values) and values[0] < values[-1], (config, score)
     check = healthy["validation"]
     assert check["rec_mse"] > 0 and check["mean_brain_mse"] > 0 and 0 <= check["active_units"] <= 16
+    synthetic = healthy["synthetic"]  # no labels: synthetic lesions in the same healthy subjects
+    assert synthetic["n_volumes"] == 2 * len(validation) and synthetic["quantile"] == 0.99
+    assert set(synthetic["dice"]) == set(OPTION_SETS) and "foreign" not in synthetic["kinds"], "one subject"
+    logged = epoch_metric(out, "synthetic_dice/postprocessed/combined")
+    assert logged == [synthetic["dice"]["postprocessed"]["combined"]], "logged once, at the end"
 
 
 def test_healthy_calibration_scores_with_the_selected_checkpoint_not_the_last_weights(tiny_demo, tmp_path):
