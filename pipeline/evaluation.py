@@ -437,6 +437,16 @@ class AnomalyEvaluation:
                             "quantile": q,
                             **self._detection(subjects, config, score, value),
                         }
+            # beside the real test set's Dice at the healthy threshold: the same choice on synthetic lesions in the
+            # healthy validation subjects (written by training; NaN where the thresholds were recomputed here)
+            synthetic = healthy.get("synthetic", {})
+            same_choice = (
+                synthetic.get("quantile") is not None
+                and quantile_key(synthetic["quantile"]) == self.default["quantile"]
+            )
+            out["synthetic_dice_healthy"] = {
+                score: synthetic["dice"][config][score] if same_choice else float("nan") for score in SCORE_NAMES
+            }
             out.update(self._group_metrics(subjects, config))
             results[config] = out
             results["warnings"] += self._coverage_warnings(config, out)
@@ -685,6 +695,8 @@ class AnomalyEvaluation:
                 values[f"{prefix}/{config}/threshold/{score}"] = out["dice_split"][score]["threshold"]
                 for q, entry in out["dice_healthy"][score].items():
                     values[f"{prefix}/{config}/dice_healthy_q{q}/{score}"] = entry["dice"]
+                synthetic_key = f"synthetic_dice_healthy_q{self.default['quantile']}"
+                values[f"{prefix}/{config}/{synthetic_key}/{score}"] = out["synthetic_dice_healthy"][score]
                 for where, found in out["lesion_detection"].items():
                     values[f"{prefix}/{config}/lesion_recall_{where}/{score}"] = found[score]["recall"]
                     values[f"{prefix}/{config}/lesion_fp_per_volume_{where}/{score}"] = found[score]["fp_per_volume"]

@@ -108,6 +108,9 @@ def test_outputs_threshold_and_mlflow(evaluated_run):
             assert 0 <= float(row[f"dice_healthy_q0.99_{config}_combined"]) <= 1
     content = json.loads((out / "checkpoints" / "threshold.json").read_text())
     assert set(content) == {"checkpoint_sha256", "options", "healthy", "calibrated"}
+    for config in OPTION_SETS:  # beside the real Dice at the healthy threshold: the synthetic-lesion Dice of it
+        synthetic = content["healthy"]["synthetic"]["dice"][config]
+        assert metrics[config]["synthetic_dice_healthy"] == synthetic and 0 <= synthetic["combined"] <= 1
     calibrated = content["calibrated"]["eval"]["thresholds"]
     assert calibrated["postprocessed"]["combined"] == metrics["postprocessed"]["dice_split"]["combined"]["threshold"]
     client = MlflowClient(f"sqlite:///{out}/mlruns.db")

@@ -35,6 +35,11 @@ HEADLINE = [  # (row label, metric path below "<test set>/", the metric whose ci
     ("Dice of the whole brain, 80 % subjects", "dice_whole_brain_reported", None),
     ("Dice at healthy q0.99 combined (no labels)", "{c}/dice_healthy_q0.99/combined", "dice_healthy"),
     ("Dice at healthy q0.99 intensity (no labels)", "{c}/dice_healthy_q0.99/intensity", "dice_healthy"),
+    (
+        "same threshold, synthetic lesions in healthy validation, combined",
+        "{c}/synthetic_dice_healthy_q0.99/combined",
+        None,
+    ),
     ("Dice of the whole brain, all subjects", "dice_whole_brain_all", None),
     ("lesions found at healthy q0.99 combined", "{c}/lesion_recall_healthy/combined", None),
     ("false-positive components per volume, same", "{c}/lesion_fp_per_volume_healthy/combined", None),
