@@ -4,11 +4,10 @@ scoring settings."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from pipeline.data.validation import InputError
+from pipeline.data.validation import read_json
 
 __all__ = ["EXECUTED_CONFIG", "training_config"]
 
@@ -21,10 +20,8 @@ def training_config(checkpoint: str | os.PathLike) -> dict:
     path = Path(checkpoint).parent / EXECUTED_CONFIG
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(
-            f"{path} (the training config next to the checkpoint) is not valid JSON ({err}); restore "
-            "it from the run's MLflow artifacts or delete it and pass every setting explicitly."
-        ) from err
+    return read_json(
+        path,
+        "restore it from the run's MLflow artifacts or delete it and pass every setting explicitly.",
+        what="the training config",
+    )

@@ -22,12 +22,11 @@ evaluations of one checkpoint keep both their sections.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
-from pipeline.data.validation import InputError
+from pipeline.data.validation import InputError, read_json
 from pipeline.io import atomic_write_json, file_lock, file_sha256
 
 __all__ = [
@@ -60,13 +59,10 @@ def quantile_key(quantile: float) -> str:
 
 
 def _load(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(
-            f"{path} is not valid JSON ({err}); delete it and re-run the bundle's 'evaluating' (which "
-            "recomputes the healthy thresholds) or pass --threshold."
-        ) from err
+    return read_json(
+        path,
+        "delete it and re-run the bundle's 'evaluating' (which recomputes the healthy thresholds) or pass --threshold.",
+    )
 
 
 def read_thresholds(checkpoint: str | os.PathLike) -> dict:

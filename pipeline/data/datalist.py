@@ -6,13 +6,12 @@ and reports every problem at once; :func:`write_datalist` writes paths relative 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pipeline.data.validation import InputError
+from pipeline.data.validation import InputError, read_json
 from pipeline.io import atomic_write_json
 
 __all__ = ["PATH_KEYS", "load_datalist", "split_subjects", "write_datalist"]
@@ -32,10 +31,7 @@ def load_datalist(
             f"datalist {path} does not exist; create it with scripts/prepare_datalist.py or "
             "scripts/make_demo_data.py."
         )
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"datalist {path} is not valid JSON ({err}); fix the file.") from err
+    content = read_json(path, "fix the file.", what="datalist")
     if isinstance(content, dict) and key not in content and missing_ok:
         return []
     if not isinstance(content, dict) or key not in content:

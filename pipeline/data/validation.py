@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +21,15 @@ MAX_VOXELS = 2048**3 // 8  # ~1.07e9 voxels (4 GiB as float32): larger headers a
 
 class InputError(ValueError):
     """Bad input data: the message names the file and says what to do."""
+
+
+def read_json(path: str | os.PathLike, fix: str, what: str = "") -> object:
+    """The content of the JSON file ``path``; invalid JSON raises :class:`InputError` in one line naming the file
+    (``what`` it is, if given), the parser's complaint and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{what + ' ' if what else ''}{path} is not valid JSON ({err}); {fix}") from err
 
 
 def source_of(img: object) -> str:
