@@ -133,6 +133,7 @@ def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
         for s in SCORE_NAMES
         for q in ("0.95", "0.98", "0.99", "0.995", "0.999")
     }
+    metrics |= {f"synthetic_dice/{c}/{s}" for c in OPTION_SETS for s in SCORE_NAMES}
     assert set(run.data.metrics) == metrics
     assert len(client.get_metric_history(run.info.run_id, "val_neg_elbo")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
