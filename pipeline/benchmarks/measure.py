@@ -175,22 +175,20 @@ class EpochClock:
 
     def __init__(self, engine: Engine, device: torch.device | str = "cpu") -> None:
         self.seconds: list[float] = []
-        self.cpu_seconds: list[float] = []  # CPU time of the process (all threads): blind to time stolen by the host
         self.cuda = torch.device(device).type == "cuda"
-        self._start = self._cpu_start = 0.0
+        self._start = 0.0
         engine.add_event_handler(Events.EPOCH_STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
 
     def started(self, _engine: Engine) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-        self._start, self._cpu_start = time.perf_counter(), time.process_time()
+        self._start = time.perf_counter()
 
     def completed(self, _engine: Engine) -> None:
         if self.cuda:
             torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self._start)
-        self.cpu_seconds.append(time.process_time() - self._cpu_start)
 
 
 def bundle_workflow(datalist: Path, output_dir: Path, epochs: int = 1, **overrides):
