@@ -9,7 +9,7 @@ load of a shared machine, whose speed moves by tens of percent from one second t
 timed from its start to the end of its last per-epoch handler (validation, checkpoints, tracking), less the plain
 steps in it; its ratio to the plain loop is taken per epoch, then the median over rounds is reported. The work done
 once at the end of a training (the healthy calibration at the last epoch, then the figure, the final checkpoint and
-the MLflow model) is timed apart (``train_finish_s``): before bundle 0.8 the benchmark re-ran a finished trainer for
+the MLflow model) is timed apart (``train_finish_s``): before bundle 0.7.1 the benchmark re-ran a finished trainer for
 each repeat, so that every measured epoch was a last epoch and carried one calibration (``ab_ratio_vs_plain``'s
 ``bundle_last_epoch``, the figure that read as a 0.44x regression).
 """
