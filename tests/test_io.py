@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gzip
 import json
+import threading
 import zlib
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.engines import checkpoint as checkpoint_module
-from pipeline.engines.checkpoint import save_checkpoint
+from pipeline.engines.checkpoint import AtomicCheckpointSaver, BackgroundWriter, save_checkpoint
 from pipeline.io import WriteError, atomic_save_nifti, atomic_write_json, parallel_gzip
 
 
@@ -23,16 +24,66 @@ def test_failed_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = save_checkpoint({"model": net}, tmp_path / "last.pt")
     before = path.read_bytes()
 
-    def crash_mid_write(obj, file):
-        with open(file, "wb") as handle:
+    def crash_mid_write(self, data):
+        with open(self, "wb") as handle:
             handle.write(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", crash_mid_write)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(Path, "write_bytes", crash_mid_write)
+    with pytest.raises(WriteError, match="last.pt: No space left on device; the previous last.pt is intact"):
         save_checkpoint({"model": torch.nn.Linear(2, 2)}, path)
     assert path.read_bytes() == before, "the earlier checkpoint is intact"
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temporary file left behind"
+
+
+def test_identical_weights_give_identical_checkpoint_files(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    first = save_checkpoint({"model": net}, tmp_path / "a" / "model.pt").read_bytes()
+    second = save_checkpoint({"model": net}, tmp_path / "b" / "other_name.pt").read_bytes()
+    assert first == second, "the file's bytes do not depend on its (temporary) name"
+    with torch.no_grad():
+        net.bias.add_(1.0)
+    assert save_checkpoint({"model": net}, tmp_path / "c.pt").read_bytes() != first, "negative control"
+
+
+def test_background_checkpoint_holds_the_state_of_when_it_was_taken(tmp_path, monkeypatch):
+    """The saver copies the state before the writer thread runs: a write held back until the network has changed
+    still writes the weights of the epoch end."""
+    net = torch.nn.Linear(2, 2)
+    saver = AtomicCheckpointSaver(tmp_path, net, torch.optim.SGD(net.parameters(), 0.1))
+    released, real_write = threading.Event(), checkpoint_module.write_state
+
+    def held_write(state, path):
+        assert released.wait(10)
+        return real_write(state, path)
+
+    monkeypatch.setattr(checkpoint_module, "write_state", held_write)
+    expected = {k: v.clone() for k, v in net.state_dict().items()}
+    saver._save(saver.weights, saver.best_path)
+    with torch.no_grad():
+        net.weight.fill_(0.0)  # the next epoch changes the weights while the write is pending
+    released.set()
+    saver.writer.wait()
+    saved = torch.load(saver.best_path, weights_only=True)["model"]
+    assert not torch.equal(expected["weight"], net.weight), "negative control: the weights did change"
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[key], value)
+
+
+def test_background_write_error_is_raised_in_the_training_thread(tmp_path):
+    writer = BackgroundWriter()
+
+    def fail():
+        raise WriteError("cannot write last.pt: No space left on device")
+
+    written = []
+    writer.submit(fail)
+    writer.submit(written.append, "after")
+    with pytest.raises(WriteError, match="No space left"):
+        writer.wait()
+    assert written == ["after"], "later writes still ran"
+    writer.wait()  # raised once, then cleared
 
 
 def test_unwritable_output_folder_is_named(tmp_path):

@@ -11,13 +11,23 @@ MONAI's ``CheckpointSaver`` writes with ``atomic=False``; a crash during a save 
 * ``model.pt``: ``{"model", "loss"}`` of the best validation epoch (the last epoch when there is no validator).
   ``loss`` is the loss's state (its likelihood ``sigma``, calibrated during training), which scoring needs to
   compute the same ELBO as training; :func:`load_trained` restores both.
+
+During training the saver copies the state at the end of an epoch and writes it in a background thread while the
+next epoch runs (:class:`BackgroundWriter`; the copy takes ~10 ms, the write of a 60 MB ``last.pt`` ~90 ms of a
+~1.8 s demo epoch). The last epoch's files are written before any end-of-training handler reads them, a failed
+write is raised in the training thread at the next save (or at the end), and the process never exits before a
+started write has finished. Files are serialised in memory first, so the same weights give the same bytes (and the
+same SHA-256) whatever the temporary file's name.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -25,7 +35,15 @@ from ignite.engine import Engine, Events
 
 from pipeline.io import atomic_path
 
-__all__ = ["AtomicCheckpointSaver", "BestMetric", "RNGState", "load_trained", "save_checkpoint", "split_trained"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "BackgroundWriter",
+    "BestMetric",
+    "RNGState",
+    "load_trained",
+    "save_checkpoint",
+    "split_trained",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +86,36 @@ class BestMetric:
 
 def save_checkpoint(objects: Mapping[str, object], path: str | os.PathLike) -> Path:
     """``torch.save({name: obj.state_dict()})`` to ``path`` atomically."""
+    return write_state({name: obj.state_dict() for name, obj in objects.items()}, path)
+
+
+def write_state(state: Mapping[str, object], path: str | os.PathLike) -> Path:
+    """``torch.save(state)`` to ``path`` atomically, serialised in memory first: a file path would put the
+    temporary file's name into the archive, so that identical weights would not give identical files."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
     with atomic_path(path) as tmp:
-        torch.save({name: obj.state_dict() for name, obj in objects.items()}, tmp)
+        tmp.write_bytes(buffer.getbuffer())
     return Path(path)
+
+
+class BackgroundWriter:
+    """Runs writes in order in one background thread. :meth:`wait` waits for all those submitted so far, then raises
+    the first error (e.g. :class:`~pipeline.io.WriteError`) in the calling thread. The thread is not a daemon: the
+    interpreter waits for submitted writes before it exits."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: list[Future] = []
+
+    def submit(self, write: Callable[..., object], *args: object) -> None:
+        self._pending.append(self._pool.submit(write, *args))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        errors = [error for error in (future.exception() for future in pending) if error is not None]
+        if errors:
+            raise errors[0]
 
 
 def load_trained(
@@ -144,13 +189,19 @@ class AtomicCheckpointSaver:
         self.last_path = self.save_dir / last_filename
         self.best_path = self.save_dir / best_filename
         self.last_saved_epoch: int | None = None
+        self.writer = BackgroundWriter()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
         engine.add_event_handler(Events.TERMINATE, self.terminated)
 
+    def _save(self, objects: Mapping[str, object], path: Path) -> None:
+        """Copy the state of ``objects`` now and write it to ``path`` in the background."""
+        self.writer.submit(write_state, copy.deepcopy({name: obj.state_dict() for name, obj in objects.items()}), path)
+
     def epoch_completed(self, engine: Engine) -> None:
+        self.writer.wait()  # the previous epoch's files (long done: an epoch takes seconds)
         epoch = engine.state.epoch
         if not _finite(self.network):
             logger.error(
@@ -161,22 +212,26 @@ class AtomicCheckpointSaver:
             )
             return
         if self.validator is None or self.validator.state.best_metric_epoch == epoch:
-            save_checkpoint(self.weights, self.best_path)
+            self._save(self.weights, self.best_path)
         if epoch % self.save_interval == 0 and epoch < engine.state.max_epochs:
             self.save_last(engine)
+        if epoch == engine.state.max_epochs:  # end-of-training handlers read model.pt next
+            self.writer.wait()
 
     def completed(self, engine: Engine) -> None:
         if engine.state.epoch == engine.state.max_epochs and _finite(self.network):
             self.save_last(engine)
+        self.writer.wait()
 
     def save_last(self, engine: Engine) -> None:
         best = {} if self.validator is None else {"validator": BestMetric(self.validator)}
-        save_checkpoint(
+        self._save(
             {**self.weights, "optimizer": self.optimizer, "trainer": engine, "rng": RNGState(), **best}, self.last_path
         )
         self.last_saved_epoch = engine.state.epoch
 
     def terminated(self, engine: Engine) -> None:
+        self.writer.wait()
         logger.error(
             "training stopped early at epoch %d, iteration %d (non-finite loss?); the last good "
             "checkpoint is %s (epoch %s)",
