@@ -56,7 +56,6 @@ from pipeline.healthy import (
     DEFAULT_SCORE,
     HEALTHY_QUANTILES,
     active_units,
-    healthy_thresholds,
 )
 from pipeline.io import atomic_path, atomic_write_json, atomic_write_text, file_sha256
 from pipeline.losses import CeVAELoss
@@ -72,6 +71,7 @@ from pipeline.metrics import (
     slice_labels,
     split_calibration,
 )
+from pipeline.operating_point import OperatingPoint, evaluate_operating_point, label_free_calibration
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, score_volume, segment
 from pipeline.thresholds import checkpoint_sha256, quantile_key, read_thresholds, update_thresholds
 
@@ -223,11 +223,11 @@ class AnomalyEvaluation:
                 "threshold.json written by the training of this checkpoint."
             )
         logger.info(
-            "computing healthy thresholds of %s on %d healthy validation subjects",
+            "computing healthy thresholds and the operating point of %s on %d healthy validation subjects",
             self.checkpoint,
             len(self.healthy_data),
         )
-        healthy = healthy_thresholds(
+        healthy = label_free_calibration(
             self.network,
             self.loss,
             self.healthy_data,
@@ -450,10 +450,24 @@ class AnomalyEvaluation:
             out.update(self._group_metrics(subjects, config))
             results[config] = out
             results["warnings"] += self._coverage_warnings(config, out)
+        results["operating_point"] = self._operating_point(subjects, healthy, baselines["dice_whole_brain_all"])
         paper = results[next(iter(self.configs))]
         for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auprc", "dice_split", "dice_best"):
             results[key] = paper[key]  # the paper's plain definitions at the top level
         return results
+
+    def _operating_point(self, subjects: list[_Subject], healthy: dict, whole_brain: float) -> dict | None:
+        """Inference's default, the label-free operating point that training chose on synthetic lesions, on this
+        test set (None: the thresholds file has none, or its option set is not evaluated here)."""
+        stored = healthy.get("synthetic", {}).get("operating_point")
+        if stored is None or stored["option_set"] not in self.configs:
+            return None
+        point = OperatingPoint.from_dict(stored)
+        maps = [s.volume(point.option_set, point.score) for s in subjects]
+        entry = evaluate_operating_point(
+            point, self.configs[point.option_set], maps, [s.brain for s in subjects], [s.label for s in subjects]
+        )
+        return {**entry, "whole_brain": whole_brain}
 
     @staticmethod
     def _coverage_warnings(config: str, out: dict) -> list[str]:
@@ -680,7 +694,8 @@ class AnomalyEvaluation:
         plt.close(fig)
 
     def mlflow_metrics(self, results: dict) -> dict[str, float]:
-        """The metrics logged to MLflow: ``<name>/<metric>`` and ``<name>/<option set>/<metric>/<score>``."""
+        """The metrics logged to MLflow: ``<name>/<metric>``, ``<name>/operating_point/<metric>`` and
+        ``<name>/<option set>/<metric>/<score>``."""
         prefix = self.name
         values = {f"{prefix}/{k}": results[k] for k in ("kl_q95", "kl_q95_per_dim", "active_units")}
         values.update({f"{prefix}/{k}": v for k, v in results["baselines"].items()})
@@ -704,6 +719,9 @@ class AnomalyEvaluation:
                     lo, hi = intervals[score]
                     values[f"{prefix}/{config}/{key}_ci95_lo/{score}"] = lo
                     values[f"{prefix}/{config}/{key}_ci95_hi/{score}"] = hi
+        point = results.get("operating_point")
+        for key in ("dice", "synthetic_dice", "recall", "fp_per_volume") if point else ():
+            values[f"{prefix}/operating_point/{key}"] = point[key]
         # NaN is logged too (MLflow keeps it): a re-evaluation must not leave an earlier value standing
         return {k: float(v) for k, v in values.items() if not np.isinf(v)}
 

@@ -6,9 +6,6 @@
   1/5/10 %). The 0.99 quantile (1 % of healthy brain voxels above it before post-processing) is the default of
   inference: the strictest of those rates, so that a healthy scan gets few false positives, yet low enough that
   a lesion a hundredth of the brain's size can still be found.
-* :func:`synthetic_lesion_dice`: how well the model segments lesions it has never seen, with no lesion label: the
-  Dice at the healthy thresholds of synthetic lesions (:mod:`pipeline.data.synthetic_lesions`) inserted into the
-  healthy validation volumes.
 * :func:`mean_brain_check`: is the decoder more than a mean brain? The reconstruction error of the model on healthy
   validation slices against the error of the mean training slice at the same relative axial position, and the
   active latent units.
@@ -22,9 +19,8 @@ import numpy as np
 import torch
 
 from pipeline.data.slices import BrainSliceDataset
-from pipeline.data.synthetic_lesions import LESION_KINDS, SyntheticLesion
 from pipeline.losses import CeVAELoss, kl_divergence
-from pipeline.scoring import SCORE_NAMES, ScoreOptions, score_volume, segment
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, score_volume
 from pipeline.thresholds import quantile_key
 
 __all__ = [
@@ -36,14 +32,12 @@ __all__ = [
     "active_units",
     "healthy_thresholds",
     "mean_brain_check",
-    "synthetic_lesion_dice",
 ]
 
 HEALTHY_QUANTILES = (0.95, 0.98, 0.99, 0.995, 0.999)
 DEFAULT_QUANTILE = 0.99
 DEFAULT_OPTION_SET = "postprocessed"  # the paper's score with the authors' gradient smoothing and Baur et al.'s
 DEFAULT_SCORE = "combined"  # post-processing: nothing in it was chosen on lesion labels
-SYNTHETIC_PER_SUBJECT = 2  # synthetic lesions per healthy validation volume (each volume scored once per lesion)
 ACTIVE_UNIT_VARIANCE = 0.01  # a latent unit is active if Var_x[mu_d(x)] exceeds this (Burda et al. 2016)
 
 
@@ -93,51 +87,6 @@ def healthy_thresholds(
         "subjects": [str(e["image"]) for e in entries],
         "n_voxels": int(n_voxels),
         "thresholds": thresholds,
-    }
-
-
-def synthetic_lesion_dice(
-    network: torch.nn.Module,
-    loss: CeVAELoss,
-    entries: Sequence[dict],
-    transform: Callable,
-    option_sets: Mapping[str, ScoreOptions],
-    thresholds: Mapping[str, Mapping[str, Mapping[str, float]]],
-    quantile: float = DEFAULT_QUANTILE,
-    per_subject: int = SYNTHETIC_PER_SUBJECT,
-    seed: int = 0,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> dict:
-    """Dice of every option set's and score's segmentation at its healthy ``quantile`` threshold (``thresholds``, as
-    :func:`healthy_thresholds` returns them), pooled over ``per_subject`` synthetic lesions inserted into each healthy
-    volume of ``entries`` (seeded; kinds drawn uniformly, ``foreign`` patches from the next subject, so not with one
-    subject). No label of any data set is used. Returns the ``synthetic`` section of ``threshold.json``:
-    ``quantile``, ``seed``, ``n_volumes``, ``kinds`` and ``dice[option set][score]``."""
-    volumes = [transform(dict(entry)) for entry in entries]
-    kinds = LESION_KINDS if len(volumes) > 1 else tuple(k for k in LESION_KINDS if k != "foreign")
-    lesion = SyntheticLesion(kinds=kinds).set_random_state(seed)
-    key = quantile_key(quantile)
-    overlap = {c: dict.fromkeys(SCORE_NAMES, 0) for c in option_sets}
-    total = {c: dict.fromkeys(SCORE_NAMES, 0) for c in option_sets}
-    for i, data in enumerate(volumes):
-        brain = np.asarray(data["brainmask"][0] > 0)
-        for _ in range(per_subject):
-            lesioned, mask, _ = lesion(data["image"], data["brainmask"], volumes[(i + 1) % len(volumes)]["image"])
-            truth = np.asarray(mask[0]) > 0
-            image = lesioned.as_tensor() if hasattr(lesioned, "as_tensor") else lesioned
-            _, maps = score_volume(network, image, brain, option_sets, loss, batch_size, device=device)
-            for config, options in option_sets.items():
-                for score, volume in maps[config].items():
-                    found = segment(volume, brain, thresholds[config][score][key], options)
-                    overlap[config][score] += 2 * int((found & truth).sum())
-                    total[config][score] += int(found.sum() + truth.sum())
-    return {
-        "quantile": float(quantile),
-        "seed": int(seed),
-        "n_volumes": len(volumes) * per_subject,
-        "kinds": list(kinds),
-        "dice": {c: {s: overlap[c][s] / total[c][s] if total[c][s] else 1.0 for s in SCORE_NAMES} for c in overlap},
     }
 
 

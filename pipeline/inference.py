@@ -2,12 +2,15 @@
 
 For an input ``IN.nii.gz`` (and optionally its brain mask) :class:`AnomalyInference` writes to ``output_dir``
 
-* ``<name>_anomaly.nii.gz``: the anomaly map of the chosen option set and score (float32; by default the
-  ``postprocessed`` ``combined`` score);
-* ``<name>_seg.nii.gz``: the segmentation ``anomaly >= threshold`` (uint8). By default the threshold is the healthy
-  0.99 quantile of that map, written by training into ``threshold.json`` next to the checkpoint from the healthy
-  validation subjects (:mod:`pipeline.healthy`): no labels are needed. ``healthy_quantile`` picks another stored
-  quantile, ``calibration`` the threshold that a labelled evaluation of that name calibrated, ``threshold`` a value;
+* ``<name>_anomaly.nii.gz``: the anomaly map of the chosen option set and score (float32);
+* ``<name>_seg.nii.gz``: the segmentation ``anomaly >= threshold`` (uint8), small components removed. By default
+  the map, the threshold and the minimum component size are the model's **label-free operating point**, which
+  training chose on synthetic lesions in the healthy validation subjects and wrote into ``threshold.json`` next to
+  the checkpoint (:mod:`pipeline.operating_point`): no lesion label is used anywhere in it. Each of
+  ``option_set``, ``score``, ``healthy_quantile`` overrides its part (the threshold is then that healthy quantile of
+  that map, :mod:`pipeline.healthy`), ``calibration`` takes the threshold that a labelled evaluation of that name
+  calibrated, ``threshold`` a value. A ``threshold.json`` without an operating point (bundles before 0.8.0) gives
+  the ``postprocessed`` ``combined`` map at the healthy 0.99 quantile;
 * ``<name>_score.json``: volume score, per-slice scores (the training loss's negative ELBO), the threshold and
   where it came from, model version and checkpoint hash,
 
@@ -33,6 +36,7 @@ from pipeline.data.validation import InputError
 from pipeline.engines.checkpoint import load_trained
 from pipeline.healthy import DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE
 from pipeline.io import atomic_save_nifti, atomic_write_json
+from pipeline.operating_point import OperatingPoint
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, VolumeScorer, segment
 from pipeline.thresholds import checkpoint_sha256, read_thresholds, select_threshold, threshold_path
 
@@ -70,10 +74,11 @@ class AnomalyInference:
         transform: the volume chain used in training (its spatial steps are inverted).
         output_dir: where outputs go (created if missing).
         threshold: segmentation threshold; None takes it from ``threshold.json`` next to the checkpoint.
-        healthy_quantile: the healthy quantile whose threshold to use (0.99 default; see :mod:`pipeline.healthy`).
+        healthy_quantile: the healthy quantile whose threshold to use (None: the operating point's; see
+            :mod:`pipeline.healthy`).
         calibration: instead, the name of a labelled evaluation whose calibrated threshold to use.
         option_set, score: the map to threshold (an option set of ``threshold.json``, or of
-            :data:`pipeline.scoring.OPTION_SETS` when there is no such file).
+            :data:`pipeline.scoring.OPTION_SETS` when there is no such file); None: the operating point's.
         model_version: written into the score files (e.g. the bundle's metadata version).
     """
 
@@ -84,13 +89,13 @@ class AnomalyInference:
         transform: Callable,
         output_dir: str | os.PathLike,
         threshold: float | None = None,
-        healthy_quantile: float = DEFAULT_QUANTILE,
+        healthy_quantile: float | None = None,
         calibration: str | None = None,
-        option_set: str = DEFAULT_OPTION_SET,
-        score: str = DEFAULT_SCORE,
+        option_set: str | None = None,
+        score: str | None = None,
         model_version: str = "unknown",
     ) -> None:
-        if score not in SCORE_NAMES:
+        if score is not None and score not in SCORE_NAMES:
             raise InputError(f"unknown score {score!r}; choose one of {SCORE_NAMES} (--score).")
         self.scorer, self.checkpoint, self.transform = scorer, Path(checkpoint), transform
         self.output_dir = Path(output_dir)
@@ -98,6 +103,7 @@ class AnomalyInference:
         self.option_set, self.score_name = option_set, score
         self.model_version = model_version
         self.threshold_source = "given (--threshold)"
+        self.operating_point: OperatingPoint | None = None
         self._loaded = False
 
     def _prepare(self) -> None:
@@ -107,8 +113,8 @@ class AnomalyInference:
         load_trained(self.checkpoint, scorer.network, scorer.loss, scorer.device)
         scorer.network.to(scorer.device).eval()
         scorer.loss.to(scorer.device).eval()
-        content = None
-        if self.threshold is None:
+        content, given = None, self.threshold is not None
+        if not given:
             content = read_thresholds(self.checkpoint)
         elif threshold_path(self.checkpoint).is_file():
             try:  # only for the option sets' settings; the threshold is the one given
@@ -116,15 +122,24 @@ class AnomalyInference:
             except InputError as err:
                 logger.warning("%s; using the library's option sets with the given threshold", err)
         available = content["options"] if content else {c: o.to_dict() for c, o in OPTION_SETS.items()}
+        point = _stored_operating_point(content)
+        self.option_set = self.option_set or (point.option_set if point else DEFAULT_OPTION_SET)
+        self.score_name = self.score_name or (point.score if point else DEFAULT_SCORE)
+        self.healthy_quantile = self.healthy_quantile or (point.quantile if point else DEFAULT_QUANTILE)
         if self.option_set not in available:
             raise InputError(
                 f"unknown option set {self.option_set!r}; choose one of {sorted(available)} (--option_set)."
             )
-        if self.threshold is None:
+        self.options = ScoreOptions(**available[self.option_set])
+        if not given:
             self.threshold, self.threshold_source = select_threshold(
                 content, self.option_set, self.score_name, self.healthy_quantile, self.calibration
             )
-        self.options = ScoreOptions(**available[self.option_set])
+        if point and (self.option_set, self.score_name) == (point.option_set, point.score):
+            self.options = point.options(self.options)
+            if not given and self.calibration is None and self.threshold == point.threshold:
+                self.operating_point = point
+                self.threshold_source = f"label-free operating point: {point.describe()}"
         self.checkpoint_sha256 = checkpoint_sha256(self.checkpoint)
         self._loaded = True
 
@@ -177,6 +192,7 @@ class AnomalyInference:
                 "threshold": float(self.threshold),
                 "threshold_source": self.threshold_source,
                 "scoring_options": self.options.to_dict(),
+                "operating_point": None if self.operating_point is None else self.operating_point.to_dict(),
                 "segmented_voxels": int((native["seg"] > 0.5).sum()),
                 "segmented_brain_fraction": float(seg.sum() / max(brain.sum(), 1)),
                 "model_version": self.model_version,
@@ -200,6 +216,12 @@ class AnomalyInference:
         )
         inverted = np.asarray(inverter({"image": reference, "maps": stacked})["maps"])
         return dict(zip(maps, inverted))
+
+
+def _stored_operating_point(content: dict | None) -> OperatingPoint | None:
+    """The operating point in a ``threshold.json`` content (None without one: no file, or one from before 0.8.0)."""
+    stored = ((content or {}).get("healthy") or {}).get("synthetic", {}).get("operating_point")
+    return None if stored is None else OperatingPoint.from_dict(stored)
 
 
 def _like(reference: nib.Nifti1Image, array: np.ndarray) -> nib.Nifti1Image:

@@ -20,9 +20,9 @@ from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slices import brain_slice_indices
 from pipeline.evaluation import AnomalyEvaluation, _counts, _pooled_dice, _Subject
-from pipeline.healthy import healthy_thresholds as evaluation_healthy
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
+from pipeline.operating_point import label_free_calibration as evaluation_healthy
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions
 
 EVAL_FILES = ("train.json", "evaluate.json")
@@ -111,12 +111,19 @@ def test_outputs_threshold_and_mlflow(evaluated_run):
     for config in OPTION_SETS:  # beside the real Dice at the healthy threshold: the synthetic-lesion Dice of it
         synthetic = content["healthy"]["synthetic"]["dice"][config]
         assert metrics[config]["synthetic_dice_healthy"] == synthetic and 0 <= synthetic["combined"] <= 1
+    point = metrics["operating_point"]  # inference's default on the real test set, beside its synthetic Dice
+    assert {k: point[k] for k in content["healthy"]["synthetic"]["operating_point"]} == (
+        content["healthy"]["synthetic"]["operating_point"]
+    )
+    lesions = metrics["postprocessed"]["lesion_detection"]["healthy"]["combined"]["lesions"]
+    assert 0 <= point["dice"] <= 1 and point["lesions"] == lesions >= 4 and 0 <= point["detected"] <= lesions
     calibrated = content["calibrated"]["eval"]["thresholds"]
     assert calibrated["postprocessed"]["combined"] == metrics["postprocessed"]["dice_split"]["combined"]["threshold"]
     client = MlflowClient(f"sqlite:///{out}/mlruns.db")
     (run,) = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
     assert run.info.run_name == "cevae", "evaluation logs into the run that trained the checkpoint"
     assert run.data.metrics["eval/paper/pixel_auroc/rec"] == pytest.approx(metrics["pixel_auroc"]["rec"])
+    assert run.data.metrics["eval/operating_point/dice"] == pytest.approx(point["dice"])
     logged = run.data.metrics
     assert logged["eval/postprocessed/dice_healthy_q0.99/combined"] == pytest.approx(
         metrics["postprocessed"]["dice_healthy"]["combined"]["0.99"]["dice"]
@@ -153,7 +160,7 @@ def test_evaluation_recalibrates_when_its_option_sets_change(evaluated_run, tiny
     stored = json.loads((checkpoint.parent / "threshold.json").read_text())
     calls = []
     monkeypatch.setattr(
-        evaluation, "healthy_thresholds", lambda *a, **k: calls.append(1) or evaluation_healthy(*a, **k)
+        evaluation, "label_free_calibration", lambda *a, **k: calls.append(1) or evaluation_healthy(*a, **k)
     )
     healthy = load_datalist(tiny_demo, "training")[:1]
 
@@ -180,6 +187,7 @@ def test_evaluation_recalibrates_when_its_option_sets_change(evaluated_run, tiny
         evaluate(changed, None)
     fresh = evaluate(changed, healthy)
     assert calls == [1] and fresh["subjects"] == [healthy[0]["image"]]
+    assert fresh["synthetic"]["operating_point"]["option_set"] == "paper", "the operating point is chosen anew"
     assert fresh["thresholds"]["paper"]["rec"] != stored["healthy"]["thresholds"]["paper"]["rec"]
     written = json.loads((checkpoint.parent / "threshold.json").read_text())
     assert written["options"]["paper"]["median_size"] == 3 and written["healthy"] == fresh

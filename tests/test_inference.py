@@ -94,9 +94,9 @@ def test_outputs_have_the_input_geometry_and_find_the_lesion(evaluated_run, layo
     anomaly = np.asanyarray(nib.load(written["anomaly"]).dataobj)
     assert anomaly[label].mean() > 1.5 * anomaly[brain & ~label].mean(), "the tumour stands out where it is"
     score = json.loads(open(written["score"]).read())
-    healthy = json.loads((out / "checkpoints" / "threshold.json").read_text())["healthy"]["thresholds"]
-    assert score["threshold"] == healthy["postprocessed"]["combined"]["0.99"]
-    assert score["threshold_source"] == "healthy quantile 0.99" and score["option_set"] == "postprocessed"
+    point = json.loads((out / "checkpoints" / "threshold.json").read_text())["healthy"]["synthetic"]["operating_point"]
+    assert score["threshold"] == point["threshold"] and score["option_set"] == point["option_set"]
+    assert score["threshold_source"].startswith("label-free operating point")
 
 
 def test_the_three_layouts_give_the_same_map(layout_runs):
@@ -149,7 +149,10 @@ def test_threshold_choices(evaluated_run, tumour_case, tmp_path):
     checkpoint = out / "checkpoints" / "model.pt"
     content = json.loads((out / "checkpoints" / "threshold.json").read_text())
     cases = [
-        ({"healthy_quantile": 0.995}, content["healthy"]["thresholds"]["postprocessed"]["combined"]["0.995"]),
+        (
+            {"healthy_quantile": 0.995, "option_set": "postprocessed", "score": "combined"},
+            content["healthy"]["thresholds"]["postprocessed"]["combined"]["0.995"],
+        ),
         (
             {"calibration": "eval", "option_set": "paper", "score": "rec"},
             content["calibrated"]["eval"]["thresholds"]["paper"]["rec"],
@@ -158,6 +161,22 @@ def test_threshold_choices(evaluated_run, tumour_case, tmp_path):
     for i, (kwargs, expected) in enumerate(cases):
         written = tiny_inference(checkpoint, tmp_path / str(i), **kwargs)(tumour_case["image"])
         assert json.loads(open(written["score"]).read())["threshold"] == expected
+    # by default: the label-free operating point that training chose on synthetic lesions, all of it
+    point = content["healthy"]["synthetic"]["operating_point"]
+    scored = json.loads(open(tiny_inference(checkpoint, tmp_path / "op")(tumour_case["image"])["score"]).read())
+    assert scored["operating_point"] == point and scored["threshold"] == point["threshold"]
+    assert (scored["option_set"], scored["score"]) == (point["option_set"], point["score"])
+    assert scored["scoring_options"]["min_component_size"] == point["min_component_size"]
+    assert scored["threshold_source"].startswith("label-free operating point")
+    other = "rec" if point["score"] != "rec" else "combined"  # an override of one part: the rest still applies
+    scored = json.loads(
+        open(tiny_inference(checkpoint, tmp_path / "o", score=other)(tumour_case["image"])["score"]).read()
+    )
+    quantile = f"{point['quantile']:g}"
+    assert (
+        scored["operating_point"] is None and scored["score"] == other and scored["option_set"] == point["option_set"]
+    )
+    assert scored["threshold"] == content["healthy"]["thresholds"][point["option_set"]][other][quantile]
     for kwargs, message in (
         ({"healthy_quantile": 0.97}, "quantile 0.97"),
         ({"calibration": "brats"}, "'brats'"),
@@ -230,7 +249,10 @@ def train_then_infer(output_dir, datalist, image, epochs=2, **overrides):
 
 def test_training_then_inference_segments_without_labels(tiny_demo, tumour_case, tmp_path):
     score = train_then_infer(tmp_path, tiny_demo, tumour_case["image"])
-    assert score["threshold_source"] == "healthy quantile 0.99" and 0 < score["segmented_brain_fraction"] < 0.5
+    assert (
+        score["threshold_source"].startswith("label-free operating point")
+        and 0 < score["segmented_brain_fraction"] < 0.5
+    )
 
 
 def test_training_on_real_scans_then_inference_on_a_patient(shared_data, tmp_path):
@@ -238,4 +260,6 @@ def test_training_on_real_scans_then_inference_on_a_patient(shared_data, tmp_pat
     datalist = write_datalist({"training": healthy}, tmp_path / "ixi.json")
     patient = prepare_entries("brats2013-deepmedic", shared_data / "brats2013", "T1c")[0]
     score = train_then_infer(tmp_path / "run", datalist, patient["image"], val_fraction=0.25)
-    assert score["threshold_source"] == "healthy quantile 0.99" and score["segmented_brain_fraction"] < 0.5
+    assert (
+        score["threshold_source"].startswith("label-free operating point") and score["segmented_brain_fraction"] < 0.5
+    )

@@ -72,35 +72,49 @@ def test_the_dictionary_transform_writes_label_and_kind():
         SyntheticLesion(kinds=("tumour",))
 
 
-def test_synthetic_lesion_dice_is_the_pooled_dice_at_the_healthy_threshold(tiny_demo):
+def test_synthetic_lesion_search_measures_every_candidate_and_chooses_the_best(tiny_demo):
     """Against an independent reference on the network-free ``intensity`` map of the ``paper`` option set (the
-    preprocessed image itself): the same seeded lesions thresholded by hand, pooled, scored with sklearn's F1
-    (= Dice). A stricter quantile gives another figure (negative control)."""
+    preprocessed image itself): the same seeded lesions thresholded by hand, small components removed on the
+    materialised masks, pooled, scored with sklearn's F1 (= Dice). A stricter quantile and a larger minimum size give
+    other figures (negative controls); the operating point is the best model candidate of the table."""
     from sklearn.metrics import f1_score
 
     from pipeline.data.datalist import load_datalist
     from pipeline.data.preprocessing import brain_volume_transform
-    from pipeline.healthy import healthy_thresholds, synthetic_lesion_dice
+    from pipeline.healthy import healthy_thresholds
     from pipeline.losses import CeVAELoss
+    from pipeline.metrics import remove_small_components
     from pipeline.networks import CeVAE
+    from pipeline.operating_point import MODEL_SCORES, synthetic_lesion_search
     from pipeline.scoring import PAPER
 
     entries, transform, options = load_datalist(tiny_demo, "training")[:2], brain_volume_transform(), {"paper": PAPER}
     network, loss = CeVAE(channels=[8, 16, 32, 64], z_dim=16).eval(), CeVAELoss(sigma=0.1)
     thresholds = healthy_thresholds(network, loss, entries, transform, options)["thresholds"]
-    got = synthetic_lesion_dice(network, loss, entries, transform, options, thresholds, 0.99, per_subject=2, seed=4)
+    got = synthetic_lesion_search(network, loss, entries, transform, options, thresholds, 0.99, per_subject=2, seed=4)
     assert got["n_volumes"] == 4 and set(got["dice"]["paper"]) == {"rec", "kl_grad", "combined", "intensity"}
+    table = {(c["score"], c["quantile"], c["min_component_size"]): c["dice"] for c in got["candidates"]}
+    assert len(table) == 4 * 5 * 4, "every score x healthy quantile x minimum component size"
     lesion, volumes = SyntheticLesion().set_random_state(4), [transform(dict(e)) for e in entries]
-    found, truth = [], []
+    lesioned = []
     for i, data in enumerate(volumes):
         for _ in range(2):
-            lesioned, mask, _ = lesion(data["image"], data["brainmask"], volumes[(i + 1) % 2]["image"])
-            brain = np.asarray(data["brainmask"][0]) > 0
-            found.append(((np.asarray(lesioned[0]) >= thresholds["paper"]["intensity"]["0.99"]) & brain).ravel())
-            truth.append(np.asarray(mask[0]).ravel() > 0)
-    expected = f1_score(np.concatenate(truth), np.concatenate(found))
-    assert got["dice"]["paper"]["intensity"] == pytest.approx(expected, rel=1e-9) and 0 < expected < 1
-    stricter = synthetic_lesion_dice(
-        network, loss, entries, transform, options, thresholds, 0.999, per_subject=2, seed=4
-    )
-    assert stricter["dice"]["paper"]["intensity"] != got["dice"]["paper"]["intensity"]
+            image, mask, _ = lesion(data["image"], data["brainmask"], volumes[(i + 1) % 2]["image"])
+            lesioned.append((np.asarray(image[0]), np.asarray(data["brainmask"][0]) > 0, np.asarray(mask[0]) > 0))
+
+    def reference(quantile: str, min_size: int) -> float:
+        level = thresholds["paper"]["intensity"][quantile]
+        found = [remove_small_components((image >= level) & brain, min_size).ravel() for image, brain, _ in lesioned]
+        return f1_score(np.concatenate([t.ravel() for _, _, t in lesioned]), np.concatenate(found))
+
+    for quantile, min_size in (("0.99", 0), ("0.99", 27), ("0.95", 125)):
+        expected = reference(quantile, min_size)
+        assert table["intensity", float(quantile), min_size] == pytest.approx(expected, rel=1e-9)
+        assert 0 < expected < 1
+    assert table["intensity", 0.999, 0] != table["intensity", 0.99, 0], "another quantile, another figure"
+    assert table["intensity", 0.95, 125] != table["intensity", 0.95, 0], "another minimum size, another figure"
+    assert got["dice"]["paper"]["intensity"] == table["intensity", 0.99, 0], "the option set's own size at 0.99"
+    point = got["operating_point"]
+    model = [c for c in got["candidates"] if c["score"] in MODEL_SCORES]
+    assert point["synthetic_dice"] == max(c["dice"] for c in model) and point["score"] != "intensity"
+    assert point["threshold"] == thresholds["paper"][point["score"]][f"{point['quantile']:g}"]

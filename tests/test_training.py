@@ -134,6 +134,7 @@ def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
         for q in ("0.95", "0.98", "0.99", "0.995", "0.999")
     }
     metrics |= {f"synthetic_dice/{c}/{s}" for c in OPTION_SETS for s in SCORE_NAMES}
+    metrics |= {f"operating_point/{k}" for k in ("synthetic_dice", "quantile", "threshold", "min_component_size")}
     assert set(run.data.metrics) == metrics
     assert len(client.get_metric_history(run.info.run_id, "val_neg_elbo")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -168,6 +169,10 @@ def test_training_ends_with_healthy_thresholds_of_the_selected_checkpoint(cevae_
     assert set(synthetic["dice"]) == set(OPTION_SETS) and "foreign" not in synthetic["kinds"], "one subject"
     logged = epoch_metric(out, "synthetic_dice/postprocessed/combined")
     assert logged == [synthetic["dice"]["postprocessed"]["combined"]], "logged once, at the end"
+    point = synthetic["operating_point"]  # the best model candidate, its threshold one of the healthy ones
+    assert point["synthetic_dice"] == max(c["dice"] for c in synthetic["candidates"] if c["score"] != "intensity")
+    assert point["threshold"] == healthy["thresholds"][point["option_set"]][point["score"]][f"{point['quantile']:g}"]
+    assert epoch_metric(out, "operating_point/synthetic_dice") == [point["synthetic_dice"]]
 
 
 def test_healthy_calibration_scores_with_the_selected_checkpoint_not_the_last_weights(tiny_demo, tmp_path):

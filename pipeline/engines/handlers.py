@@ -14,14 +14,9 @@ from torch.optim import Optimizer
 
 from pipeline.data.slices import BrainSliceDataset
 from pipeline.engines.checkpoint import load_trained
-from pipeline.healthy import (
-    DEFAULT_QUANTILE,
-    HEALTHY_QUANTILES,
-    healthy_thresholds,
-    mean_brain_check,
-    synthetic_lesion_dice,
-)
+from pipeline.healthy import HEALTHY_QUANTILES, mean_brain_check
 from pipeline.losses import CeVAELoss
+from pipeline.operating_point import OperatingPoint, label_free_calibration
 from pipeline.scoring import ScoreOptions
 from pipeline.thresholds import update_thresholds
 
@@ -80,15 +75,16 @@ class RecordLearningRate:
 
 class HealthyCalibration:
     """At the end of training, score the healthy validation subjects with the **selected** checkpoint and write the
-    ``healthy`` section of its ``threshold.json`` (:func:`pipeline.healthy.healthy_thresholds`), with the Dice of
-    synthetic lesions in the same subjects at the 0.99 thresholds under ``healthy.synthetic``
-    (:func:`pipeline.healthy.synthetic_lesion_dice`) and the mean-brain check of the decoder
-    (:func:`pipeline.healthy.mean_brain_check`) under ``healthy.validation``.
+    ``healthy`` section of its ``threshold.json`` (:func:`pipeline.healthy.healthy_thresholds`), with the label-free
+    operating point chosen on synthetic lesions in the same subjects and every candidate's Dice under
+    ``healthy.synthetic`` (:func:`pipeline.operating_point.synthetic_lesion_search`) and the mean-brain check of the
+    decoder (:func:`pipeline.healthy.mean_brain_check`) under ``healthy.validation``.
 
     Runs when the last epoch completes (so also at the end of a resumed run), after the checkpoint saver, on copies
     of the network and loss loaded from ``checkpoint``; puts ``healthy_<check>`` and
-    ``healthy_threshold/<option set>/<score>/q<quantile>`` and ``synthetic_dice/<option set>/<score>`` into
-    ``engine.state.metrics`` for the epoch loggers
+    ``healthy_threshold/<option set>/<score>/q<quantile>``, ``synthetic_dice/<option set>/<score>`` and
+    ``operating_point/{synthetic_dice,quantile,threshold,min_component_size}`` into ``engine.state.metrics`` for the
+    epoch loggers
     (attach it before the MLflow handler).
 
     Args:
@@ -132,20 +128,10 @@ class HealthyCalibration:
         network = copy.deepcopy(getattr(self.network, "module", self.network)).eval()
         loss = copy.deepcopy(self.loss_function).eval()
         load_trained(self.checkpoint, network, loss, self.device)
-        healthy = healthy_thresholds(
+        healthy = label_free_calibration(
             network, loss, self.data, self.transform, self.option_sets, self.quantiles, self.batch_size, self.device
         )
-        healthy["synthetic"] = synthetic_lesion_dice(
-            network,
-            loss,
-            self.data,
-            self.transform,
-            self.option_sets,
-            healthy["thresholds"],
-            DEFAULT_QUANTILE if DEFAULT_QUANTILE in self.quantiles else self.quantiles[-1],
-            batch_size=self.batch_size,
-            device=self.device,
-        )
+        point = OperatingPoint.from_dict(healthy["synthetic"]["operating_point"])
         if self.train_slices is not None and self.validation_slices is not None:
             healthy["validation"] = mean_brain_check(
                 network, self.train_slices, self.validation_slices, device=self.device
@@ -157,6 +143,9 @@ class HealthyCalibration:
             for score, values in per_score.items():
                 metrics.update({f"healthy_threshold/{config}/{score}/q{q}": v for q, v in values.items()})
                 metrics[f"synthetic_dice/{config}/{score}"] = healthy["synthetic"]["dice"][config][score]
+        for key in ("synthetic_dice", "quantile", "threshold", "min_component_size"):
+            metrics[f"operating_point/{key}"] = float(getattr(point, key))
+        logger.info("label-free operating point chosen on synthetic lesions: %s", point.describe())
         logger.info(
             "healthy calibration of %s on %d validation subjects: thresholds written; reconstruction MSE "
             "%.4g vs %.4g for the mean brain, %s active latent units",
