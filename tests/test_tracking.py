@@ -87,3 +87,36 @@ def test_spooled_writes_keep_their_order_and_content(tmp_path):
     with pytest.raises(MlflowException, match="INVALID_PARAMETER_VALUE"):
         client.log_batch("r", metrics=[Metric("loss", float("nan"), 0, 3)])
     assert client.pending == 0
+
+
+def test_resume_continues_its_own_run_when_another_training_has_the_same_name(tmp_path, monkeypatch):
+    """Two trainings A and B of one name on one store, both killed (runs left RUNNING), then both resumed: each
+    continues the run recorded next to its own checkpoints. The race is forced: B's run is the newest RUNNING run of
+    that name when A resumes, which is what a search by name picks."""
+    from ignite.engine import Engine
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import MLflowRunHandler
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+
+    def started(name: str, resume: bool) -> str:
+        handler = MLflowRunHandler(
+            tracking_uri=uri,
+            experiment_name="shared",
+            run_name="cevae",
+            resume=resume,
+            run_info_path=tmp_path / name / "mlflow_run.json",
+        )
+        handler.start(Engine(lambda engine, batch: None))
+        return handler.cur_run.info.run_id
+
+    first = {name: started(name, resume=False) for name in ("A", "B")}  # both killed: left RUNNING
+    assert first["A"] != first["B"]
+    for name in ("A", "B"):
+        assert started(name, resume=True) == first[name], f"{name} resumed into its own run"
+    client = MlflowClient(uri)
+    client.set_terminated(first["A"], status="KILLED")
+    assert started("A", resume=True) == first["A"] and client.get_run(first["A"]).info.status == "RUNNING"
+    assert started("C", resume=True) not in first.values(), "no record: a new run, not another training's"

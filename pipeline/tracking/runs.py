@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri, path_to_uri
 
+from pipeline.data.validation import read_json
 from pipeline.io import atomic_write_json, file_lock, file_sha256
 from pipeline.tracking.model import ModelLogging
 from pipeline.tracking.spool import SpooledClient, report_pending
@@ -140,12 +142,14 @@ def run_params(hyper_parameters: Mapping[str, object], datalist: str | os.PathLi
 
 
 class MLflowRunHandler(MLFlowHandler):
-    """MONAI's ``MLFlowHandler`` that starts a **new** run, or with ``resume`` continues the newest unfinished run
-    of the same name (the one a killed training left open; a new run if there is none).
+    """MONAI's ``MLFlowHandler`` that starts a **new** run, or with ``resume`` continues the run recorded in
+    ``run_info_path`` by the interrupted training (a new run if there is none).
 
     The parent class reuses *any* unfinished run of the same name, so a fresh run would log into a run that an
-    earlier, killed process left open. With ``run_info_path`` the tracking URI and run id are written there
-    (:data:`RUN_INFO_FILENAME` next to the checkpoints), so that evaluation logs into the run that trained them.
+    earlier, killed process left open, and two trainings of the same name would swap runs on resume. With
+    ``run_info_path`` the tracking URI and run id are written there (:data:`RUN_INFO_FILENAME` next to the
+    checkpoints), so that a resumed training continues exactly its own run and evaluation logs into the run that
+    trained them.
     With ``parent_run_id`` a new run is created nested under that run (``scripts/compare.py`` groups the runs of
     one comparison this way). With ``spool_dir`` every write survives an outage of the tracking server during the
     run (:class:`~pipeline.tracking.spool.SpooledClient`, probing it every ``retry_s`` seconds). With
@@ -177,21 +181,10 @@ class MLflowRunHandler(MLFlowHandler):
         if not self.cur_run:
             with store_lock(self.store_uri):
                 self._set_experiment()
-            open_runs = []
-            if self.resume:
-                open_runs = self.client.search_runs(
-                    [self.experiment.experiment_id],
-                    filter_string=f"attributes.run_name = '{self.run_name}' and attributes.status = 'RUNNING'",
-                    order_by=["attributes.start_time DESC"],
-                    max_results=1,
-                )
+            recorded = self._recorded_run() if self.resume else None
             tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id} if self.parent_run_id else None
-            self.cur_run = (
-                open_runs[0]
-                if open_runs
-                else self.client.create_run(
-                    experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags
-                )
+            self.cur_run = recorded or self.client.create_run(
+                experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags
             )
             if self.run_info_path is not None:
                 atomic_write_json(
@@ -203,6 +196,33 @@ class MLflowRunHandler(MLFlowHandler):
                     self.run_info_path,
                 )
         super().start(engine)
+
+    def _recorded_run(self):
+        """The run that ``run_info_path`` names, if it is in this store and experiment (reopened if a kill or a
+        failure ended it); else None, and the resumed training gets a new run. Never a run found by name: several
+        trainings in one store may share a name, and each must continue its own run."""
+        path = Path(self.run_info_path) if self.run_info_path is not None else None
+        if path is None or not path.is_file():
+            return None
+        recorded = read_json(path, "delete it to start a new MLflow run for this training")
+        try:
+            run = self.client.get_run(recorded["run_id"])
+        except MlflowException as err:  # deleted, or a store that never had it
+            logger.warning(
+                "%s names MLflow run %s, which this store does not have (%s); starting a new run",
+                path,
+                recorded.get("run_id"),
+                err,
+            )
+            return None
+        if recorded.get("tracking_uri") != self.client.tracking_uri or (
+            run.info.experiment_id != self.experiment.experiment_id
+        ):
+            logger.warning("%s names a run of another store or experiment; starting a new run", path)
+            return None
+        if run.info.status != "RUNNING":
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        return run
 
     def complete(self) -> None:
         """Log the artifacts, then the trained model (:class:`ModelLogging`)."""
