@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.engines import CeVAETrainer
 from pipeline.engines.checkpoint import AtomicCheckpointSaver
-from pipeline.engines.handlers import HealthyCalibration, StopOnNonFiniteLoss
+from pipeline.engines.handlers import HealthyCalibration, StopOnNonFiniteLoss, TrainingStopped, raise_if_stopped
 from pipeline.healthy import healthy_thresholds
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
@@ -308,6 +309,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert trainer.state.epoch == 2 and trainer.state.iteration == 4, "stopped at the first NaN"
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["trainer"]["iteration"] == 2, "saved after epoch 1 (2 iterations), not after the NaN"
+    assert trainer.state.stop_reason == "the training loss is not finite at epoch 2, iteration 4"
+    with pytest.raises(TrainingStopped, match=f"the last good checkpoint is {tmp_path / 'last.pt'}"):
+        raise_if_stopped(trainer, tmp_path)
     assert all(torch.isfinite(v).all() for v in last["model"].values())
 
 
@@ -554,3 +558,21 @@ def test_fine_tuning_starts_from_the_pretrained_weights(evaluated_run, tiny_demo
     with pytest.raises(Exception) as info:  # another architecture than the pretrained model's
         weights_before_and_after_restoring(tmp_path / "other", pretrained=str(pretrained), z_dim=32)
     assert "z_dim=32 (trained with 16)" in str(input_error(info.value))
+
+
+def test_a_non_finite_loss_fails_the_run_in_one_line_and_in_mlflow(tiny_demo, tmp_path):
+    """A diverging training (an absurd learning rate) stops at the first non-finite loss: the run raises the one-line
+    error that the bundle's command line prints with exit status 2, and its MLflow run ends FAILED with the reason,
+    with no model logged."""
+    workflow = initialized_workflow(tmp_path / "nan", tiny_demo, epochs=3, lr=1e38)
+    with pytest.raises(RuntimeError) as raised:  # MONAI wraps errors of config expressions
+        workflow.run()
+    error = input_error(raised.value)
+    assert isinstance(error, TrainingStopped) and re.match(
+        r"training stopped: the training loss is not finite", str(error)
+    )
+    assert "\n" not in str(error)
+    tracked = json.loads((tmp_path / "nan" / "checkpoints" / "mlflow_run.json").read_text())
+    run = MlflowClient(tracked["tracking_uri"]).get_run(tracked["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["stop_reason"].startswith("the training loss is not finite")
+    assert "model" not in {a.path for a in MlflowClient(tracked["tracking_uri"]).list_artifacts(tracked["run_id"])}

@@ -233,10 +233,8 @@ class AtomicCheckpointSaver:
     def terminated(self, engine: Engine) -> None:
         self.writer.wait()
         logger.error(
-            "training stopped early at epoch %d, iteration %d (non-finite loss?); the last good "
-            "checkpoint is %s (epoch %s)",
-            engine.state.epoch,
-            engine.state.iteration,
+            "training stopped early (%s); the last good checkpoint is %s (epoch %s)",
+            getattr(engine.state, "stop_reason", f"at epoch {engine.state.epoch}, iteration {engine.state.iteration}"),
             self.last_path,
             self.last_saved_epoch,
         )

@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
@@ -13,6 +14,7 @@ from ignite.handlers import TerminateOnNan
 from torch.optim import Optimizer
 
 from pipeline.data.slices import BrainSliceDataset
+from pipeline.data.validation import InputError
 from pipeline.engines.checkpoint import load_trained
 from pipeline.healthy import HEALTHY_QUANTILES, mean_brain_check
 from pipeline.losses import CeVAELoss
@@ -20,9 +22,22 @@ from pipeline.operating_point import OperatingPoint, label_free_calibration
 from pipeline.scoring import ScoreOptions
 from pipeline.thresholds import update_thresholds
 
-__all__ = ["CopyMetrics", "HealthyCalibration", "RecordLearningRate", "StopOnNonFiniteLoss"]
+__all__ = [
+    "CopyMetrics",
+    "HealthyCalibration",
+    "RecordLearningRate",
+    "StopOnNonFiniteLoss",
+    "TrainingStopped",
+    "raise_if_stopped",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(InputError):
+    """A training that stopped before its last epoch (a non-finite loss): the run failed; the message says why and
+    what to do (exit status 2 under ``monai.bundle run``, like every error the user can fix)."""
+
 
 CHECK_METRICS = ("rec_mse", "mean_brain_mse", "rec_vs_mean_brain", "active_units", "kl_per_dim")
 
@@ -45,7 +60,8 @@ class CopyMetrics:
 
 
 class StopOnNonFiniteLoss:
-    """Ignite's ``TerminateOnNan`` on the ``loss`` of each iteration: training stops at the first NaN/Inf loss.
+    """Ignite's ``TerminateOnNan`` on the ``loss`` of each iteration: training stops at the first NaN/Inf loss, and
+    ``engine.state.stop_reason`` says where (:func:`raise_if_stopped` turns it into the run's error).
 
     With :class:`~pipeline.engines.checkpoint.AtomicCheckpointSaver` the last good checkpoint stays on disk.
     """
@@ -54,7 +70,28 @@ class StopOnNonFiniteLoss:
         self.terminate = TerminateOnNan(output_transform=lambda output: output[key])
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.terminate)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.terminate(engine)
+        if engine.should_terminate:
+            engine.state.stop_reason = (
+                f"the training loss is not finite at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+            )
+
+
+def raise_if_stopped(engine: Engine, checkpoint_dir: str | os.PathLike) -> None:
+    """After ``engine.run()``: a training that a handler stopped early (``engine.state.stop_reason``) is a failed
+    run; raise :class:`TrainingStopped` in one line, naming the reason, the last good checkpoint and the fix."""
+    reason = getattr(engine.state, "stop_reason", None)
+    if reason is None:
+        return
+    last = Path(checkpoint_dir) / "last.pt"
+    kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+    raise TrainingStopped(
+        f"training stopped: {reason}; {kept}. Lower --lr or check the training data, then run again "
+        "(--resume True continues from the last good checkpoint, --overwrite True starts anew)."
+    )
 
 
 class RecordLearningRate:

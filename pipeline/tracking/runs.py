@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
+from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from monai.handlers import MLFlowHandler
@@ -224,10 +225,21 @@ class MLflowRunHandler(MLFlowHandler):
             self.client.update_run(run.info.run_id, status="RUNNING")
         return run
 
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.TERMINATE, self.terminated)
+
+    def terminated(self, engine: Engine) -> None:
+        """A training stopped before its last epoch failed: its run ends FAILED, with no model logged."""
+        self.run_finish_status = RunStatus.to_string(RunStatus.FAILED)
+        reason = getattr(engine.state, "stop_reason", None)
+        if reason and self.cur_run:
+            self.client.set_tag(self.cur_run.info.run_id, "stop_reason", reason)
+
     def complete(self) -> None:
-        """Log the artifacts, then the trained model (:class:`ModelLogging`)."""
+        """Log the artifacts, then the trained model (:class:`ModelLogging`) unless the training failed."""
         super().complete()
-        if self.model_logging is None or not self.cur_run:
+        if self.model_logging is None or not self.cur_run or self.run_finish_status != "FINISHED":
             return
         run_id = self.cur_run.info.run_id
         try:
