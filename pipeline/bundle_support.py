@@ -93,10 +93,18 @@ def restore_training_state(
             logger.info("fine-tuning: network weights from %s", pretrained)
         return
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(
-            f"--resume: no checkpoint {checkpoint}; run training without --resume first, or give "
-            "the --output_dir of the run to resume."
+        if not (Path(checkpoint).parent / "model.pt").is_file():
+            raise FileNotFoundError(
+                f"--resume: no checkpoint {checkpoint}; run training without --resume first, or give "
+                "the --output_dir of the run to resume."
+            )
+        logger.warning(  # killed or out of disk during its first save: nothing to continue, nothing to lose
+            "--resume: the run in %s saved its best model.pt but no %s (it stopped during its first save); "
+            "training starts from its first epoch",
+            Path(checkpoint).parent,
+            Path(checkpoint).name,
         )
+        return
     trainer = objects["trainer"]
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).keys()
     if "validator" in objects and "validator" not in saved:  # a last.pt of bundle < 0.6.0

@@ -130,7 +130,8 @@ def delete_outputs(folder: Path, names: tuple[str, ...]) -> list[str]:
 def prepare_training_dir(output_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
     """Claim ``output_dir`` for a training run and refuse to replace a trained run in it silently.
 
-    A folder whose ``checkpoints/`` holds ``model.pt`` or ``last.pt`` is a trained run: ``resume`` continues it,
+    Temporary files of saves that a kill interrupted are removed first. A folder whose ``checkpoints/`` holds
+    ``model.pt`` or ``last.pt`` is a trained run: ``resume`` continues it,
     ``overwrite`` deletes :data:`TRAINING_OUTPUTS` (checkpoints with their thresholds and config, the reconstruction
     figure, evaluation outputs: all derived from the replaced weights) and starts over; neither raises
     :class:`InputError`. Returns the folder.
@@ -141,6 +142,9 @@ def prepare_training_dir(output_dir: str | os.PathLike, resume: bool = False, ov
             "pass only one of them."
         )
     folder = claim(output_dir, "training")
+    for stale in sorted((folder / "checkpoints").glob(".*.tmp*")):  # of a killed save; no other run writes here
+        stale.unlink()
+        logger.warning("removed %s, the temporary file of an interrupted save", stale)
     trained = [
         folder / "checkpoints" / name for name in ("model.pt", "last.pt") if (folder / "checkpoints" / name).is_file()
     ]

@@ -576,3 +576,20 @@ def test_a_non_finite_loss_fails_the_run_in_one_line_and_in_mlflow(tiny_demo, tm
     run = MlflowClient(tracked["tracking_uri"]).get_run(tracked["run_id"])
     assert run.info.status == "FAILED" and run.data.tags["stop_reason"].startswith("the training loss is not finite")
     assert "model" not in {a.path for a in MlflowClient(tracked["tracking_uri"]).list_artifacts(tracked["run_id"])}
+
+
+def test_resume_after_a_failed_first_save_starts_over_instead_of_a_dead_end(tiny_demo, tmp_path):
+    """A run that wrote model.pt but died during its first last.pt save (disk full, kill -9) left a temporary file:
+    a plain run is refused (it holds a trained run), so --resume True must work: it removes the temporary file and
+    trains from the first epoch."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.save({"model": CeVAE(channels=TINY["channels"], z_dim=TINY["z_dim"]).state_dict()}, ckpt / "model.pt")
+    (ckpt / ".last.pt.abc123.tmp").write_bytes(b"")
+    with pytest.raises(RuntimeError) as refused:
+        run_bundle(tmp_path / "run", tiny_demo, epochs=1)
+    assert "holds a trained run" in str(input_error(refused.value))
+    run_bundle(tmp_path / "run", tiny_demo, epochs=1, resume=True)
+    trainer = torch.load(ckpt / "last.pt", weights_only=True)["trainer"]
+    assert trainer["iteration"] == trainer["epoch_length"], "one epoch, from the first"
+    assert not list(ckpt.glob(".*.tmp*")), "the interrupted save's temporary file is gone"
