@@ -137,6 +137,24 @@ def test_damaged_entries_are_detected_and_rebuilt(entries, tmp_path, builds):
     assert not [p for p in cache.glob("*/.*") if p.is_dir()], "no temporary or stale folders left"
 
 
+def test_entries_whose_values_changed_at_the_same_size_are_rebuilt(entries, tmp_path, builds):
+    """Not caught by sizes and headers: plausible values written over an entry's data, and a valid ``.npy`` of other
+    values of the same shape put in its place. Both are rebuilt; the slices read are the true ones."""
+    cache = tmp_path / "cache"
+    reference = dataset(entries, cache)
+    first, second, _ = entry_folders(cache)
+    image = np.load(first / "image.npy")
+    offset = first.joinpath("image.npy").stat().st_size - image.nbytes
+    with open(first / "image.npy", "r+b") as handle:  # same size, same header, plausible floats
+        handle.seek(offset)
+        handle.write(np.ascontiguousarray(image[::-1]).tobytes())
+    np.save(second / "image.npy", np.load(second / "image.npy") * 0.5)  # a valid array of other values
+    builds.clear()
+    rebuilt = dataset(entries, cache)
+    assert len(builds) == 2, "the two changed entries, not the intact one"
+    assert_same_slices(rebuilt, reference)
+
+
 BUILD = """
 import sys
 from pipeline.data.preprocessing import brain_volume_transform

@@ -14,7 +14,9 @@ maps nothing and its resident memory does not grow with the cohort (the OS page 
   on ``<key>.lock``, in a temporary folder renamed into place; a second builder waits for the lock and then finds
   the entry.
 * **Damage**: an entry whose ``meta.json`` is missing or unreadable, or whose arrays do not have the recorded byte
-  size and header, is rebuilt (a truncated copy, a half-deleted folder).
+  size, header and SHA-256 of their data, is rebuilt (a truncated copy, a half-deleted folder, changed bytes, an
+  array of other values put in its place), with a warning. The checksums are verified once per entry when a run
+  opens it (about 1 s per GB of cache), not at every read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -35,8 +38,9 @@ from pipeline.io import WriteError, file_sha256
 
 __all__ = ["CACHE_FORMAT", "CachedVolume", "SliceCache"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: each array's data SHA-256 in meta.json
 _META = "meta.json"
+logger = logging.getLogger(__name__)
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -116,6 +120,9 @@ class SliceCache:
                     shape, _, dtype = reader(handle)
                     if list(shape) != info["shape"] or str(dtype) != info["dtype"] or handle.tell() != info["offset"]:
                         return None
+                    if _data_sha256(handle) != info["sha256"]:
+                        logger.warning("slice cache entry %s has changed since it was written; rebuilding it", path)
+                        return None
             return CachedVolume(folder, meta)
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -181,6 +188,7 @@ class SliceCache:
                     "dtype": str(array.dtype),
                     "nbytes": array.nbytes,
                     "offset": size - array.nbytes,
+                    "sha256": hashlib.sha256(memoryview(array).cast("B")).hexdigest(),
                 }
             (tmp / _META).write_text(json.dumps(meta))
             for path in tmp.iterdir():
@@ -194,3 +202,11 @@ class SliceCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _data_sha256(handle, chunk: int = 1 << 22) -> str:
+    """SHA-256 of the rest of an open file (an array's data after its ``.npy`` header)."""
+    digest = hashlib.sha256()
+    while block := handle.read(chunk):
+        digest.update(block)
+    return digest.hexdigest()
