@@ -89,6 +89,27 @@ def test_spooled_writes_keep_their_order_and_content(tmp_path):
     assert client.pending == 0
 
 
+def test_a_write_torn_by_a_crash_loses_itself_only(tmp_path):
+    """A crash in the middle of an append leaves half a line: the writes before and after it still go through, in
+    order, and sync tells an empty spool file from a failure."""
+    from pipeline.tracking.spool import sync
+
+    store = FlakyStore()
+    client = SpooledClient(store, tmp_path / "run" / "tracking_spool", retry_s=0)
+    store.down = True
+    client.log_batch("r", metrics=[Metric("loss", 1.0, 0, 1)])
+    with open(client.spool, "a") as handle:  # the torn write: no end of line
+        handle.write('{"op": "log_batch", "run_id": "r", "metrics": [["loss", 0.9')
+    client.log_batch("r", metrics=[Metric("loss", 0.8, 0, 3)])  # the resumed run appends after it
+    assert client.pending == 2
+    store.down = False
+    assert client.flush() and store.received == [("batch", [("loss", 1)], []), ("batch", [("loss", 3)], [])]
+    empty = tmp_path / "other" / "tracking_spool" / "spool.jsonl"
+    empty.parent.mkdir(parents=True)
+    empty.write_text("")
+    assert sync(tmp_path / "other") == {str(empty): 0} and not empty.exists()
+
+
 def test_resume_continues_its_own_run_when_another_training_has_the_same_name(tmp_path, monkeypatch):
     """Two trainings A and B of one name on one store, both killed (runs left RUNNING), then both resumed: each
     continues the run recorded next to its own checkpoints. The race is forced: B's run is the newest RUNNING run of

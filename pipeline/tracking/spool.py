@@ -141,9 +141,7 @@ class SpooledClient:
         return len(self._entries())
 
     def _entries(self) -> list[dict]:
-        if not self.spool.is_file():
-            return []
-        return [json.loads(line) for line in self.spool.read_text().splitlines() if line.strip()]
+        return read_spool(self.spool)
 
     def _send(self, entry: dict) -> None:
         op = entry["op"]
@@ -178,8 +176,10 @@ class SpooledClient:
                 for source in (checkpoint, checkpoint.parent / EXECUTED_CONFIG):
                     shutil.copy2(source, kept)
                 entry = {**entry, "checkpoint": str(kept / checkpoint.name)}
-            with open(self.spool, "a") as handle:
-                handle.write(json.dumps({**entry, "tracking_uri": self.client.tracking_uri}) + "\n")
+            torn = self.spool.is_file() and not self.spool.read_bytes().endswith(b"\n")
+            with open(self.spool, "a") as handle:  # after a torn last line, on a line of its own
+                handle.write(("\n" if torn else "") + json.dumps({**entry, "tracking_uri": self.client.tracking_uri}))
+                handle.write("\n")
                 handle.flush()
                 os.fsync(handle.fileno())
 
@@ -239,6 +239,23 @@ class SpooledClient:
             self._append(entry)
 
 
+def read_spool(path: Path) -> list[dict]:
+    """The writes kept in the spool file ``path``, in order. Each was appended with one ``write`` and an ``fsync``,
+    so a line that is not valid JSON can only be a write that a crash tore: it is skipped with a warning naming the
+    file and line (that one write is lost; it never reached the server), not a block on every later write."""
+    if not path.is_file():
+        return []
+    entries = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s line %d is a write torn by a crash; skipped", path, number)
+    return entries
+
+
 def sync(folder: str | os.PathLike) -> dict[str, int]:
     """Send every spool under ``folder`` (training and evaluation output folders) to the tracking server its entries
     name; returns ``{spool: writes still pending}`` (0 when all went through)."""
@@ -247,8 +264,12 @@ def sync(folder: str | os.PathLike) -> dict[str, int]:
     bounded_http()
     left = {}
     for spool in sorted(Path(folder).rglob(f"{SPOOL_DIRNAME}/{SPOOL_FILENAME}")):
-        first = json.loads(spool.read_text().splitlines()[0])
-        client = SpooledClient(MlflowClient(first["tracking_uri"]), spool.parent)
+        entries = read_spool(spool)
+        if not entries:  # nothing that can be sent: an empty file, or only a torn write
+            spool.unlink()
+            left[str(spool)] = 0
+            continue
+        client = SpooledClient(MlflowClient(entries[0]["tracking_uri"]), spool.parent)
         client.flush()
         left[str(spool)] = client.pending
     return left
