@@ -133,3 +133,18 @@ def test_a_failed_metrics_write_names_the_file_and_keeps_the_previous_one(tmp_pa
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"auroc": 0.9}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"], "no temporary file left behind"
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_in_one_line(tmp_path):
+    from pipeline.data.validation import InputError
+    from pipeline.engines.checkpoint import load_trained
+
+    net = torch.nn.Linear(2, 2)
+    good = save_checkpoint({"model": net}, tmp_path / "good.pt")
+    load_trained(good, torch.nn.Linear(2, 2))  # negative control: finite weights load
+    with torch.no_grad():
+        net.bias[1] = float("nan")
+    bad = save_checkpoint({"model": net}, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match=r"bad.pt holds non-finite weights \(bias\): .*diverged") as refused:
+        load_trained(bad, torch.nn.Linear(2, 2))
+    assert "\n" not in str(refused.value)

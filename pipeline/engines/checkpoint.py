@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from pipeline.data.validation import InputError
 from pipeline.io import atomic_path
 
 __all__ = [
@@ -134,7 +135,14 @@ def load_trained(
             f"checkpoint {path} does not exist; train first, or pass the path of a trained model.pt."
         )
     state = torch.load(path, map_location=device, weights_only=True)
-    getattr(network, "module", network).load_state_dict(state.get("model", state))
+    weights = state.get("model", state)
+    broken = [name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
+    if broken:
+        raise InputError(
+            f"checkpoint {path} holds non-finite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}"
+            "): it comes from a diverged training; use an earlier checkpoint or train again."
+        )
+    getattr(network, "module", network).load_state_dict(weights)
     if loss is not None and "loss" in state:
         loss.load_state_dict(state["loss"])
     return state
