@@ -3,13 +3,15 @@ and concurrent runs on one MLflow store."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 
 import nibabel as nib
 import numpy as np
 import pytest
-from bundle_helpers import CLI_ENV, CONFIGS, TINY, TRAIN_CLI
+from bundle_helpers import CLI_ENV, CONFIGS, TINY, TRAIN_CLI, initialized_workflow
 from conftest import REPO, input_error, script_main
 from mlflow import MlflowClient
 from monai.bundle import ConfigWorkflow
@@ -157,3 +159,37 @@ def test_command_line_tools_create_a_missing_output_folder(tmp_path):
     out = tmp_path / "new" / "deeper"
     assert script_main("make_demo_data")(["--out", str(out), "--n-train", "1", "--n-test", "1"]) == 0
     assert (out / "datalist.json").is_file()  # export_bundle: tests/test_bundle_sharing.py (dist/ is created)
+
+
+@pytest.mark.parametrize(
+    "key, value, must_be",
+    [
+        ("image_size", 0, "a whole number >= 8"),
+        ("image_size", 7, "a whole number >= 8"),
+        ("image_size", 100, "divisible"),
+        ("epochs", 0, "a whole number >= 1"),
+        ("batch_size", 0, "a whole number >= 1"),
+        ("lr", float("nan"), "a finite number > 0"),
+        ("z_dim", 0, "a whole number >= 1"),
+        ("val_fraction", 1.0, r"in \[0, 1\)"),
+        ("ce_weight", -1.0, r"in \[0, 1\]"),
+        ("epochs", True, "a whole number"),
+    ],
+)
+def test_out_of_range_settings_stop_before_anything_is_built_in_one_line(tiny_demo, tmp_path, key, value, must_be):
+    with pytest.raises(RuntimeError) as refused:  # MONAI wraps errors of config expressions
+        initialized_workflow(tmp_path / "run", tiny_demo, **{key: value})
+    error = input_error(refused.value)
+    assert error is not None and re.match(
+        rf"--{key} must be .*{must_be}.*, got {re.escape(repr(value))}; e\.g\. --", str(error)
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists(), "stopped before the run's folder was prepared"
+
+
+def test_the_default_settings_pass_the_range_checks():
+    """Negative control: every default of configs/train.json passes."""
+    from pipeline.settings_check import RULES, check_settings
+
+    defaults = json.loads((REPO / "bundles" / "cevae" / "configs" / "train.json").read_text())
+    assert set(RULES) <= set(defaults)
+    check_settings({key: defaults[key] for key in RULES})
