@@ -641,15 +641,31 @@ class AnomalyEvaluation:
         plt.close(fig)
 
     def _plot_panels(self, panels: list, results: dict) -> None:
-        """Input, reconstruction, ground truth, the default option set's maps and the segmentation that inference
-        makes by default (named in the figure)."""
+        """Input, reconstruction, ground truth, the maps of the option set that inference uses by default and its
+        default segmentation (the label-free operating point, or the library default without one; named in the
+        figure)."""
         if not panels:
             return
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        config, score, q = (self.default[k] for k in ("option_set", "score", "quantile"))
-        threshold = results["default"]["threshold"]
+        point = results.get("operating_point")
+        if point is not None:  # what inference does by default: the label-free operating point
+            config, score, threshold = point["option_set"], point["score"], point["threshold"]
+            options = OperatingPoint.from_dict(point).options(self.configs[config])
+            rule = f"{score} >= healthy q{point['quantile']:g},\ncomponents >= {point['min_component_size']} vox"
+            heading = (
+                "inference's default: the label-free operating point (chosen on synthetic lesions in the healthy "
+                f"validation subjects; no labels)\n{config}/{rule.replace(chr(10), ' ')} (threshold {threshold:.4g}): "
+                f"Dice {point['dice']:.3f} on this test set, {point['synthetic_dice']:.3f} on the synthetic lesions"
+            )
+        else:
+            config, score, q = (self.default[k] for k in ("option_set", "score", "quantile"))
+            threshold, options, rule = results["default"]["threshold"], self.configs[config], f"{score} >= healthy q{q}"
+            heading = (
+                f"inference's default segmentation: option set {config}, score {score}, threshold {threshold:.4g} "
+                f"(healthy quantile {q}, no labels used)"
+            )
         columns = [
             "input",
             "reconstruction",
@@ -657,13 +673,13 @@ class AnomalyEvaluation:
             f"{config}: rec",
             f"{config}: kl_grad",
             f"{config}: combined",
-            f"segmentation:\n{score} >= healthy q{q}",
+            f"segmentation:\n{rule}",
         ]
         fig, axes = plt.subplots(
             len(panels), len(columns), figsize=(2 * len(columns), 2.2 * len(panels) + 0.4), squeeze=False
         )
         for row, (subject, slices, z) in enumerate(panels):
-            seg = self._segment(subject, config, score, threshold)[..., z]
+            seg = segment(subject.volume(config, score), subject.brain, threshold, options)[..., z]
             images = [
                 slices["image"][z],
                 slices["recon"][z],
@@ -683,11 +699,7 @@ class AnomalyEvaluation:
                 if row == 0:
                     ax.set_title(title, fontsize=8)
             axes[row, 0].set_ylabel(f"{subject.name}\nslice {z}", fontsize=8)
-        fig.suptitle(
-            f"inference's default segmentation: option set {config}, score {score}, threshold {threshold:.4g} "
-            f"(healthy quantile {q}, no labels used)",
-            fontsize=9,
-        )
+        fig.suptitle(heading, fontsize=9)
         fig.tight_layout()
         with atomic_path(self.output_dir / "panels.png", ".png") as tmp:
             fig.savefig(tmp, dpi=80)
