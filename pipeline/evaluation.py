@@ -206,15 +206,19 @@ class AnomalyEvaluation:
 
     def healthy(self) -> dict:
         """The ``healthy`` section of ``threshold.json`` for this checkpoint and these option sets; computed from
-        ``healthy_data`` (and written) when the file lacks it, was made for another checkpoint or other options."""
-        options = {c: o.to_dict() for c, o in self.configs.items()}
+        ``healthy_data`` (and written) when the file lacks it, was made for another checkpoint or other options.
+        The option sets then hold their healthy normalisation constants (stored with them, or fitted here)."""
         try:
             content = read_thresholds(self.checkpoint)
         except InputError as err:
             content, reason = {}, str(err)
         else:
             reason = "its option sets differ from this evaluation's"
-        if content.get("healthy") and all(content.get("options", {}).get(c) == o for c, o in options.items()):
+        stored = {c: ScoreOptions(**o) for c, o in content.get("options", {}).items()}
+        if content.get("healthy") and all(
+            c in stored and stored[c].unfitted() == o.unfitted() for c, o in self.configs.items()
+        ):
+            self.configs = {c: stored[c] for c in self.configs}
             return self._with_default(content["healthy"])
         if not self.healthy_data:
             raise InputError(
@@ -227,16 +231,17 @@ class AnomalyEvaluation:
             self.checkpoint,
             len(self.healthy_data),
         )
-        healthy = label_free_calibration(
+        healthy, self.configs = label_free_calibration(
             self.network,
             self.loss,
             self.healthy_data,
             self.transform,
-            self.configs,
+            {c: o.unfitted() for c, o in self.configs.items()},
             self.healthy_quantiles,
             self.batch_size,
             self.device,
         )
+        options = {c: o.to_dict() for c, o in self.configs.items()}
         return self._with_default(update_thresholds(self.checkpoint, options, healthy=healthy)["healthy"])
 
     def _with_default(self, healthy: dict) -> dict:

@@ -6,6 +6,9 @@
   1/5/10 %). The 0.99 quantile (1 % of healthy brain voxels above it before post-processing) is the default of
   inference: the strictest of those rates, so that a healthy scan gets few false positives, yet low enough that
   a lesion a hundredth of the brain's size can still be found.
+* :func:`fit_grad_normalization`: the healthy constants of option sets that normalise the KL gradient by healthy data
+  (``grad_normalization="healthy"``): the median over the healthy validation volumes of each volume's minimum and
+  maximum, i.e. what the authors' per-volume min-max does to a typical healthy scan, now fixed for every scan.
 * :func:`mean_brain_check`: is the decoder more than a mean brain? The reconstruction error of the model on healthy
   validation slices against the error of the mean training slice at the same relative axial position, and the
   active latent units.
@@ -14,13 +17,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from pipeline.data.slices import BrainSliceDataset
+from pipeline.data.slices import BrainSliceDataset, volume_to_slices
 from pipeline.losses import CeVAELoss, kl_divergence
-from pipeline.scoring import SCORE_NAMES, ScoreOptions, score_volume
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, kl_gradient, score_volume
 from pipeline.thresholds import quantile_key
 
 __all__ = [
@@ -30,6 +34,7 @@ __all__ = [
     "DEFAULT_SCORE",
     "HEALTHY_QUANTILES",
     "active_units",
+    "fit_grad_normalization",
     "healthy_thresholds",
     "mean_brain_check",
 ]
@@ -44,6 +49,34 @@ ACTIVE_UNIT_VARIANCE = 0.01  # a latent unit is active if Var_x[mu_d(x)] exceeds
 def active_units(mu: torch.Tensor | np.ndarray) -> int:
     """Latent units whose posterior mean varies over the data: ``Var_x[mu_d] > 0.01``; ``mu`` is ``(N, Z)``."""
     return int((torch.as_tensor(mu).double().var(dim=0) > ACTIVE_UNIT_VARIANCE).sum())
+
+
+def fit_grad_normalization(
+    network: torch.nn.Module,
+    entries: Sequence[dict],
+    transform: Callable,
+    option_sets: Mapping[str, ScoreOptions],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, ScoreOptions]:
+    """``option_sets`` with the healthy constants filled in where ``grad_normalization="healthy"`` (``grad_low``,
+    ``grad_high``: medians over the healthy volumes ``entries`` of each volume's minimum and maximum of the raw
+    ``|dKL/dx|``); the others as they are. The network passes run only if an option set needs them."""
+    if not any(o.grad_normalization == "healthy" for o in option_sets.values()):
+        return dict(option_sets)
+    lows, highs = [], []
+    for entry in entries:
+        data = transform(dict(entry))
+        image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
+        slices = volume_to_slices(image)
+        grads = [kl_gradient(network, slices[i : i + batch_size].to(device)) for i in range(0, len(slices), batch_size)]
+        lows.append(float(min(g.min() for g in grads)))
+        highs.append(float(max(g.max() for g in grads)))
+    low, high = float(np.median(lows)), float(np.median(highs))
+    return {
+        name: replace(options, grad_low=low, grad_high=high) if options.grad_normalization == "healthy" else options
+        for name, options in option_sets.items()
+    }
 
 
 def healthy_thresholds(

@@ -131,6 +131,12 @@ class AnomalyInference:
                 f"unknown option set {self.option_set!r}; choose one of {sorted(available)} (--option_set)."
             )
         self.options = ScoreOptions(**available[self.option_set])
+        if self.options.grad_normalization == "healthy" and not self.options.fitted:
+            raise InputError(
+                f"option set {self.option_set!r} scales the KL gradient by constants of the healthy validation "
+                f"subjects, which the threshold.json next to {self.checkpoint} holds, and there is none; re-run the "
+                "bundle's 'evaluating' with the training datalist to compute it, or choose --option_set paper."
+            )
         if not given:
             self.threshold, self.threshold_source = select_threshold(
                 content, self.option_set, self.score_name, self.healthy_quantile, self.calibration

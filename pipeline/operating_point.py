@@ -4,7 +4,10 @@ synthetic lesions inserted into the healthy validation volumes. No lesion label 
 :func:`synthetic_lesion_search` inserts ``per_subject`` synthetic lesions (:mod:`pipeline.data.synthetic_lesions`)
 into each healthy validation volume, scores each lesioned volume once and measures every candidate on it:
 
-* every option set of the model and every **model** score (``rec``, ``kl_grad``, ``combined``);
+* every option set of the model and every **model** score (``rec``, ``kl_grad``, ``combined``), except the
+  ``kl_grad`` and ``combined`` maps of option sets that scale them by the scored volume itself
+  (:attr:`pipeline.scoring.ScoreOptions.test_volume_scaled`): a healthy-data threshold does not mean the same on
+  them from one scan to the next;
 * every healthy quantile's threshold (:func:`pipeline.healthy.healthy_thresholds`: its false-positive rate on
   healthy brain voxels is known);
 * every minimum connected-component size of :data:`MIN_COMPONENT_SIZES` (voxels of the 64-pixel grid, 26-connected).
@@ -25,7 +28,7 @@ import torch
 from scipy import ndimage
 
 from pipeline.data.synthetic_lesions import LESION_KINDS, SyntheticLesion
-from pipeline.healthy import DEFAULT_QUANTILE, HEALTHY_QUANTILES, healthy_thresholds
+from pipeline.healthy import DEFAULT_QUANTILE, HEALTHY_QUANTILES, fit_grad_normalization, healthy_thresholds
 from pipeline.losses import CeVAELoss
 from pipeline.metrics import CONNECTIVITY, lesion_detection
 from pipeline.scoring import SCORE_NAMES, ScoreOptions, score_volume, segment
@@ -36,6 +39,7 @@ __all__ = [
     "MODEL_SCORES",
     "SYNTHETIC_PER_SUBJECT",
     "OperatingPoint",
+    "choose_operating_point",
     "component_size_dice_counts",
     "evaluate_operating_point",
     "label_free_calibration",
@@ -102,6 +106,23 @@ def _dice(counts: np.ndarray) -> float:
     return float(counts[0] / counts[1]) if counts[1] else 1.0
 
 
+def choose_operating_point(candidates: Sequence[Mapping], option_sets: Mapping[str, ScoreOptions]) -> OperatingPoint:
+    """The candidate (rows of :func:`synthetic_lesion_search`'s table) with the highest Dice among the model's maps
+    whose scale does not come from the scored volume (the module docstring); ties go to the higher quantile, then to
+    the smaller minimum component size."""
+    eligible = [
+        c
+        for c in candidates
+        if c["score"] in MODEL_SCORES and (c["score"] == "rec" or not option_sets[c["option_set"]].test_volume_scaled)
+    ]
+    if not eligible:
+        raise ValueError("no candidate operating point: the option sets hold no map of the model.")
+    best = max(eligible, key=lambda c: (c["dice"], c["quantile"], -c["min_component_size"]))
+    return OperatingPoint(
+        best["option_set"], best["score"], best["quantile"], best["threshold"], best["min_component_size"], best["dice"]
+    )
+
+
 def synthetic_lesion_search(
     network: torch.nn.Module,
     loss: CeVAELoss,
@@ -159,8 +180,6 @@ def synthetic_lesion_search(
         for (config, score, q), counted in counts.items()
         for j, size in enumerate(sizes)
     ]
-    model = [c for c in candidates if c["score"] in MODEL_SCORES]
-    best = max(model, key=lambda c: (c["dice"], c["quantile"], -c["min_component_size"]))
     default = quantile_key(default_quantile)
     own = {c: sizes.index(o.min_component_size) for c, o in option_sets.items()}
     return {
@@ -169,14 +188,7 @@ def synthetic_lesion_search(
         "kinds": list(kinds),
         "min_component_sizes": sizes,
         "candidates": candidates,
-        "operating_point": OperatingPoint(
-            best["option_set"],
-            best["score"],
-            best["quantile"],
-            best["threshold"],
-            best["min_component_size"],
-            best["dice"],
-        ).to_dict(),
+        "operating_point": choose_operating_point(candidates, option_sets).to_dict(),
         "quantile": float(default_quantile),
         "dice": {c: {s: _dice(counts[c, s, default][own[c]]) for s in SCORE_NAMES} for c in option_sets},
     }
@@ -191,24 +203,19 @@ def label_free_calibration(
     quantiles: Sequence[float] = HEALTHY_QUANTILES,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
-) -> dict:
-    """The ``healthy`` section of ``threshold.json`` from the healthy validation volumes ``entries``: the healthy
-    thresholds (:func:`pipeline.healthy.healthy_thresholds`) and, under ``synthetic``, the candidates and the
-    operating point chosen on synthetic lesions (:func:`synthetic_lesion_search`)."""
-    healthy = healthy_thresholds(network, loss, entries, transform, option_sets, quantiles, batch_size, device)
+) -> tuple[dict, dict[str, ScoreOptions]]:
+    """Everything a trained model needs from its healthy validation volumes ``entries``, no label anywhere:
+    the option sets with their healthy normalisation constants (:func:`pipeline.healthy.fit_grad_normalization`),
+    then for them the ``healthy`` section of ``threshold.json``: the healthy thresholds
+    (:func:`pipeline.healthy.healthy_thresholds`) and, under ``synthetic``, the candidates and the operating point
+    chosen on synthetic lesions (:func:`synthetic_lesion_search`). Returns ``(healthy, fitted option sets)``."""
+    fitted = fit_grad_normalization(network, entries, transform, option_sets, batch_size, device)
+    healthy = healthy_thresholds(network, loss, entries, transform, fitted, quantiles, batch_size, device)
     default = DEFAULT_QUANTILE if DEFAULT_QUANTILE in quantiles else quantiles[-1]
     healthy["synthetic"] = synthetic_lesion_search(
-        network,
-        loss,
-        entries,
-        transform,
-        option_sets,
-        healthy["thresholds"],
-        default,
-        batch_size=batch_size,
-        device=device,
+        network, loss, entries, transform, fitted, healthy["thresholds"], default, batch_size=batch_size, device=device
     )
-    return healthy
+    return healthy, fitted
 
 
 def evaluate_operating_point(

@@ -22,9 +22,11 @@ inference:
   ``MIC-DKFZ/mood``): min-max normalised, then smoothed with a 7x7 Gaussian of sigma 3. Their code normalises over
   each **batch** of slices, so a slice's score depends on which slices share its batch; here the normalisation
   runs over each **volume** (the batch when a batch holds one volume), which is deterministic;
-* :data:`POSTPROCESSED`: :data:`AUTHORS` plus the post-processing of Baur et al. 2021 (maps multiplied by the brain
-  mask eroded by 1 voxel, 3D median filter 5, connected components under 7 voxels removed from segmentations),
-  which none of the authors' codes apply.
+* :data:`POSTPROCESSED`: :data:`AUTHORS` with the KL gradient normalised by constants of the **healthy** validation
+  volumes instead of the scored volume's own minimum and maximum (a healthy-data threshold then means the same on
+  every scan; the test volume's own maximum would scale the map of a scan with a large lesion down), plus the
+  post-processing of Baur et al. 2021 (maps multiplied by the brain mask eroded by 1 voxel, 3D median filter 5,
+  connected components under 7 voxels removed from segmentations), which none of the authors' codes apply.
 
 Volume-level options (brain-mask multiplication with erosion, 3D median filter) apply in :func:`postprocess_volume`;
 the removal of small connected components acts on thresholded segmentations (:func:`segment`).
@@ -66,7 +68,7 @@ __all__ = [
 ]
 
 SCORE_NAMES = ("rec", "kl_grad", "combined", "intensity")
-GRAD_NORMALIZATIONS = ("none", "slice", "volume")
+GRAD_NORMALIZATIONS = ("none", "slice", "volume", "healthy")
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,13 @@ class ScoreOptions:
 
     Args:
         positive_residuals: ``rec = max(x - recon, 0)`` (lesions brighter than expected only) instead of ``|x - recon|``.
-        grad_normalization: min-max normalise the KL-gradient map to [0, 1] before smoothing: ``"none"``,
-            ``"slice"`` (each slice on its own) or ``"volume"`` (over each volume's slices; the deterministic form of
-            the authors' per-batch normalisation).
+        grad_normalization: min-max normalise the KL-gradient map before smoothing: ``"none"``, ``"slice"`` (each
+            slice on its own), ``"volume"`` (over each volume's slices; the deterministic form of the authors'
+            per-batch normalisation) or ``"healthy"`` (``(g - grad_low) / (grad_high - grad_low)`` with constants
+            from the healthy validation volumes, :func:`pipeline.healthy.fit_grad_normalization`: the same scale
+            for every test volume, so that a large lesion does not scale its own map down).
+        grad_low, grad_high: the healthy constants of ``"healthy"`` (None until fitted; stored in
+            ``threshold.json`` with the option set).
         grad_sigma: Gaussian smoothing (sigma in pixels) of the KL-gradient map (0 = off); the authors' code uses 3.
         grad_kernel: side of the smoothing kernel in pixels (the authors' code: 7).
         brain_mask: multiply every map by the brain mask.
@@ -97,12 +103,31 @@ class ScoreOptions:
     median_size: int = 0
     min_component_size: int = 0
     equalize_intensity: bool = False
+    grad_low: float | None = None
+    grad_high: float | None = None
 
     def __post_init__(self) -> None:
         if self.grad_normalization not in GRAD_NORMALIZATIONS:
             raise ValueError(
                 f"grad_normalization must be one of {GRAD_NORMALIZATIONS}, got " f"{self.grad_normalization!r}."
             )
+        if self.fitted and not self.grad_high > self.grad_low:
+            raise ValueError(f"grad_high must exceed grad_low, got {self.grad_low} and {self.grad_high}.")
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the healthy constants are set (what ``"healthy"`` normalisation needs)."""
+        return self.grad_low is not None and self.grad_high is not None
+
+    @property
+    def test_volume_scaled(self) -> bool:
+        """Whether the ``kl_grad`` and ``combined`` maps are scaled by the scored data itself (``"slice"``,
+        ``"volume"``): a threshold from healthy data does not transfer to them."""
+        return self.grad_normalization in ("slice", "volume")
+
+    def unfitted(self) -> ScoreOptions:
+        """These knobs without the healthy constants (what a config states)."""
+        return replace(self, grad_low=None, grad_high=None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,7 +135,9 @@ class ScoreOptions:
 
 PAPER = ScoreOptions()
 AUTHORS = ScoreOptions(grad_normalization="volume", grad_sigma=3.0, grad_kernel=7)
-POSTPROCESSED = replace(AUTHORS, brain_mask=True, mask_erosion=1, median_size=5, min_component_size=7)
+POSTPROCESSED = replace(
+    AUTHORS, grad_normalization="healthy", brain_mask=True, mask_erosion=1, median_size=5, min_component_size=7
+)
 OPTION_SETS = {"paper": PAPER, "authors": AUTHORS, "postprocessed": POSTPROCESSED}
 
 
@@ -166,7 +193,14 @@ def score_maps(raw: dict[str, torch.Tensor], x: torch.Tensor, options: ScoreOpti
     residual = x - raw["recon"]
     rec = residual.clamp_min(0) if options.positive_residuals else residual.abs()
     grad = raw["kl_grad"]
-    if options.grad_normalization != "none":
+    if options.grad_normalization == "healthy":
+        if not options.fitted:
+            raise ValueError(
+                "grad_normalization 'healthy' needs grad_low/grad_high from the healthy validation volumes "
+                "(pipeline.healthy.fit_grad_normalization; training stores them in threshold.json)."
+            )
+        grad = (grad - options.grad_low) / (options.grad_high - options.grad_low)
+    elif options.grad_normalization != "none":
         grad = _min_max(grad, (1, 2, 3) if options.grad_normalization == "slice" else (0, 1, 2, 3))
     if options.grad_sigma > 0:
         radius = (options.grad_kernel - 1) / 2

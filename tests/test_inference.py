@@ -140,7 +140,10 @@ def test_missing_or_foreign_thresholds_say_what_to_do(evaluated_run, tumour_case
     (tmp_path / "threshold.json").write_text(json.dumps({**content, "checkpoint_sha256": "0" * 64}))
     with pytest.raises(InputError, match="another checkpoint"):  # thresholds of a model that was replaced
         tiny_inference(checkpoint, tmp_path)(tumour_case["image"])
-    written = tiny_inference(checkpoint, tmp_path, threshold=0.01)(tumour_case["image"])
+    (tmp_path / "threshold.json").unlink()
+    with pytest.raises(InputError, match="healthy validation subjects.*none.*--option_set paper"):  # no constants
+        tiny_inference(checkpoint, tmp_path, threshold=0.01)(tumour_case["image"])
+    written = tiny_inference(checkpoint, tmp_path, threshold=0.01, option_set="paper")(tumour_case["image"])
     assert nib.load(written["seg"]).shape == nib.load(tumour_case["image"]).shape
 
 

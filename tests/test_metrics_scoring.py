@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,7 @@ from pipeline.networks import CeVAE
 from pipeline.scoring import (
     AUTHORS,
     PAPER,
+    POSTPROCESSED,
     ScoreOptions,
     elbo_terms,
     kl_gradient,
@@ -197,6 +200,58 @@ def test_authors_set_normalises_over_the_volume_then_smooths():
     per_volume = score_maps(raw, x, ScoreOptions(grad_normalization="volume"))["kl_grad"].flatten(1).amax(1)
     torch.testing.assert_close(per_slice, torch.ones(4))
     assert per_volume.tolist() == sorted(per_volume.tolist()) and float(per_volume[0]) < 0.5
+
+
+def test_thresholded_maps_keep_their_healthy_scale_whatever_else_is_in_the_volume():
+    """``postprocessed`` scales the KL gradient by healthy constants: a large lesion (a strong gradient) in one slice
+    leaves the maps of the other slices unchanged. Negative control: the authors' per-volume scaling shrinks them.
+    Reference: (g - low) / (high - low) by hand; an unfitted option set refuses to score."""
+    torch.manual_seed(4)
+    grad, x = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16)
+    lesioned = grad.clone()
+    lesioned[0, 0, 4:10, 4:10] = 50.0  # a lesion in slice 0 only
+    healthy = ScoreOptions(grad_normalization="healthy", grad_low=0.0, grad_high=2.0)
+    volume = ScoreOptions(grad_normalization="volume")
+
+    def combined(options, g):
+        return score_maps({"recon": torch.zeros_like(x), "kl_grad": g}, x, options)["combined"][1:]
+
+    torch.testing.assert_close(combined(healthy, lesioned), combined(healthy, grad))
+    torch.testing.assert_close(combined(healthy, grad), x[1:] * grad[1:] / 2.0)
+    assert float(combined(volume, lesioned).max()) < 0.1 * float(combined(volume, grad).max()), "scaled down"
+    assert (
+        volume.test_volume_scaled and not healthy.test_volume_scaled and POSTPROCESSED.grad_normalization == "healthy"
+    )
+    with pytest.raises(ValueError, match="needs grad_low/grad_high from the healthy validation volumes"):
+        score_maps({"recon": x, "kl_grad": grad}, x, POSTPROCESSED)
+
+
+def test_the_operating_point_is_the_best_candidate_whose_scale_is_not_the_test_volume():
+    from pipeline.operating_point import choose_operating_point
+
+    sets = {"scaled": AUTHORS, "fixed": replace(POSTPROCESSED, grad_low=0.0, grad_high=1.0)}
+
+    def row(option_set, score, quantile, size, dice):
+        return dict(
+            option_set=option_set,
+            score=score,
+            quantile=quantile,
+            threshold=quantile / 2,
+            min_component_size=size,
+            dice=dice,
+        )
+
+    table = [
+        row("scaled", "combined", 0.99, 0, 0.9),  # the best, but scaled by the scored volume: not eligible
+        row("fixed", "intensity", 0.99, 0, 0.8),  # the baseline: never chosen
+        row("fixed", "combined", 0.98, 7, 0.5),
+        row("fixed", "combined", 0.995, 27, 0.5),  # tie: the higher quantile
+        row("scaled", "rec", 0.99, 125, 0.4),  # rec does not depend on the gradient's scale: eligible
+    ]
+    point = choose_operating_point(table, sets)
+    assert (point.option_set, point.score, point.quantile, point.min_component_size) == ("fixed", "combined", 0.995, 27)
+    point = choose_operating_point([table[0], table[1], table[4]], sets)
+    assert (point.option_set, point.score, point.synthetic_dice) == ("scaled", "rec", 0.4)
 
 
 def test_lesion_detection_counts_components():

@@ -279,14 +279,14 @@ def test_an_interrupted_comparison_resumes_to_the_same_tables(tiny_demo, tmp_pat
 
 # ------------------------------------------------------------------------------------------ 5. write errors
 FAIL_SECOND_SAVE = """
-import errno, runpy, sys, torch
-calls, save = [0], torch.save
-def failing(obj, f, *args, **kwargs):
-    calls[0] += ".last.pt." in str(f)
-    if calls[0] == 2:  # the disk is full when epoch 2 saves last.pt
+import errno, pathlib, runpy, sys
+calls, write = [0], pathlib.Path.write_bytes
+def failing(self, data):
+    calls[0] += ".last.pt." in self.name
+    if ".last.pt." in self.name and calls[0] == 2:  # the disk is full when epoch 2 saves last.pt
         raise OSError(errno.ENOSPC, "No space left on device")
-    return save(obj, f, *args, **kwargs)
-torch.save = failing
+    return write(self, data)
+pathlib.Path.write_bytes = failing
 sys.argv = ["monai.bundle"] + sys.argv[1:]
 runpy.run_module("monai.bundle", run_name="__main__")
 """

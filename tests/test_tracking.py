@@ -141,3 +141,6 @@ def test_resume_continues_its_own_run_when_another_training_has_the_same_name(tm
     client.set_terminated(first["A"], status="KILLED")
     assert started("A", resume=True) == first["A"] and client.get_run(first["A"]).info.status == "RUNNING"
     assert started("C", resume=True) not in first.values(), "no record: a new run, not another training's"
+    client.set_terminated(first["B"], status="FINISHED")  # B completed; trained further with more epochs
+    extended = started("B", resume=True)
+    assert extended != first["B"] and client.get_run(extended).data.tags["cevae.previous_run_id"] == first["B"]

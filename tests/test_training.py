@@ -174,6 +174,21 @@ def test_training_ends_with_healthy_thresholds_of_the_selected_checkpoint(cevae_
     assert point["synthetic_dice"] == max(c["dice"] for c in synthetic["candidates"] if c["score"] != "intensity")
     assert point["threshold"] == healthy["thresholds"][point["option_set"]][point["score"]][f"{point['quantile']:g}"]
     assert epoch_metric(out, "operating_point/synthetic_dice") == [point["synthetic_dice"]]
+    # the healthy scale of the postprocessed KL gradient, stored with the option set: medians over the validation
+    # volumes of each volume's min and max of |dKL/dx| (reference: autograd on each volume's summed KL, by hand)
+    network = CeVAE(channels=TINY["channels"], z_dim=TINY["z_dim"]).eval()
+    network.load_state_dict(torch.load(out / "checkpoints" / "model.pt", weights_only=True)["model"])
+    lows, highs = [], []
+    for volume in (transform(e) for e in validation):
+        x = volume["image"].as_tensor().permute(3, 0, 1, 2).contiguous().requires_grad_(True)  # (D, 1, H, W)
+        mu, logvar = network.encode(x)
+        (grad,) = torch.autograd.grad((0.5 * (mu**2 + logvar.exp() - 1 - logvar)).sum(), x)
+        lows.append(float(grad.abs().min()))
+        highs.append(float(grad.abs().max()))
+    stored = content["options"]["postprocessed"]
+    assert stored["grad_low"] == pytest.approx(np.median(lows), abs=1e-4 * np.median(highs))  # ~0: rounding
+    assert stored["grad_high"] == pytest.approx(np.median(highs), rel=1e-4)
+    assert content["options"]["paper"]["grad_high"] is None, "only the healthy-scaled set is fitted"
 
 
 def test_healthy_calibration_scores_with_the_selected_checkpoint_not_the_last_weights(tiny_demo, tmp_path):

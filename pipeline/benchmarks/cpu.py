@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -52,7 +53,8 @@ from pipeline.inference import AnomalyInference
 from pipeline.io import parallel_gzip
 from pipeline.losses import CeVAELoss, kl_divergence
 from pipeline.networks import CeVAE, CeVAEReconstruction
-from pipeline.scoring import VolumeScorer, kl_gradient
+from pipeline.scoring import POSTPROCESSED, VolumeScorer, kl_gradient
+from pipeline.thresholds import update_thresholds
 
 __all__ = ["KEYS", "TRAINING_VARIANTS", "cpu_benchmark"]
 
@@ -123,6 +125,8 @@ def scoring(tmp: Path, volumes: list[int]) -> dict:
     checkpoint = tmp / "model.pt"
     loss = CeVAELoss(sigma=0.1)  # the state a trained calibrated loss saves
     torch.save({"model": net.state_dict(), "loss": loss.state_dict()}, checkpoint)
+    fitted = replace(POSTPROCESSED, grad_low=0.0, grad_high=1.0)  # what training stores: the healthy constants
+    update_thresholds(checkpoint, {"postprocessed": fitted.to_dict()}, healthy={})
     infer = AnomalyInference(VolumeScorer(net), checkpoint, brain_volume_transform(), tmp / "scored", threshold=0.5)
     infer(image)  # warm-up (and checkpoint loading)
     times, peaks = [], []

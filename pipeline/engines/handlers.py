@@ -165,7 +165,7 @@ class HealthyCalibration:
         network = copy.deepcopy(getattr(self.network, "module", self.network)).eval()
         loss = copy.deepcopy(self.loss_function).eval()
         load_trained(self.checkpoint, network, loss, self.device)
-        healthy = label_free_calibration(
+        healthy, fitted = label_free_calibration(
             network, loss, self.data, self.transform, self.option_sets, self.quantiles, self.batch_size, self.device
         )
         point = OperatingPoint.from_dict(healthy["synthetic"]["operating_point"])
@@ -173,7 +173,7 @@ class HealthyCalibration:
             healthy["validation"] = mean_brain_check(
                 network, self.train_slices, self.validation_slices, device=self.device
             )
-        update_thresholds(self.checkpoint, {c: o.to_dict() for c, o in self.option_sets.items()}, healthy=healthy)
+        update_thresholds(self.checkpoint, {c: o.to_dict() for c, o in fitted.items()}, healthy=healthy)
         check = healthy.get("validation", {})
         metrics = {f"healthy_{k}": float(check[k]) for k in CHECK_METRICS if k in check}
         for config, per_score in healthy["thresholds"].items():

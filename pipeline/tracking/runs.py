@@ -43,6 +43,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RUN_INFO_FILENAME = "mlflow_run.json"  # next to the checkpoints: which MLflow run trained them
+PREVIOUS_RUN_TAG = "cevae.previous_run_id"  # on a resumed training's new run: the run it continues
 
 
 def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike, timeout_s: float = 5.0) -> str:
@@ -182,10 +183,12 @@ class MLflowRunHandler(MLFlowHandler):
         if not self.cur_run:
             with store_lock(self.store_uri):
                 self._set_experiment()
-            recorded = self._recorded_run() if self.resume else None
-            tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id} if self.parent_run_id else None
+            recorded, previous = self._recorded_run() if self.resume else (None, None)
+            tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id} if self.parent_run_id else {}
+            if previous:
+                tags[PREVIOUS_RUN_TAG] = previous
             self.cur_run = recorded or self.client.create_run(
-                experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags
+                experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags or None
             )
             if self.run_info_path is not None:
                 atomic_write_json(
@@ -199,31 +202,33 @@ class MLflowRunHandler(MLFlowHandler):
         super().start(engine)
 
     def _recorded_run(self):
-        """The run that ``run_info_path`` names, if it is in this store and experiment (reopened if a kill or a
-        failure ended it); else None, and the resumed training gets a new run. Never a run found by name: several
+        """``(run, None)`` for the unfinished run that ``run_info_path`` names (reopened if a kill or a failure ended
+        it), or ``(None, its id)`` when the resumed training gets a new run linked to it (tag
+        :data:`PREVIOUS_RUN_TAG`): the recorded run finished (a completed training trained further), or this store
+        or experiment does not have it. ``(None, None)`` without a record. Never a run found by name: several
         trainings in one store may share a name, and each must continue its own run."""
         path = Path(self.run_info_path) if self.run_info_path is not None else None
         if path is None or not path.is_file():
-            return None
+            return None, None
         recorded = read_json(path, "delete it to start a new MLflow run for this training")
+        run_id = recorded.get("run_id")
         try:
-            run = self.client.get_run(recorded["run_id"])
+            run = self.client.get_run(run_id)
         except MlflowException as err:  # deleted, or a store that never had it
             logger.warning(
-                "%s names MLflow run %s, which this store does not have (%s); starting a new run",
-                path,
-                recorded.get("run_id"),
-                err,
+                "%s names MLflow run %s, which this store does not have (%s); starting a new run", path, run_id, err
             )
-            return None
+            return None, run_id
         if recorded.get("tracking_uri") != self.client.tracking_uri or (
             run.info.experiment_id != self.experiment.experiment_id
         ):
-            logger.warning("%s names a run of another store or experiment; starting a new run", path)
-            return None
+            logger.warning("%s names run %s of another store or experiment; starting a new run", path, run_id)
+            return None, run_id
+        if run.info.status == "FINISHED":  # a completed training trained further: its settings differ
+            return None, run_id
         if run.info.status != "RUNNING":
             self.client.update_run(run.info.run_id, status="RUNNING")
-        return run
+        return run, None
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
