@@ -80,6 +80,8 @@ class AnomalyInference:
         option_set, score: the map to threshold (an option set of ``threshold.json``, or of
             :data:`pipeline.scoring.OPTION_SETS` when there is no such file); None: the operating point's.
         model_version: written into the score files (e.g. the bundle's metadata version).
+        overwrite: replace the outputs of an earlier inference of the same input in ``output_dir`` (else refused,
+            as training and evaluation refuse to replace results without ``--overwrite True``).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class AnomalyInference:
         option_set: str | None = None,
         score: str | None = None,
         model_version: str = "unknown",
+        overwrite: bool = False,
     ) -> None:
         if score is not None and score not in SCORE_NAMES:
             raise InputError(f"unknown score {score!r}; choose one of {SCORE_NAMES} (--score).")
@@ -101,7 +104,7 @@ class AnomalyInference:
         self.output_dir = Path(output_dir)
         self.threshold, self.healthy_quantile, self.calibration = threshold, healthy_quantile, calibration
         self.option_set, self.score_name = option_set, score
-        self.model_version = model_version
+        self.model_version, self.overwrite = model_version, overwrite
         self.threshold_source = "given (--threshold)"
         self.operating_point: OperatingPoint | None = None
         self._loaded = False
@@ -167,6 +170,17 @@ class AnomalyInference:
         mask_file = pre["brainmask"].meta.get("filename_or_obj")
         mask = None if mask_file in (None, str(image)) else str(mask_file)  # a derived mask has the image's name
         name = image.name.split(".nii")[0]
+        outputs = {
+            "anomaly": self.output_dir / f"{name}_anomaly.nii.gz",
+            "seg": self.output_dir / f"{name}_seg.nii.gz",
+            "score": self.output_dir / f"{name}_score.json",
+        }
+        earlier = [str(path) for path in outputs.values() if path.exists()]
+        if earlier and not self.overwrite:
+            raise InputError(
+                f"{earlier[0]} exists (an earlier inference of {image.name}, or another input of the same name in "
+                "this run); replace it with --overwrite True, or choose another --output_dir."
+            )
         brain = np.asarray(pre["brainmask"][0] > 0)
         terms, maps = self.scorer(
             pre["image"].as_tensor(), brain, {self.option_set: self.options}, scores=(self.score_name,)
@@ -176,11 +190,6 @@ class AnomalyInference:
         slice_scores = terms["neg_elbo"].tolist()
         native = self._invert(pre, {"anomaly": anomaly, "seg": seg.astype(np.float32)})
         reference = nib.load(str(image))
-        outputs = {
-            "anomaly": self.output_dir / f"{name}_anomaly.nii.gz",
-            "seg": self.output_dir / f"{name}_seg.nii.gz",
-            "score": self.output_dir / f"{name}_score.json",
-        }
         atomic_save_nifti(_like(reference, native["anomaly"].astype(np.float32)), outputs["anomaly"])
         atomic_save_nifti(_like(reference, (native["seg"] > 0.5).astype(np.uint8)), outputs["seg"])
         in_brain = brain.reshape(-1, brain.shape[-1]).any(axis=0)

@@ -147,6 +147,18 @@ def test_missing_or_foreign_thresholds_say_what_to_do(evaluated_run, tumour_case
     assert nib.load(written["seg"]).shape == nib.load(tumour_case["image"]).shape
 
 
+def test_inference_never_replaces_earlier_results_unless_asked(evaluated_run, tumour_case, tmp_path):
+    out, _ = evaluated_run
+    checkpoint = out / "checkpoints" / "model.pt"
+    written = tiny_inference(checkpoint, tmp_path)(tumour_case["image"])
+    before = {key: Path(path).read_bytes() for key, path in written.items()}
+    with pytest.raises(InputError, match=r"_anomaly.nii.gz exists .*--overwrite True"):
+        tiny_inference(checkpoint, tmp_path, threshold=0.5)(tumour_case["image"])
+    assert {key: Path(path).read_bytes() for key, path in written.items()} == before, "nothing replaced"
+    again = tiny_inference(checkpoint, tmp_path, threshold=0.5, overwrite=True)(tumour_case["image"])
+    assert json.loads(Path(again["score"]).read_text())["threshold"] == 0.5
+
+
 def test_threshold_choices(evaluated_run, tumour_case, tmp_path):
     out, _ = evaluated_run
     checkpoint = out / "checkpoints" / "model.pt"
