@@ -19,7 +19,8 @@ from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slices import brain_slice_indices
-from pipeline.evaluation import AnomalyEvaluation, _counts, _pooled_dice, _Subject
+from pipeline.evaluation import AnomalyEvaluation
+from pipeline.evaluation.subjects import ScoredSubject, pooled_dice, segmentation_counts
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
 from pipeline.operating_point import label_free_calibration as evaluation_healthy
@@ -153,7 +154,7 @@ def test_evaluation_recalibrates_when_its_option_sets_change(evaluated_run, tiny
     """Stored healthy thresholds are used as they are for the option sets they were made with; an evaluation with a
     changed option set computes them anew (and only then), adds its options to threshold.json, and without healthy
     data says why it cannot."""
-    import pipeline.evaluation as evaluation
+    import pipeline.evaluation.core as evaluation
 
     out, _ = evaluated_run
     checkpoint = copy_checkpoint(out, tmp_path / "checkpoint")
@@ -248,7 +249,7 @@ def synthetic_subjects(n=3, shape=(24, 24, 16), seed=0):
         label[5 + i : 8 + i, 10:13, 6:8] = True
         noise = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
         score = (noise / noise.std() + 4.0 * label).astype(np.float32)
-        subject = _Subject(f"s{i}", brain, label)
+        subject = ScoredSubject(f"s{i}", brain, label)
         subject.voxels = {"cc": {"combined": score[brain]}}
         subjects.append(subject)
     return subjects
@@ -275,18 +276,18 @@ def test_best_dice_with_component_removal_finds_small_lesions(tmp_path):
     # beat Dice 2 * 0.002 / (0.002 + 0.05) = 0.08 on lesions of 0.2 %), each with its components removed
     voxels = np.sort(np.concatenate([s.voxels["cc"]["combined"] for s in subjects]))
     candidates = voxels[-int(0.05 * voxels.size) :]
-    brute = max(_pooled_dice(evaluation._counts(subjects, "cc", "combined", float(t))) for t in candidates)
+    brute = max(pooled_dice(evaluation._counts(subjects, "cc", "combined", float(t))) for t in candidates)
     assert found >= 0.98 * brute and brute > 0.5
     # negative control: the former 64-point grid of quantiles in [0.5, 1] misses such small lesions
     coarse = np.unique(np.quantile(voxels, np.linspace(0.5, 1.0, 64)))
-    old = max(_pooled_dice(evaluation._counts(subjects, "cc", "combined", float(t))) for t in coarse)
+    old = max(pooled_dice(evaluation._counts(subjects, "cc", "combined", float(t))) for t in coarse)
     assert old < 0.8 * brute
 
 
 def test_a_segmentation_of_most_of_the_brain_is_flagged(tmp_path, caplog):
     subjects = synthetic_subjects()
     evaluation = evaluation_for(subjects, tmp_path, min_component_size=0)
-    whole = _pooled_dice(_counts([s.brain for s in subjects], subjects))
+    whole = pooled_dice(segmentation_counts([s.brain for s in subjects], subjects))
     voxels = np.concatenate([s.voxels["cc"]["combined"] for s in subjects])
     low, _ = evaluation._dice_entry(subjects, "cc", "combined", float(np.quantile(voxels, 0.1)), whole)  # 90 %
     high, _ = evaluation._dice_entry(subjects, "cc", "combined", float(np.quantile(voxels, 0.99)), whole)

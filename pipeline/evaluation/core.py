@@ -1,47 +1,15 @@
-"""Evaluation of a trained ceVAE on a labelled test datalist: the paper's numbers, and what a user without labels
-would get.
-
-:class:`AnomalyEvaluation` scores each test volume (:func:`pipeline.scoring.score_volume`: one forward and one
-batched KL-gradient backward per slice batch), derives the pixel maps of every option set (``paper``,
-``authors``, ``postprocessed``: :data:`pipeline.scoring.OPTION_SETS`) and keeps brain voxels only as compact
-arrays. Then, per option set and score:
-
-* slice level: AUROC/AUPRC of slice scores over the slices training would use (``min_brain_fraction``,
-  ``border_slices``; normal: no annotated pixel, anomalous: more than ``min_slice_pixels``);
-* pixel level: exact AUROC/AUPRC over brain voxels (:class:`pipeline.metrics.ThresholdCurve`) beside the lesion
-  prevalence (the AUPRC of a random score); with ``label_groups`` also per group of label values;
-* Dice, each beside the Dice of segmenting the whole brain: ``dice_split`` (threshold chosen on a seeded 20 % of the
-  test **subjects**, Dice on the other 80 %, as in the paper), ``dice_healthy`` (at each healthy-data threshold of
-  ``threshold.json``: no labels involved) and ``dice_best`` (the best threshold; an upper bound, not a result).
-  A threshold whose segmentation covers more than half of the brain is flagged (``covers_over_half_brain``,
-  ``warnings``, the log): its Dice is that of a whole-brain mask;
-* ``lesion_detection``: the fraction of 3D lesion components that the segmentation touches (``recall``) and the
-  segmented components touching no lesion per volume (``fp_per_volume``), at the calibrated threshold (held-out
-  subjects) and at the default healthy threshold (all subjects);
-* ``ci95``: 95 % bootstrap intervals over subjects of the pixel AUROC/AUPRC and of the Dice;
-* posterior collapse: the 0.95-quantile of the per-slice KL (summed, and per latent dimension), active latent units.
-
-Outputs in ``output_dir``: ``metrics.json``, ``per_subject.csv`` (per-subject AUROC, AUPRC and Dice), ``curves.json``
-(pixel ROC and PR curves on fixed grids), ``roc_pr.png``, ``panels.png`` (with the segmentation that inference makes
-by default). The calibrated thresholds are added to ``threshold.json`` next to the checkpoint under this test set's
-name (:mod:`pipeline.thresholds`); the healthy ones are read from there, or computed from the healthy validation
-subjects when the file is missing or was made for another checkpoint. Metrics are logged to MLflow as
-``<name>/<option set>/<metric>/<score>`` (e.g. ``eval/paper/pixel_auroc/combined``) and ``<name>/<metric>``, files
-under the artifact folder ``evaluation/<name>``; ``name`` tells test sets apart.
-"""
+"""The evaluation of a trained ceVAE on a labelled test datalist (:class:`AnomalyEvaluation`; the package
+docstring says what it computes and writes)."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -50,6 +18,9 @@ from pipeline.data.datalist import load_datalist
 from pipeline.data.slices import brain_slice_indices
 from pipeline.data.validation import InputError
 from pipeline.engines.checkpoint import load_trained
+from pipeline.evaluation.figures import plot_curves, plot_panels
+from pipeline.evaluation.mlflow_report import log_to_mlflow, mlflow_metrics
+from pipeline.evaluation.subjects import ScoredSubject, pooled_dice, segmentation_counts
 from pipeline.healthy import (
     DEFAULT_OPTION_SET,
     DEFAULT_QUANTILE,
@@ -57,7 +28,7 @@ from pipeline.healthy import (
     HEALTHY_QUANTILES,
     active_units,
 )
-from pipeline.io import atomic_path, atomic_write_json, atomic_write_text, file_sha256
+from pipeline.io import atomic_write_json, atomic_write_text, file_sha256
 from pipeline.losses import CeVAELoss
 from pipeline.metrics import (
     ThresholdCurve,
@@ -83,37 +54,6 @@ CURVE_POINTS = 201  # grid of the FPR / recall axis in curves.json
 GRID_POINTS, REFINE_POINTS = 48, 24  # Dice threshold search when connected components make Dice non-monotone
 HALF_BRAIN = 0.5  # a segmentation covering more of the brain than this is flagged
 NO_INTERVAL = [float("nan"), float("nan")]  # ci95 where fewer than two subjects allow no bootstrap over subjects
-
-
-class _Subject:
-    """Compact per-subject results: brain-voxel scores per option set and score, labels, slice terms."""
-
-    def __init__(self, name: str, brain: np.ndarray, label: np.ndarray, classes: np.ndarray | None = None) -> None:
-        self.name, self.brain, self.label = name, brain, label
-        self.lesion_voxels = label[brain]
-        self.classes = classes  # original label values of the brain voxels, for label_groups
-        self.voxels: dict[str, dict[str, np.ndarray]] = {}
-        self.slice_means: dict[str, dict[str, np.ndarray]] = {}
-        self.slice_terms: dict[str, np.ndarray] = {}
-        self.scored_slices: list[int] = []  # the slices training would use: slice-level metrics
-
-    def volume(self, config: str, score: str) -> np.ndarray:
-        out = np.zeros(self.brain.shape, np.float32)
-        out[self.brain] = self.voxels[config][score]
-        return out
-
-
-def _counts(segmentations: Sequence[np.ndarray], subjects: Sequence[_Subject]) -> np.ndarray:
-    """``(n_subjects, 3)``: true positives, segmented voxels, lesion voxels of each subject."""
-    return np.array(
-        [[int((g & s.label).sum()), int(g.sum()), int(s.label.sum())] for g, s in zip(segmentations, subjects)],
-        dtype=np.int64,
-    ).reshape(-1, 3)
-
-
-def _pooled_dice(counts: np.ndarray) -> float:
-    tp, segmented, lesion = counts.sum(axis=0)
-    return 1.0 if segmented + lesion == 0 else 2.0 * tp / (segmented + lesion)
 
 
 class AnomalyEvaluation:
@@ -255,7 +195,7 @@ class AnomalyEvaluation:
             )
         return healthy
 
-    def score_subject(self, name: str, data: Mapping[str, torch.Tensor]) -> tuple[_Subject, dict]:
+    def score_subject(self, name: str, data: Mapping[str, torch.Tensor]) -> tuple[ScoredSubject, dict]:
         """Score one preprocessed volume; returns the compact results and the per-slice arrays for panels."""
         image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
         brain = np.asarray(data["brainmask"][0] > 0)
@@ -267,7 +207,7 @@ class AnomalyEvaluation:
                     "label_groups needs the label's classes: build the transform with class_key='label_classes'."
                 )
             classes = np.rint(np.asarray(data["label_classes"][0])[brain]).astype(np.int16)
-        subject = _Subject(name, brain, label, classes)
+        subject = ScoredSubject(name, brain, label, classes)
         subject.scored_slices = brain_slice_indices(
             torch.as_tensor(brain[None]), self.min_brain_fraction, self.border_slices
         )
@@ -284,13 +224,13 @@ class AnomalyEvaluation:
         return subject, {"image": image[0].permute(2, 0, 1).numpy(), "recon": terms["recon"][:, 0].numpy()}
 
     # ----------------------------------------------------------------------------------------------- metrics
-    def _segment(self, subject: _Subject, config: str, score: str, threshold: float) -> np.ndarray:
+    def _segment(self, subject: ScoredSubject, config: str, score: str, threshold: float) -> np.ndarray:
         return segment(subject.volume(config, score), subject.brain, threshold, self.configs[config])
 
-    def _counts(self, subjects: Sequence[_Subject], config: str, score: str, threshold: float) -> np.ndarray:
-        return _counts([self._segment(s, config, score, threshold) for s in subjects], subjects)
+    def _counts(self, subjects: Sequence[ScoredSubject], config: str, score: str, threshold: float) -> np.ndarray:
+        return segmentation_counts([self._segment(s, config, score, threshold) for s in subjects], subjects)
 
-    def _dice_search(self, subjects: list[_Subject], config: str, score: str) -> tuple[float, float]:
+    def _dice_search(self, subjects: list[ScoredSubject], config: str, score: str) -> tuple[float, float]:
         """Best ``(threshold, pooled Dice)`` over ``subjects``: exact over every distinct threshold without component
         removal; with it (Dice is then not monotone in the threshold), over thresholds that segment a geometric grid
         of brain fractions from 1e-5 to 1, refined around the best (steps of about 2 % in the segmented volume)."""
@@ -300,7 +240,7 @@ class AnomalyEvaluation:
 
         def best_of(fractions: np.ndarray) -> tuple[float, float, float]:
             thresholds = np.unique(np.quantile(voxels, 1.0 - np.clip(fractions, 0.0, 1.0)))
-            results = [(float(t), _pooled_dice(self._counts(subjects, config, score, float(t)))) for t in thresholds]
+            results = [(float(t), pooled_dice(self._counts(subjects, config, score, float(t)))) for t in thresholds]
             threshold, value = max(results, key=lambda r: r[1])
             return threshold, value, float((voxels >= threshold).mean())
 
@@ -311,7 +251,7 @@ class AnomalyEvaluation:
         return (threshold, value) if value >= refined[1] else refined[:2]
 
     def _dice_entry(
-        self, subjects: Sequence[_Subject], config: str, score: str, threshold: float, whole_brain: float
+        self, subjects: Sequence[ScoredSubject], config: str, score: str, threshold: float, whole_brain: float
     ) -> tuple[dict, np.ndarray]:
         """Pooled Dice at ``threshold`` with its whole-brain baseline and the share of the brain it segments."""
         counts = self._counts(subjects, config, score, threshold)
@@ -319,14 +259,14 @@ class AnomalyEvaluation:
         fraction = float(counts[:, 1].sum() / max(brain_voxels, 1))
         entry = {
             "threshold": float(threshold),
-            "dice": _pooled_dice(counts) if len(subjects) else float("nan"),
+            "dice": pooled_dice(counts) if len(subjects) else float("nan"),
             "whole_brain": whole_brain,
             "brain_fraction": fraction,
             "covers_over_half_brain": bool(fraction > HALF_BRAIN),
         }
         return entry, counts
 
-    def _detection(self, subjects: Sequence[_Subject], config: str, score: str, threshold: float) -> dict:
+    def _detection(self, subjects: Sequence[ScoredSubject], config: str, score: str, threshold: float) -> dict:
         found = [lesion_detection(self._segment(s, config, score, threshold), s.label) for s in subjects]
         lesions, detected = sum(f["lesions"] for f in found), sum(f["detected"] for f in found)
         false_positives = sum(f["false_positives"] for f in found)
@@ -341,7 +281,7 @@ class AnomalyEvaluation:
             "fp_per_volume": false_positives / n if n else float("nan"),
         }
 
-    def metrics(self, subjects: list[_Subject], curves: dict, healthy: dict) -> dict:
+    def metrics(self, subjects: list[ScoredSubject], curves: dict, healthy: dict) -> dict:
         """All metrics, per option set (see the module docstring); ``curves`` from :meth:`curves`, ``healthy`` the
         healthy section of ``threshold.json``."""
         if len(subjects) > 1:
@@ -358,8 +298,10 @@ class AnomalyEvaluation:
         lesion_voxels = sum(int(s.label.sum()) for s in subjects)
         baselines = {  # trivial references: a random score's AUPRC, and the Dice of segmenting the whole brain
             "prevalence": lesion_voxels / max(sum(int(s.brain.sum()) for s in subjects), 1),
-            "dice_whole_brain_all": _pooled_dice(_counts([s.brain for s in subjects], subjects)),
-            "dice_whole_brain_reported": _pooled_dice(_counts([s.brain for s in rep], rep)) if rep else float("nan"),
+            "dice_whole_brain_all": pooled_dice(segmentation_counts([s.brain for s in subjects], subjects)),
+            "dice_whole_brain_reported": (
+                pooled_dice(segmentation_counts([s.brain for s in rep], rep)) if rep else float("nan")
+            ),
         }
         # intervals over subjects need two of them at least: one subject's resamples are all the same
         weights = bootstrap_weights(len(subjects), self.n_bootstrap, self.seed) if len(subjects) > 1 else None
@@ -461,7 +403,7 @@ class AnomalyEvaluation:
             results[key] = paper[key]  # the paper's plain definitions at the top level
         return results
 
-    def _operating_point(self, subjects: list[_Subject], healthy: dict, whole_brain: float) -> dict | None:
+    def _operating_point(self, subjects: list[ScoredSubject], healthy: dict, whole_brain: float) -> dict | None:
         """Inference's default, the label-free operating point that training chose on synthetic lesions, on this
         test set (None: the thresholds file has none, or its option set is not evaluated here)."""
         stored = healthy.get("synthetic", {}).get("operating_point")
@@ -493,7 +435,7 @@ class AnomalyEvaluation:
             logger.warning("%s", line)
         return lines
 
-    def _group_metrics(self, subjects: list[_Subject], config: str) -> dict:
+    def _group_metrics(self, subjects: list[ScoredSubject], config: str) -> dict:
         """``pixel_auroc_<group>`` / ``pixel_auprc_<group>`` per score: the group's voxels against unlabelled brain."""
         out: dict = {}
         healthy = ~np.concatenate([s.lesion_voxels for s in subjects]) if self.label_groups else None
@@ -558,8 +500,8 @@ class AnomalyEvaluation:
         atomic_write_json(results, self.output_dir / "metrics.json")
         self._write_per_subject(subjects, results)
         atomic_write_json(curves, self.output_dir / "curves.json")
-        self._plot_curves(curves)
-        self._plot_panels(panels, results)
+        plot_curves(curves, list(self.configs), self.output_dir / "roc_pr.png")
+        plot_panels(panels, results, self.configs, self.default, self.output_dir / "panels.png")
         calibrated = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
         update_thresholds(
             self.checkpoint,
@@ -573,10 +515,11 @@ class AnomalyEvaluation:
                 }
             },
         )
-        self._log_to_mlflow(results)
+        metrics = mlflow_metrics(self.name, list(self.configs), self.label_groups, self.default["quantile"], results)
+        log_to_mlflow(metrics, self.name, self.checkpoint, self.output_dir, self.tracking_uri, self.experiment_name)
         return results
 
-    def _write_per_subject(self, subjects: list[_Subject], results: dict) -> None:
+    def _write_per_subject(self, subjects: list[ScoredSubject], results: dict) -> None:
         """One row per subject: its lesion load, and per option set and score its own pixel AUROC and AUPRC, its Dice
         at the calibrated threshold (held-out subjects only) and at the default healthy quantile."""
         buffer = io.StringIO()
@@ -609,7 +552,7 @@ class AnomalyEvaluation:
             writer.writerow(row)
         atomic_write_text(buffer.getvalue(), self.output_dir / "per_subject.csv")
 
-    def curves(self, subjects: list[_Subject]) -> dict:
+    def curves(self, subjects: list[ScoredSubject]) -> dict:
         """Pooled pixel curves (the content of ``curves.json``): ``fpr`` and ``recall`` grids, and per option set and
         score the exact ``auroc`` / ``auprc`` with ``tpr`` and ``precision`` on those grids. One sort per curve and
         one curve in memory at a time; the metrics, the JSON and the figure all use these."""
@@ -626,161 +569,6 @@ class AnomalyEvaluation:
                     "precision": np.round(curve.precision_at(grid), 5).tolist(),
                 }
         return out
-
-    def _plot_curves(self, curves: dict) -> None:
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(len(self.configs), 2, figsize=(10, 4.5 * len(self.configs)), squeeze=False)
-        for row, config in enumerate(self.configs):
-            for score, entry in curves[config].items():
-                axes[row, 0].plot(curves["fpr"], entry["tpr"], label=f"{score} (AUROC {entry['auroc']:.3f})")
-                axes[row, 1].plot(curves["recall"], entry["precision"], label=f"{score} (AUPRC {entry['auprc']:.3f})")
-            axes[row, 0].set(title=f"pixel ROC, {config}", xlabel="false positive rate", ylabel="true positive rate")
-            axes[row, 1].set(title=f"pixel PR, {config}", xlabel="recall", ylabel="precision")
-            for ax in axes[row]:
-                ax.legend(fontsize=8)
-        fig.tight_layout()
-        with atomic_path(self.output_dir / "roc_pr.png", ".png") as tmp:
-            fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-
-    def _plot_panels(self, panels: list, results: dict) -> None:
-        """Input, reconstruction, ground truth, the maps of the option set that inference uses by default and its
-        default segmentation (the label-free operating point, or the library default without one; named in the
-        figure)."""
-        if not panels:
-            return
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        point = results.get("operating_point")
-        if point is not None:  # what inference does by default: the label-free operating point
-            config, score, threshold = point["option_set"], point["score"], point["threshold"]
-            options = OperatingPoint.from_dict(point).options(self.configs[config])
-            rule = f"{score} >= healthy q{point['quantile']:g},\ncomponents >= {point['min_component_size']} vox"
-            heading = (
-                "inference's default: the label-free operating point (chosen on synthetic lesions in the healthy "
-                f"validation subjects; no labels)\n{config}/{rule.replace(chr(10), ' ')} (threshold {threshold:.4g}): "
-                f"Dice {point['dice']:.3f} on this test set, {point['synthetic_dice']:.3f} on the synthetic lesions"
-            )
-        else:
-            config, score, q = (self.default[k] for k in ("option_set", "score", "quantile"))
-            threshold, options, rule = results["default"]["threshold"], self.configs[config], f"{score} >= healthy q{q}"
-            heading = (
-                f"inference's default segmentation: option set {config}, score {score}, threshold {threshold:.4g} "
-                f"(healthy quantile {q}, no labels used)"
-            )
-        columns = [
-            "input",
-            "reconstruction",
-            "ground truth",
-            f"{config}: rec",
-            f"{config}: kl_grad",
-            f"{config}: combined",
-            f"segmentation:\n{rule}",
-        ]
-        fig, axes = plt.subplots(
-            len(panels), len(columns), figsize=(2 * len(columns), 2.2 * len(panels) + 0.4), squeeze=False
-        )
-        for row, (subject, slices, z) in enumerate(panels):
-            seg = segment(subject.volume(config, score), subject.brain, threshold, options)[..., z]
-            images = [
-                slices["image"][z],
-                slices["recon"][z],
-                subject.label[..., z],
-                subject.volume(config, "rec")[..., z],
-                subject.volume(config, "kl_grad")[..., z],
-                subject.volume(config, "combined")[..., z],
-                seg,
-            ]
-            for col, (title, img) in enumerate(zip(columns, images)):
-                ax = axes[row, col]
-                ax.imshow(
-                    np.asarray(img, np.float32).T, cmap="gray" if col in (0, 1, 2, 6) else "magma", origin="lower"
-                )
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if row == 0:
-                    ax.set_title(title, fontsize=8)
-            axes[row, 0].set_ylabel(f"{subject.name}\nslice {z}", fontsize=8)
-        fig.suptitle(heading, fontsize=9)
-        fig.tight_layout()
-        with atomic_path(self.output_dir / "panels.png", ".png") as tmp:
-            fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-
-    def mlflow_metrics(self, results: dict) -> dict[str, float]:
-        """The metrics logged to MLflow: ``<name>/<metric>``, ``<name>/operating_point/<metric>`` and
-        ``<name>/<option set>/<metric>/<score>``."""
-        prefix = self.name
-        values = {f"{prefix}/{k}": results[k] for k in ("kl_q95", "kl_q95_per_dim", "active_units")}
-        values.update({f"{prefix}/{k}": v for k, v in results["baselines"].items()})
-        for config in self.configs:
-            out = results[config]
-            keys = ["slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auprc", "dice_best"]
-            keys += [f"pixel_{m}_{g}" for g in self.label_groups for m in ("auroc", "auprc")]
-            for key in keys:
-                values.update({f"{prefix}/{config}/{key}/{score}": value for score, value in out[key].items()})
-            for score in SCORE_NAMES:
-                values[f"{prefix}/{config}/dice_split/{score}"] = out["dice_split"][score]["dice"]
-                values[f"{prefix}/{config}/threshold/{score}"] = out["dice_split"][score]["threshold"]
-                for q, entry in out["dice_healthy"][score].items():
-                    values[f"{prefix}/{config}/dice_healthy_q{q}/{score}"] = entry["dice"]
-                synthetic_key = f"synthetic_dice_healthy_q{self.default['quantile']}"
-                values[f"{prefix}/{config}/{synthetic_key}/{score}"] = out["synthetic_dice_healthy"][score]
-                for where, found in out["lesion_detection"].items():
-                    values[f"{prefix}/{config}/lesion_recall_{where}/{score}"] = found[score]["recall"]
-                    values[f"{prefix}/{config}/lesion_fp_per_volume_{where}/{score}"] = found[score]["fp_per_volume"]
-                for key, intervals in out["ci95"].items():
-                    lo, hi = intervals[score]
-                    values[f"{prefix}/{config}/{key}_ci95_lo/{score}"] = lo
-                    values[f"{prefix}/{config}/{key}_ci95_hi/{score}"] = hi
-        point = results.get("operating_point")
-        for key in ("dice", "synthetic_dice", "recall", "fp_per_volume") if point else ():
-            values[f"{prefix}/operating_point/{key}"] = point[key]
-        # NaN is logged too (MLflow keeps it): a re-evaluation must not leave an earlier value standing
-        return {k: float(v) for k, v in values.items() if not np.isinf(v)}
-
-    def _log_to_mlflow(self, results: dict) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
-
-        from pipeline.tracking import (
-            RUN_INFO_FILENAME,
-            SPOOL_DIRNAME,
-            SpooledClient,
-            experiment_id,
-            report_pending,
-            resolve_tracking_uri,
-            store_lock,
-        )
-
-        info_path = self.checkpoint.parent / RUN_INFO_FILENAME
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        uri = info.get("tracking_uri") or resolve_tracking_uri(self.tracking_uri, self.output_dir)
-        run_id = info.get("run_id")
-        with store_lock(uri):  # the client creates a new store's schema
-            client = SpooledClient(MlflowClient(uri), self.output_dir / SPOOL_DIRNAME)  # survives an outage
-        if run_id is None:
-            run_id = client.create_run(
-                experiment_id(client, self.experiment_name),
-                run_name="evaluation",
-                tags={"evaluated_checkpoint": str(self.checkpoint)},
-            ).info.run_id
-        close = info.get("run_id") is None
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, value, now, 0) for key, value in self.mlflow_metrics(results).items()]
-        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-            client.log_batch(run_id, metrics=metrics[start : start + 1000])
-        folder = f"evaluation/{self.name}"
-        for name in ("metrics.json", "per_subject.csv", "curves.json", "roc_pr.png", "panels.png"):
-            if (self.output_dir / name).is_file():
-                client.log_artifact(run_id, str(self.output_dir / name), artifact_path=folder)
-        client.log_artifact(run_id, str(self.checkpoint.parent / "threshold.json"), artifact_path=folder)
-        if close:
-            client.set_terminated(run_id)
-        report_pending(client, f"evaluation {self.name!r}")
 
 
 def _safe(metric: Callable, y: np.ndarray, scores: np.ndarray) -> float:
