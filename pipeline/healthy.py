@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from pipeline.data.slices import BrainSliceDataset, volume_to_slices
-from pipeline.losses import CeVAELoss, kl_divergence
-from pipeline.scoring import SCORE_NAMES, ScoreOptions, kl_gradient, score_volume
+from pipeline.losses import kl_divergence
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, VolumeScorer, kl_gradient
 from pipeline.thresholds import quantile_key
 
 __all__ = [
@@ -52,12 +52,7 @@ def active_units(mu: torch.Tensor | np.ndarray) -> int:
 
 
 def fit_grad_normalization(
-    network: torch.nn.Module,
-    entries: Sequence[dict],
-    transform: Callable,
-    option_sets: Mapping[str, ScoreOptions],
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
+    scorer: VolumeScorer, entries: Sequence[dict], transform: Callable, option_sets: Mapping[str, ScoreOptions]
 ) -> dict[str, ScoreOptions]:
     """``option_sets`` with the healthy constants filled in where ``grad_normalization="healthy"`` (``grad_low``,
     ``grad_high``: medians over the healthy volumes ``entries`` of each volume's minimum and maximum of the raw
@@ -69,7 +64,10 @@ def fit_grad_normalization(
         data = transform(dict(entry))
         image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
         slices = volume_to_slices(image)
-        grads = [kl_gradient(network, slices[i : i + batch_size].to(device)) for i in range(0, len(slices), batch_size)]
+        step = scorer.batch_size
+        grads = [
+            kl_gradient(scorer.network, slices[i : i + step].to(scorer.device)) for i in range(0, len(slices), step)
+        ]
         lows.append(float(min(g.min() for g in grads)))
         highs.append(float(max(g.max() for g in grads)))
     low, high = float(np.median(lows)), float(np.median(highs))
@@ -80,19 +78,17 @@ def fit_grad_normalization(
 
 
 def healthy_thresholds(
-    network: torch.nn.Module,
-    loss: CeVAELoss,
+    scorer: VolumeScorer,
     entries: Sequence[dict],
     transform: Callable,
     option_sets: Mapping[str, ScoreOptions],
     quantiles: Sequence[float] = HEALTHY_QUANTILES,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
 ) -> dict:
     """Quantiles of every option set's and score's maps over the brain voxels of the healthy volumes ``entries``.
 
-    Each entry goes through ``transform`` (the training's volume chain) and :func:`~pipeline.scoring.score_volume`;
-    the brain voxels of all volumes are pooled, every voxel counting once. Returns the ``healthy`` section of
+    Each entry goes through ``transform`` (the training's volume chain) and ``scorer``
+    (:class:`~pipeline.scoring.VolumeScorer`: network, loss, batch size, device); the brain voxels of all volumes are
+    pooled, every voxel counting once. Returns the ``healthy`` section of
     ``threshold.json``: ``quantiles``, ``subjects``, ``n_voxels`` and ``thresholds[option set][score][q]``.
     """
     if not entries:
@@ -102,7 +98,7 @@ def healthy_thresholds(
         data = transform(dict(entry))
         image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
         brain = np.asarray(data["brainmask"][0] > 0)
-        _, maps = score_volume(network, image, brain, option_sets, loss, batch_size, device=device)
+        _, maps = scorer(image, brain, option_sets)
         for config, volumes in maps.items():
             for score, volume in volumes.items():
                 pooled[config][score].append(volume[brain])

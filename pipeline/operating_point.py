@@ -24,14 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from pipeline.data.synthetic_lesions import LESION_KINDS, SyntheticLesion
 from pipeline.healthy import DEFAULT_QUANTILE, HEALTHY_QUANTILES, fit_grad_normalization, healthy_thresholds
-from pipeline.losses import CeVAELoss
 from pipeline.metrics import CONNECTIVITY, lesion_detection
-from pipeline.scoring import SCORE_NAMES, ScoreOptions, score_volume, segment
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, VolumeScorer, segment
 from pipeline.thresholds import quantile_key
 
 __all__ = [
@@ -124,8 +122,7 @@ def choose_operating_point(candidates: Sequence[Mapping], option_sets: Mapping[s
 
 
 def synthetic_lesion_search(
-    network: torch.nn.Module,
-    loss: CeVAELoss,
+    scorer: VolumeScorer,
     entries: Sequence[dict],
     transform: Callable,
     option_sets: Mapping[str, ScoreOptions],
@@ -134,8 +131,6 @@ def synthetic_lesion_search(
     per_subject: int = SYNTHETIC_PER_SUBJECT,
     min_sizes: Sequence[int] = MIN_COMPONENT_SIZES,
     seed: int = 0,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
 ) -> dict:
     """Measure every candidate (the module docstring) on synthetic lesions in the healthy volumes ``entries`` (each
     through ``transform``, the training's volume chain; seeded; lesion kinds drawn uniformly, ``foreign`` patches
@@ -162,7 +157,7 @@ def synthetic_lesion_search(
             lesioned, mask, _ = lesion(data["image"], data["brainmask"], volumes[(i + 1) % len(volumes)]["image"])
             truth = np.asarray(mask[0]) > 0
             image = lesioned.as_tensor() if hasattr(lesioned, "as_tensor") else lesioned
-            _, maps = score_volume(network, image, brain, option_sets, loss, batch_size, device=device)
+            _, maps = scorer(image, brain, option_sets)
             for config, score, q in counts:
                 threshold = thresholds[config][score][q]
                 counts[config, score, q] += component_size_dice_counts(
@@ -195,26 +190,21 @@ def synthetic_lesion_search(
 
 
 def label_free_calibration(
-    network: torch.nn.Module,
-    loss: CeVAELoss,
+    scorer: VolumeScorer,
     entries: Sequence[dict],
     transform: Callable,
     option_sets: Mapping[str, ScoreOptions],
     quantiles: Sequence[float] = HEALTHY_QUANTILES,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
 ) -> tuple[dict, dict[str, ScoreOptions]]:
     """Everything a trained model needs from its healthy validation volumes ``entries``, no label anywhere:
     the option sets with their healthy normalisation constants (:func:`pipeline.healthy.fit_grad_normalization`),
     then for them the ``healthy`` section of ``threshold.json``: the healthy thresholds
     (:func:`pipeline.healthy.healthy_thresholds`) and, under ``synthetic``, the candidates and the operating point
     chosen on synthetic lesions (:func:`synthetic_lesion_search`). Returns ``(healthy, fitted option sets)``."""
-    fitted = fit_grad_normalization(network, entries, transform, option_sets, batch_size, device)
-    healthy = healthy_thresholds(network, loss, entries, transform, fitted, quantiles, batch_size, device)
+    fitted = fit_grad_normalization(scorer, entries, transform, option_sets)
+    healthy = healthy_thresholds(scorer, entries, transform, fitted, quantiles)
     default = DEFAULT_QUANTILE if DEFAULT_QUANTILE in quantiles else quantiles[-1]
-    healthy["synthetic"] = synthetic_lesion_search(
-        network, loss, entries, transform, fitted, healthy["thresholds"], default, batch_size=batch_size, device=device
-    )
+    healthy["synthetic"] = synthetic_lesion_search(scorer, entries, transform, fitted, healthy["thresholds"], default)
     return healthy, fitted
 
 

@@ -26,7 +26,7 @@ from pipeline.engines.handlers import HealthyCalibration, StopOnNonFiniteLoss, T
 from pipeline.healthy import healthy_thresholds
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
-from pipeline.scoring import OPTION_SETS, SCORE_NAMES
+from pipeline.scoring import OPTION_SETS, SCORE_NAMES, VolumeScorer
 from pipeline.thresholds import checkpoint_sha256
 
 
@@ -209,7 +209,7 @@ def test_healthy_calibration_scores_with_the_selected_checkpoint_not_the_last_we
     metrics = HealthyCalibration(checkpoint, last, loss, validation, transform, options).calibrate()
     written = json.loads((tmp_path / "checkpoints" / "threshold.json").read_text())["healthy"]["thresholds"]
     for network, same in ((selected, True), (last, False)):
-        reference = healthy_thresholds(network.eval(), loss, validation, transform, options)["thresholds"]
+        reference = healthy_thresholds(VolumeScorer(network.eval(), loss), validation, transform, options)["thresholds"]
         for score in ("rec", "combined"):
             equal = np.allclose(list(written["paper"][score].values()), list(reference["paper"][score].values()))
             assert equal == same, (score, same)

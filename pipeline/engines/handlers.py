@@ -19,7 +19,7 @@ from pipeline.engines.checkpoint import load_trained
 from pipeline.healthy import HEALTHY_QUANTILES, mean_brain_check
 from pipeline.losses import CeVAELoss
 from pipeline.operating_point import OperatingPoint, label_free_calibration
-from pipeline.scoring import ScoreOptions
+from pipeline.scoring import ScoreOptions, VolumeScorer
 from pipeline.thresholds import update_thresholds
 
 __all__ = [
@@ -165,9 +165,8 @@ class HealthyCalibration:
         network = copy.deepcopy(getattr(self.network, "module", self.network)).eval()
         loss = copy.deepcopy(self.loss_function).eval()
         load_trained(self.checkpoint, network, loss, self.device)
-        healthy, fitted = label_free_calibration(
-            network, loss, self.data, self.transform, self.option_sets, self.quantiles, self.batch_size, self.device
-        )
+        scorer = VolumeScorer(network, loss, self.batch_size, self.device)
+        healthy, fitted = label_free_calibration(scorer, self.data, self.transform, self.option_sets, self.quantiles)
         point = OperatingPoint.from_dict(healthy["synthetic"]["operating_point"])
         if self.train_slices is not None and self.validation_slices is not None:
             healthy["validation"] = mean_brain_check(

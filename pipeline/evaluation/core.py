@@ -43,7 +43,7 @@ from pipeline.metrics import (
     split_calibration,
 )
 from pipeline.operating_point import OperatingPoint, evaluate_operating_point, label_free_calibration
-from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, score_volume, segment
+from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, VolumeScorer, score_volume, segment
 from pipeline.thresholds import checkpoint_sha256, quantile_key, read_thresholds, update_thresholds
 
 __all__ = ["AnomalyEvaluation"]
@@ -172,14 +172,11 @@ class AnomalyEvaluation:
             len(self.healthy_data),
         )
         healthy, self.configs = label_free_calibration(
-            self.network,
-            self.loss,
+            VolumeScorer(self.network, self.loss, self.batch_size, self.device),
             self.healthy_data,
             self.transform,
             {c: o.unfitted() for c, o in self.configs.items()},
             self.healthy_quantiles,
-            self.batch_size,
-            self.device,
         )
         options = {c: o.to_dict() for c, o in self.configs.items()}
         return self._with_default(update_thresholds(self.checkpoint, options, healthy=healthy)["healthy"])
