@@ -127,7 +127,9 @@ def scoring(tmp: Path, volumes: list[int]) -> dict:
     torch.save({"model": net.state_dict(), "loss": loss.state_dict()}, checkpoint)
     fitted = replace(POSTPROCESSED, grad_low=0.0, grad_high=1.0)  # what training stores: the healthy constants
     update_thresholds(checkpoint, {"postprocessed": fitted.to_dict()}, healthy={})
-    infer = AnomalyInference(VolumeScorer(net), checkpoint, brain_volume_transform(), tmp / "scored", threshold=0.5)
+    infer = AnomalyInference(
+        VolumeScorer(net), checkpoint, brain_volume_transform(), tmp / "scored", threshold=0.5, overwrite=True
+    )
     infer(image)  # warm-up (and checkpoint loading)
     times, peaks = [], []
     for _ in range(3):
