@@ -60,10 +60,19 @@ def resolve_datalist(datalist: str | os.PathLike | None, demo_dir: str | os.Path
 
 def train_val_split(datalist: str | os.PathLike, val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Healthy training and validation entries: the datalist's ``validation`` list if it has one, else a
-    subject-level split of ``training`` holding out ``val_fraction`` (seeded)."""
+    subject-level split of ``training`` holding out ``val_fraction`` (seeded); :class:`InputError` if either is
+    empty (a single-subject datalist, or ``val_fraction`` 0 without a ``validation`` list)."""
     training = load_datalist(datalist, "training")
     validation = load_datalist(datalist, "validation", missing_ok=True)
-    return (training, validation) if validation else split_subjects(training, val_fraction, seed)
+    training, validation = (training, validation) if validation else split_subjects(training, val_fraction, seed)
+    if not validation or not training:
+        raise InputError(
+            f"datalist {datalist}: {len(training) + len(validation)} healthy subject(s) and --val_fraction "
+            f"{val_fraction} leave {len(training)} for training and {len(validation)} for validation; both need at "
+            "least one (validation selects the checkpoint and gives the healthy thresholds): add subjects, a "
+            "'validation' list, or raise --val_fraction."
+        )
+    return training, validation
 
 
 def validation_entries(datalist: str | os.PathLike, val_fraction: float, seed: int) -> list[dict]:

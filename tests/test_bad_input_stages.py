@@ -193,3 +193,20 @@ def test_the_default_settings_pass_the_range_checks():
     defaults = json.loads((REPO / "bundles" / "cevae" / "configs" / "train.json").read_text())
     assert set(RULES) <= set(defaults)
     check_settings({key: defaults[key] for key in RULES})
+
+
+def test_datalist_entries_that_are_not_paths_and_a_single_subject_are_named_in_one_error(tiny_demo, tmp_path):
+    from pipeline.bundle_support import train_val_split
+    from pipeline.data.validation import InputError
+
+    entries = load_datalist(tiny_demo, "training")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"training": [{"image": 7}, {"image": ["a.nii.gz"]}, {"image": entries[0]["image"]}]}))
+    with pytest.raises(InputError, match=r"(?s)2 problem\(s\).*entry 0 'image' must be a file path.*got 7") as found:
+        load_datalist(bad, "training")
+    assert "entry 1 'image' must be a file path (a string), got ['a.nii.gz']" in str(found.value)
+    single = write_datalist({"training": entries[:1]}, tmp_path / "one.json")
+    with pytest.raises(InputError, match=r"1 healthy subject\(s\).*leave 1 for training and 0 for validation"):
+        train_val_split(single, 0.1, 0)
+    training, validation = train_val_split(tiny_demo, 0.34, 0)  # negative control: three subjects split
+    assert len(training) == 2 and len(validation) == 1

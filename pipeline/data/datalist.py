@@ -53,6 +53,9 @@ def load_datalist(
         for k in PATH_KEYS:
             if item.get(k) is None:
                 continue
+            if not isinstance(item[k], str) or not item[k]:
+                problems.append(f"entry {i} '{k}' must be a file path (a string), got {item[k]!r}")
+                continue
             file = Path(item[k]) if os.path.isabs(item[k]) else path.parent / item[k]
             if not file.is_file():
                 problems.append(f"entry {i} '{k}': {file} does not exist")
