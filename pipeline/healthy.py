@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -51,19 +51,23 @@ def active_units(mu: torch.Tensor | np.ndarray) -> int:
     return int((torch.as_tensor(mu).double().var(dim=0) > ACTIVE_UNIT_VARIANCE).sum())
 
 
+def _image_and_brain(data: Mapping) -> tuple[torch.Tensor, np.ndarray]:
+    """The ``(1, H, W, D)`` image tensor and the ``(H, W, D)`` boolean brain mask of a preprocessed volume."""
+    image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
+    return image, np.asarray(data["brainmask"][0] > 0)
+
+
 def fit_grad_normalization(
-    scorer: VolumeScorer, entries: Sequence[dict], transform: Callable, option_sets: Mapping[str, ScoreOptions]
+    scorer: VolumeScorer, volumes: Sequence[Mapping], option_sets: Mapping[str, ScoreOptions]
 ) -> dict[str, ScoreOptions]:
     """``option_sets`` with the healthy constants filled in where ``grad_normalization="healthy"`` (``grad_low``,
-    ``grad_high``: medians over the healthy volumes ``entries`` of each volume's minimum and maximum of the raw
+    ``grad_high``: medians over the preprocessed healthy ``volumes`` of each volume's minimum and maximum of the raw
     ``|dKL/dx|``); the others as they are. The network passes run only if an option set needs them."""
     if not any(o.grad_normalization == "healthy" for o in option_sets.values()):
         return dict(option_sets)
     lows, highs = [], []
-    for entry in entries:
-        data = transform(dict(entry))
-        image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
-        slices = volume_to_slices(image)
+    for data in volumes:
+        slices = volume_to_slices(_image_and_brain(data)[0])
         step = scorer.batch_size
         grads = [
             kl_gradient(scorer.network, slices[i : i + step].to(scorer.device)) for i in range(0, len(slices), step)
@@ -79,25 +83,22 @@ def fit_grad_normalization(
 
 def healthy_thresholds(
     scorer: VolumeScorer,
-    entries: Sequence[dict],
-    transform: Callable,
+    volumes: Sequence[Mapping],
     option_sets: Mapping[str, ScoreOptions],
     quantiles: Sequence[float] = HEALTHY_QUANTILES,
 ) -> dict:
-    """Quantiles of every option set's and score's maps over the brain voxels of the healthy volumes ``entries``.
+    """Quantiles of every option set's and score's maps over the brain voxels of the healthy ``volumes`` (each
+    preprocessed by the training's volume chain: ``image``, ``brainmask``).
 
-    Each entry goes through ``transform`` (the training's volume chain) and ``scorer``
-    (:class:`~pipeline.scoring.VolumeScorer`: network, loss, batch size, device); the brain voxels of all volumes are
-    pooled, every voxel counting once. Returns the ``healthy`` section of
-    ``threshold.json``: ``quantiles``, ``subjects``, ``n_voxels`` and ``thresholds[option set][score][q]``.
+    Each volume is scored by ``scorer`` (:class:`~pipeline.scoring.VolumeScorer`: network, loss, batch size,
+    device); the brain voxels of all volumes are pooled, every voxel counting once. Returns ``quantiles``,
+    ``n_voxels`` and ``thresholds[option set][score][q]`` of the ``healthy`` section of ``threshold.json``.
     """
-    if not entries:
+    if not volumes:
         raise ValueError("healthy thresholds need at least one healthy validation subject.")
     pooled: dict[str, dict[str, list[np.ndarray]]] = {c: {s: [] for s in SCORE_NAMES} for c in option_sets}
-    for entry in entries:
-        data = transform(dict(entry))
-        image = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
-        brain = np.asarray(data["brainmask"][0] > 0)
+    for data in volumes:
+        image, brain = _image_and_brain(data)
         _, maps = scorer(image, brain, option_sets)
         for config, volumes in maps.items():
             for score, volume in volumes.items():
@@ -113,7 +114,6 @@ def healthy_thresholds(
             thresholds[config][score] = {quantile_key(q): float(v) for q, v in zip(quantiles, values)}
     return {
         "quantiles": [float(q) for q in quantiles],
-        "subjects": [str(e["image"]) for e in entries],
         "n_voxels": int(n_voxels),
         "thresholds": thresholds,
     }

@@ -123,8 +123,7 @@ def choose_operating_point(candidates: Sequence[Mapping], option_sets: Mapping[s
 
 def synthetic_lesion_search(
     scorer: VolumeScorer,
-    entries: Sequence[dict],
-    transform: Callable,
+    volumes: Sequence[Mapping],
     option_sets: Mapping[str, ScoreOptions],
     thresholds: Mapping[str, Mapping[str, Mapping[str, float]]],
     default_quantile: float,
@@ -132,16 +131,15 @@ def synthetic_lesion_search(
     min_sizes: Sequence[int] = MIN_COMPONENT_SIZES,
     seed: int = 0,
 ) -> dict:
-    """Measure every candidate (the module docstring) on synthetic lesions in the healthy volumes ``entries`` (each
-    through ``transform``, the training's volume chain; seeded; lesion kinds drawn uniformly, ``foreign`` patches
-    from the next subject, so not with one subject). ``thresholds[option set][score][quantile key]`` as
+    """Measure every candidate (the module docstring) on synthetic lesions in the healthy ``volumes`` (preprocessed by
+    the training's volume chain; seeded; lesion kinds drawn uniformly, ``foreign`` patches from the next subject, so
+    not with one subject). ``thresholds[option set][score][quantile key]`` as
     :func:`pipeline.healthy.healthy_thresholds` returns them.
 
     Returns the ``synthetic`` section of ``threshold.json``: ``seed``, ``n_volumes``, ``kinds``,
     ``min_component_sizes``, ``candidates`` (one row per candidate, intensity included), ``operating_point``
     (:class:`OperatingPoint` as a dict), and ``quantile`` with ``dice[option set][score]``: the Dice at
     ``default_quantile`` with each option set's own minimum component size."""
-    volumes = [transform(dict(entry)) for entry in entries]
     kinds = LESION_KINDS if len(volumes) > 1 else tuple(k for k in LESION_KINDS if k != "foreign")
     lesion = SyntheticLesion(kinds=kinds).set_random_state(seed)
     sizes = sorted({*map(int, min_sizes), *(o.min_component_size for o in option_sets.values())})
@@ -201,10 +199,12 @@ def label_free_calibration(
     then for them the ``healthy`` section of ``threshold.json``: the healthy thresholds
     (:func:`pipeline.healthy.healthy_thresholds`) and, under ``synthetic``, the candidates and the operating point
     chosen on synthetic lesions (:func:`synthetic_lesion_search`). Returns ``(healthy, fitted option sets)``."""
-    fitted = fit_grad_normalization(scorer, entries, transform, option_sets)
-    healthy = healthy_thresholds(scorer, entries, transform, fitted, quantiles)
+    volumes = [transform(dict(entry)) for entry in entries]  # preprocessed once for the three passes
+    fitted = fit_grad_normalization(scorer, volumes, option_sets)
+    healthy = healthy_thresholds(scorer, volumes, fitted, quantiles)
+    healthy["subjects"] = [str(e["image"]) for e in entries]
     default = DEFAULT_QUANTILE if DEFAULT_QUANTILE in quantiles else quantiles[-1]
-    healthy["synthetic"] = synthetic_lesion_search(scorer, entries, transform, fitted, healthy["thresholds"], default)
+    healthy["synthetic"] = synthetic_lesion_search(scorer, volumes, fitted, healthy["thresholds"], default)
     return healthy, fitted
 
 

@@ -90,13 +90,13 @@ def test_synthetic_lesion_search_measures_every_candidate_and_chooses_the_best(t
 
     entries, transform, options = load_datalist(tiny_demo, "training")[:2], brain_volume_transform(), {"paper": PAPER}
     network, loss = CeVAE(channels=[8, 16, 32, 64], z_dim=16).eval(), CeVAELoss(sigma=0.1)
-    scorer = VolumeScorer(network, loss)
-    thresholds = healthy_thresholds(scorer, entries, transform, options)["thresholds"]
-    got = synthetic_lesion_search(scorer, entries, transform, options, thresholds, 0.99, per_subject=2, seed=4)
+    scorer, volumes = VolumeScorer(network, loss), [transform(dict(e)) for e in entries]
+    thresholds = healthy_thresholds(scorer, volumes, options)["thresholds"]
+    got = synthetic_lesion_search(scorer, volumes, options, thresholds, 0.99, per_subject=2, seed=4)
     assert got["n_volumes"] == 4 and set(got["dice"]["paper"]) == {"rec", "kl_grad", "combined", "intensity"}
     table = {(c["score"], c["quantile"], c["min_component_size"]): c["dice"] for c in got["candidates"]}
     assert len(table) == 4 * 5 * 4, "every score x healthy quantile x minimum component size"
-    lesion, volumes = SyntheticLesion().set_random_state(4), [transform(dict(e)) for e in entries]
+    lesion = SyntheticLesion().set_random_state(4)
     lesioned = []
     for i, data in enumerate(volumes):
         for _ in range(2):

@@ -209,7 +209,8 @@ def test_healthy_calibration_scores_with_the_selected_checkpoint_not_the_last_we
     metrics = HealthyCalibration(checkpoint, last, loss, validation, transform, options).calibrate()
     written = json.loads((tmp_path / "checkpoints" / "threshold.json").read_text())["healthy"]["thresholds"]
     for network, same in ((selected, True), (last, False)):
-        reference = healthy_thresholds(VolumeScorer(network.eval(), loss), validation, transform, options)["thresholds"]
+        volumes = [transform(dict(e)) for e in validation]
+        reference = healthy_thresholds(VolumeScorer(network.eval(), loss), volumes, options)["thresholds"]
         for score in ("rec", "combined"):
             equal = np.allclose(list(written["paper"][score].values()), list(reference["paper"][score].values()))
             assert equal == same, (score, same)
