@@ -28,8 +28,8 @@ from scipy import ndimage
 
 from pipeline.data.synthetic_lesions import LESION_KINDS, SyntheticLesion
 from pipeline.healthy import DEFAULT_QUANTILE, HEALTHY_QUANTILES, fit_grad_normalization, healthy_thresholds
-from pipeline.metrics import CONNECTIVITY, lesion_detection
-from pipeline.scoring import SCORE_NAMES, ScoreOptions, VolumeScorer, segment
+from pipeline.metrics import CONNECTIVITY
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, VolumeScorer
 from pipeline.thresholds import quantile_key
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "OperatingPoint",
     "choose_operating_point",
     "component_size_dice_counts",
-    "evaluate_operating_point",
     "label_free_calibration",
     "synthetic_lesion_search",
 ]
@@ -206,31 +205,3 @@ def label_free_calibration(
     default = DEFAULT_QUANTILE if DEFAULT_QUANTILE in quantiles else quantiles[-1]
     healthy["synthetic"] = synthetic_lesion_search(scorer, volumes, fitted, healthy["thresholds"], default)
     return healthy, fitted
-
-
-def evaluate_operating_point(
-    point: OperatingPoint,
-    options: ScoreOptions,
-    maps: Sequence[np.ndarray],
-    brains: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
-) -> dict:
-    """The operating point on labelled test volumes, beside its synthetic-lesion Dice: ``maps`` are the volumes of
-    its option set and score (``options`` the option set's), ``brains`` and ``labels`` boolean ``(H, W, D)``.
-    Returns the point's fields with the pooled ``dice``, the ``brain_fraction`` it segments, and the lesion-level
-    ``lesions``, ``detected``, ``recall``, ``fp_per_volume``."""
-    found = [segment(m, b, point.threshold, point.options(options)) for m, b in zip(maps, brains)]
-    overlap = sum(2 * int((f & t).sum()) for f, t in zip(found, labels))
-    total = sum(int(f.sum() + t.sum()) for f, t in zip(found, labels))
-    counted = [lesion_detection(f, t) for f, t in zip(found, labels)]
-    lesions, detected = sum(c["lesions"] for c in counted), sum(c["detected"] for c in counted)
-    n = max(len(found), 1)
-    return {
-        **point.to_dict(),
-        "dice": overlap / total if total else 1.0,
-        "brain_fraction": sum(int(f.sum()) for f in found) / max(sum(int(b.sum()) for b in brains), 1),
-        "lesions": lesions,
-        "detected": detected,
-        "recall": detected / lesions if lesions else float("nan"),
-        "fp_per_volume": sum(c["false_positives"] for c in counted) / n,
-    }

@@ -42,7 +42,7 @@ from pipeline.metrics import (
     slice_labels,
     split_calibration,
 )
-from pipeline.operating_point import OperatingPoint, evaluate_operating_point, label_free_calibration
+from pipeline.operating_point import OperatingPoint, label_free_calibration
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, VolumeScorer, score_volume, segment
 from pipeline.thresholds import checkpoint_sha256, quantile_key, read_thresholds, update_thresholds
 
@@ -252,31 +252,10 @@ class AnomalyEvaluation:
     ) -> tuple[dict, np.ndarray]:
         """Pooled Dice at ``threshold`` with its whole-brain baseline and the share of the brain it segments."""
         counts = self._counts(subjects, config, score, threshold)
-        brain_voxels = sum(int(s.brain.sum()) for s in subjects)
-        fraction = float(counts[:, 1].sum() / max(brain_voxels, 1))
-        entry = {
-            "threshold": float(threshold),
-            "dice": pooled_dice(counts) if len(subjects) else float("nan"),
-            "whole_brain": whole_brain,
-            "brain_fraction": fraction,
-            "covers_over_half_brain": bool(fraction > HALF_BRAIN),
-        }
-        return entry, counts
+        return _dice_entry_of(counts, subjects, threshold, whole_brain), counts
 
     def _detection(self, subjects: Sequence[ScoredSubject], config: str, score: str, threshold: float) -> dict:
-        found = [lesion_detection(self._segment(s, config, score, threshold), s.label) for s in subjects]
-        lesions, detected = sum(f["lesions"] for f in found), sum(f["detected"] for f in found)
-        false_positives = sum(f["false_positives"] for f in found)
-        n = len(subjects)
-        return {
-            "threshold": float(threshold),
-            "subjects": n,
-            "lesions": lesions,
-            "detected": detected,
-            "recall": detected / lesions if lesions else float("nan"),
-            "false_positive_components": false_positives,
-            "fp_per_volume": false_positives / n if n else float("nan"),
-        }
+        return _detection_of([self._segment(s, config, score, threshold) for s in subjects], subjects, threshold)
 
     def metrics(self, subjects: list[ScoredSubject], curves: dict, healthy: dict) -> dict:
         """All metrics, per option set (see the module docstring); ``curves`` from :meth:`curves`, ``healthy`` the
@@ -407,11 +386,10 @@ class AnomalyEvaluation:
         if stored is None or stored["option_set"] not in self.configs:
             return None
         point = OperatingPoint.from_dict(stored)
-        maps = [s.volume(point.option_set, point.score) for s in subjects]
-        entry = evaluate_operating_point(
-            point, self.configs[point.option_set], maps, [s.brain for s in subjects], [s.label for s in subjects]
-        )
-        return {**entry, "whole_brain": whole_brain}
+        options = point.options(self.configs[point.option_set])
+        found = [segment(s.volume(point.option_set, point.score), s.brain, point.threshold, options) for s in subjects]
+        dice_entry = _dice_entry_of(segmentation_counts(found, subjects), subjects, point.threshold, whole_brain)
+        return {**point.to_dict(), **dice_entry, **_detection_of(found, subjects, point.threshold)}
 
     @staticmethod
     def _coverage_warnings(config: str, out: dict) -> list[str]:
@@ -566,6 +544,35 @@ class AnomalyEvaluation:
                     "precision": np.round(curve.precision_at(grid), 5).tolist(),
                 }
         return out
+
+
+def _dice_entry_of(counts: np.ndarray, subjects: Sequence[ScoredSubject], threshold: float, whole_brain: float) -> dict:
+    """Pooled Dice of :func:`segmentation_counts` ``counts`` at ``threshold``, with its whole-brain baseline and the
+    share of the brain it segments."""
+    fraction = float(counts[:, 1].sum() / max(sum(int(s.brain.sum()) for s in subjects), 1))
+    return {
+        "threshold": float(threshold),
+        "dice": pooled_dice(counts) if len(subjects) else float("nan"),
+        "whole_brain": whole_brain,
+        "brain_fraction": fraction,
+        "covers_over_half_brain": bool(fraction > HALF_BRAIN),
+    }
+
+
+def _detection_of(found: Sequence[np.ndarray], subjects: Sequence[ScoredSubject], threshold: float) -> dict:
+    """Lesion-level counts of the segmentations ``found`` (one per subject) at ``threshold``, pooled."""
+    counted = [lesion_detection(f, s.label) for f, s in zip(found, subjects)]
+    lesions, detected = sum(c["lesions"] for c in counted), sum(c["detected"] for c in counted)
+    false_positives, n = sum(c["false_positives"] for c in counted), len(subjects)
+    return {
+        "threshold": float(threshold),
+        "subjects": n,
+        "lesions": lesions,
+        "detected": detected,
+        "recall": detected / lesions if lesions else float("nan"),
+        "false_positive_components": false_positives,
+        "fp_per_volume": false_positives / n if n else float("nan"),
+    }
 
 
 def _safe(metric: Callable, y: np.ndarray, scores: np.ndarray) -> float:
