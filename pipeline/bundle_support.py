@@ -17,10 +17,10 @@ from monai.handlers import CheckpointLoader
 from pipeline.data.datalist import load_datalist, split_subjects
 from pipeline.data.demo import make_demo_dataset
 from pipeline.data.validation import InputError
-from pipeline.engines.checkpoint import load_trained
 from pipeline.io import WriteError, atomic_write_json
 from pipeline.networks import ARCHITECTURE_KEYS
 from pipeline.run_record import EXECUTED_CONFIG, training_config
+from pipeline.weights import load_trained
 
 __all__ = [
     "active_config_parser",

@@ -22,9 +22,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.slices import BrainSliceDataset, volume_to_slices
 from pipeline.losses import kl_divergence
-from pipeline.scoring import SCORE_NAMES, ScoreOptions, VolumeScorer, kl_gradient
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, kl_gradient
 from pipeline.thresholds import quantile_key
 
 __all__ = [
@@ -58,7 +59,7 @@ def _image_and_brain(data: Mapping) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def fit_grad_normalization(
-    scorer: VolumeScorer, volumes: Sequence[Mapping], option_sets: Mapping[str, ScoreOptions]
+    model: AnomalyMap, volumes: Sequence[Mapping], option_sets: Mapping[str, ScoreOptions]
 ) -> dict[str, ScoreOptions]:
     """``option_sets`` with the healthy constants filled in where ``grad_normalization="healthy"`` (``grad_low``,
     ``grad_high``: medians over the preprocessed healthy ``volumes`` of each volume's minimum and maximum of the raw
@@ -68,10 +69,8 @@ def fit_grad_normalization(
     lows, highs = [], []
     for data in volumes:
         slices = volume_to_slices(_image_and_brain(data)[0])
-        step = scorer.batch_size
-        grads = [
-            kl_gradient(scorer.network, slices[i : i + step].to(scorer.device)) for i in range(0, len(slices), step)
-        ]
+        step = model.batch_size
+        grads = [kl_gradient(model.network, slices[i : i + step].to(model.device)) for i in range(0, len(slices), step)]
         lows.append(float(min(g.min() for g in grads)))
         highs.append(float(max(g.max() for g in grads)))
     low, high = float(np.median(lows)), float(np.median(highs))
@@ -82,7 +81,7 @@ def fit_grad_normalization(
 
 
 def healthy_thresholds(
-    scorer: VolumeScorer,
+    model: AnomalyMap,
     volumes: Sequence[Mapping],
     option_sets: Mapping[str, ScoreOptions],
     quantiles: Sequence[float] = HEALTHY_QUANTILES,
@@ -90,16 +89,16 @@ def healthy_thresholds(
     """Quantiles of every option set's and score's maps over the brain voxels of the healthy ``volumes`` (each
     preprocessed by the training's volume chain: ``image``, ``brainmask``).
 
-    Each volume is scored by ``scorer`` (:class:`~pipeline.scoring.VolumeScorer`: network, loss, batch size,
-    device); the brain voxels of all volumes are pooled, every voxel counting once. Returns ``quantiles``,
-    ``n_voxels`` and ``thresholds[option set][score][q]`` of the ``healthy`` section of ``threshold.json``.
+    Each volume is scored by ``model`` (:class:`~pipeline.anomaly_map.AnomalyMap`); the brain voxels of all volumes
+    are pooled, every voxel counting once. Returns ``quantiles``, ``n_voxels`` and
+    ``thresholds[option set][score][q]`` of the ``healthy`` section of ``threshold.json``.
     """
     if not volumes:
         raise ValueError("healthy thresholds need at least one healthy validation subject.")
     pooled: dict[str, dict[str, list[np.ndarray]]] = {c: {s: [] for s in SCORE_NAMES} for c in option_sets}
     for data in volumes:
         image, brain = _image_and_brain(data)
-        _, maps = scorer(image, brain, option_sets)
+        _, maps = model(image, brain, option_sets)
         for config, volumes in maps.items():
             for score, volume in volumes.items():
                 pooled[config][score].append(volume[brain])

@@ -31,14 +31,13 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
+from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.datalist import load_datalist
 from pipeline.data.validation import InputError
-from pipeline.engines.checkpoint import load_trained
 from pipeline.healthy import DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE
 from pipeline.io import atomic_save_nifti, atomic_write_json
 from pipeline.operating_point import OperatingPoint
-from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, VolumeScorer, segment
-from pipeline.thresholds import checkpoint_sha256, read_thresholds, select_threshold, threshold_path
+from pipeline.scoring import SCORE_NAMES, segment
 
 __all__ = ["AnomalyInference", "inference_entries"]
 
@@ -67,9 +66,9 @@ class AnomalyInference:
     mask)`` scores one file.
 
     Args:
-        scorer: the model computation (:class:`~pipeline.scoring.VolumeScorer`: network ``CeVAE`` or its
-            ``CeVAEReconstruction`` view, and the training loss, whose slice score is its negative ELBO, as in
-            evaluation); both get their trained state from ``checkpoint``.
+        model: the :class:`~pipeline.anomaly_map.AnomalyMap` (network ``CeVAE`` or its ``CeVAEReconstruction`` view,
+            and the training loss, whose slice score is its negative ELBO, as in evaluation); it gets its trained
+            state from ``checkpoint`` and the ``threshold.json`` beside it.
         checkpoint: ``model.pt`` (``{"model", "loss"}`` of training, or an exported plain state dict).
         transform: the volume chain used in training (its spatial steps are inverted).
         output_dir: where outputs go (created if missing).
@@ -77,8 +76,8 @@ class AnomalyInference:
         healthy_quantile: the healthy quantile whose threshold to use (None: the operating point's; see
             :mod:`pipeline.healthy`).
         calibration: instead, the name of a labelled evaluation whose calibrated threshold to use.
-        option_set, score: the map to threshold (an option set of ``threshold.json``, or of
-            :data:`pipeline.scoring.OPTION_SETS` when there is no such file); None: the operating point's.
+        option_set, score: the map to threshold (an option set of ``threshold.json``, or of the model as configured
+            when there is no such file); None: the operating point's.
         model_version: written into the score files (e.g. the bundle's metadata version).
         overwrite: replace the outputs of an earlier inference of the same input in ``output_dir`` (else refused,
             as training and evaluation refuse to replace results without ``--overwrite True``).
@@ -86,7 +85,7 @@ class AnomalyInference:
 
     def __init__(
         self,
-        scorer: VolumeScorer,
+        model: AnomalyMap,
         checkpoint: str | os.PathLike,
         transform: Callable,
         output_dir: str | os.PathLike,
@@ -100,7 +99,7 @@ class AnomalyInference:
     ) -> None:
         if score is not None and score not in SCORE_NAMES:
             raise InputError(f"unknown score {score!r}; choose one of {SCORE_NAMES} (--score).")
-        self.scorer, self.checkpoint, self.transform = scorer, Path(checkpoint), transform
+        self.model, self.checkpoint, self.transform = model, Path(checkpoint), transform
         self.output_dir = Path(output_dir)
         self.threshold, self.healthy_quantile, self.calibration = threshold, healthy_quantile, calibration
         self.option_set, self.score_name = option_set, score
@@ -112,28 +111,13 @@ class AnomalyInference:
     def _prepare(self) -> None:
         if self._loaded:
             return
-        scorer = self.scorer
-        load_trained(self.checkpoint, scorer.network, scorer.loss, scorer.device)
-        scorer.network.to(scorer.device).eval()
-        scorer.loss.to(scorer.device).eval()
-        content, given = None, self.threshold is not None
-        if not given:
-            content = read_thresholds(self.checkpoint)
-        elif threshold_path(self.checkpoint).is_file():
-            try:  # only for the option sets' settings; the threshold is the one given
-                content = read_thresholds(self.checkpoint)
-            except InputError as err:
-                logger.warning("%s; using the library's option sets with the given threshold", err)
-        available = content["options"] if content else {c: o.to_dict() for c, o in OPTION_SETS.items()}
-        point = _stored_operating_point(content)
+        given = self.threshold is not None
+        model = self.model.load(self.checkpoint, reference="optional" if given else "required")
+        point = model.operating_point
         self.option_set = self.option_set or (point.option_set if point else DEFAULT_OPTION_SET)
         self.score_name = self.score_name or (point.score if point else DEFAULT_SCORE)
         self.healthy_quantile = self.healthy_quantile or (point.quantile if point else DEFAULT_QUANTILE)
-        if self.option_set not in available:
-            raise InputError(
-                f"unknown option set {self.option_set!r}; choose one of {sorted(available)} (--option_set)."
-            )
-        self.options = ScoreOptions(**available[self.option_set])
+        self.options = model.options(self.option_set)
         if self.options.grad_normalization == "healthy" and not self.options.fitted:
             raise InputError(
                 f"option set {self.option_set!r} scales the KL gradient by constants of the healthy validation "
@@ -141,15 +125,14 @@ class AnomalyInference:
                 "bundle's 'evaluating' with the training datalist to compute it, or choose --option_set paper."
             )
         if not given:
-            self.threshold, self.threshold_source = select_threshold(
-                content, self.option_set, self.score_name, self.healthy_quantile, self.calibration
+            self.threshold, self.threshold_source = model.threshold(
+                self.option_set, self.score_name, self.healthy_quantile, self.calibration
             )
         if point and (self.option_set, self.score_name) == (point.option_set, point.score):
             self.options = point.options(self.options)
             if not given and self.calibration is None and self.threshold == point.threshold:
                 self.operating_point = point
                 self.threshold_source = f"label-free operating point: {point.describe()}"
-        self.checkpoint_sha256 = checkpoint_sha256(self.checkpoint)
         self._loaded = True
 
     def run(self, dataset: Sequence[Mapping]) -> list[dict[str, str]]:
@@ -182,7 +165,7 @@ class AnomalyInference:
                 "this run); replace it with --overwrite True, or choose another --output_dir."
             )
         brain = np.asarray(pre["brainmask"][0] > 0)
-        terms, maps = self.scorer(
+        terms, maps = self.model(
             pre["image"].as_tensor(), brain, {self.option_set: self.options}, scores=(self.score_name,)
         )
         anomaly = maps[self.option_set][self.score_name]
@@ -211,7 +194,7 @@ class AnomalyInference:
                 "segmented_voxels": int((native["seg"] > 0.5).sum()),
                 "segmented_brain_fraction": float(seg.sum() / max(brain.sum(), 1)),
                 "model_version": self.model_version,
-                "checkpoint_sha256": self.checkpoint_sha256,
+                "checkpoint_sha256": self.model.checkpoint_sha256,
             },
             outputs["score"],
         )
@@ -231,12 +214,6 @@ class AnomalyInference:
         )
         inverted = np.asarray(inverter({"image": reference, "maps": stacked})["maps"])
         return dict(zip(maps, inverted))
-
-
-def _stored_operating_point(content: dict | None) -> OperatingPoint | None:
-    """The operating point in a ``threshold.json`` content (None without one: no file, or one from before 0.8.0)."""
-    stored = ((content or {}).get("healthy") or {}).get("synthetic", {}).get("operating_point")
-    return None if stored is None else OperatingPoint.from_dict(stored)
 
 
 def _like(reference: nib.Nifti1Image, array: np.ndarray) -> nib.Nifti1Image:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.engines.checkpoint import split_trained
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.run_record import EXECUTED_CONFIG, training_config
 from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thresholds, threshold_path
+from pipeline.weights import split_trained
 
 __all__ = ["build", "export_torchscript", "export_weights"]
 

@@ -56,7 +56,6 @@ __all__ = [
     "POSTPROCESSED",
     "SCORE_NAMES",
     "ScoreOptions",
-    "VolumeScorer",
     "elbo_terms",
     "kl_gradient",
     "median_filter",
@@ -286,43 +285,6 @@ def score_volume(
                 volume = equalize_in_brain(volume, brainmask)
             maps[config][score] = postprocess_volume(volume, brainmask, options)
     return {k: v for k, v in raw.items() if k != "kl_grad"}, maps
-
-
-class VolumeScorer:
-    """The model computation of inference (the bundle's ``inferer``): :func:`score_volume` with one network and loss.
-
-    Args:
-        network: the trained network (``encode``/``decode``).
-        loss: the training loss with its trained state (its ``neg_elbo`` is the slice score); None: a fixed-sigma
-            :class:`~pipeline.losses.CeVAELoss`.
-        batch_size: slices per network pass.
-        device: where the network runs.
-
-    ``scorer(image, brainmask, configs, scores)`` with ``image`` ``(1, H, W, D)`` returns :func:`score_volume`'s
-    ``(terms, maps)``.
-    """
-
-    def __init__(
-        self,
-        network: torch.nn.Module,
-        loss: CeVAELoss | None = None,
-        batch_size: int = 64,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        self.network = network
-        self.loss = CeVAELoss(ce_weight=0.0) if loss is None else loss
-        self.batch_size, self.device = batch_size, torch.device(device)
-
-    def __call__(
-        self,
-        image: torch.Tensor,
-        brainmask: np.ndarray,
-        configs: Mapping[str, ScoreOptions],
-        scores: Sequence[str] = SCORE_NAMES,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
-        return score_volume(
-            self.network, image, brainmask, configs, self.loss, self.batch_size, scores=scores, device=self.device
-        )
 
 
 def segment(volume: np.ndarray, brainmask: np.ndarray, threshold: float, options: ScoreOptions) -> np.ndarray:

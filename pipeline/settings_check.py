@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+from pipeline.data.augmentation import AUGMENT_CHOICES
 from pipeline.data.validation import InputError
 from pipeline.networks.cevae import downsampling_layers
 
@@ -54,6 +55,7 @@ RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
     "ce_weight": (*_number(lambda v: 0 <= v <= 1, "in [0, 1]"), "0.5"),
     "val_fraction": (*_number(lambda v: 0 <= v < 1, "in [0, 1)"), "0.1"),
     "min_brain_fraction": (*_number(lambda v: 0 <= v <= 1, "in [0, 1]"), "0.1"),
+    "augment": (lambda v: v in AUGMENT_CHOICES, f"one of {', '.join(AUGMENT_CHOICES)}", "default"),
 }
 
 

@@ -65,9 +65,9 @@ def _load(path: Path) -> dict:
     )
 
 
-def read_thresholds(checkpoint: str | os.PathLike) -> dict:
+def read_thresholds(checkpoint: str | os.PathLike, digest: str | None = None) -> dict:
     """The content of ``threshold.json`` next to ``checkpoint``; raises :class:`InputError` if it is missing or was
-    computed for another checkpoint."""
+    computed for another checkpoint. ``digest``: the checkpoint's SHA-256 when the caller has it already."""
     path = threshold_path(checkpoint)
     if not path.is_file():
         raise InputError(
@@ -76,7 +76,7 @@ def read_thresholds(checkpoint: str | os.PathLike) -> dict:
             "datalist to compute it, or pass --threshold VALUE."
         )
     content = _load(path)
-    if content.get("checkpoint_sha256") != checkpoint_sha256(checkpoint):
+    if content.get("checkpoint_sha256") != (digest or checkpoint_sha256(checkpoint)):
         raise InputError(
             f"{path} was computed for another checkpoint than {checkpoint} (its SHA-256 differs): the "
             "model was retrained or replaced. Re-run the bundle's 'evaluating' with the training "
@@ -85,12 +85,21 @@ def read_thresholds(checkpoint: str | os.PathLike) -> dict:
     return content
 
 
-def update_thresholds(checkpoint: str | os.PathLike, options: dict, **sections: dict) -> dict:
+def update_thresholds(
+    checkpoint: str | os.PathLike, options: dict, expected_sha256: str | None = None, **sections: dict
+) -> dict:
     """Merge ``sections`` (``healthy=...`` replaces that section; ``calibrated=...`` adds or replaces entries by
     test-set name) into ``threshold.json`` next to ``checkpoint``, atomically and under a lock; returns the file's
-    new content. An existing file made for another checkpoint is replaced, with a warning."""
+    new content. An existing file made for another checkpoint is replaced, with a warning. ``expected_sha256``: the
+    hash of the weights the sections were computed with; if ``checkpoint`` no longer has it (replaced by another
+    training meanwhile), nothing is written and an :class:`InputError` says so."""
     path = threshold_path(checkpoint)
     digest = checkpoint_sha256(checkpoint)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise InputError(
+            f"{checkpoint} changed while it was being scored (another training replaced it?): results computed with "
+            f"the earlier weights were not written into {path}; re-run on the current checkpoint."
+        )
     with file_lock(path.with_name(f".{path.name}.lock")):
         content = _load(path) if path.is_file() else {}
         if content and content.get("checkpoint_sha256") != digest:

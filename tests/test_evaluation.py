@@ -10,11 +10,14 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from bundle_helpers import TINY, run_bundle
 from conftest import input_error
 from mlflow import MlflowClient
 from scipy import ndimage
 
+from pipeline.anomaly_map import AnomalyMap
+from pipeline.calibration import label_free_calibration as evaluation_healthy
 from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
@@ -23,7 +26,6 @@ from pipeline.evaluation import AnomalyEvaluation
 from pipeline.evaluation.subjects import ScoredSubject, pooled_dice, segmentation_counts
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
-from pipeline.operating_point import label_free_calibration as evaluation_healthy
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions
 
 EVAL_FILES = ("train.json", "evaluate.json")
@@ -166,19 +168,17 @@ def test_evaluation_recalibrates_when_its_option_sets_change(evaluated_run, tiny
     healthy = load_datalist(tiny_demo, "training")[:1]
 
     def evaluate(configs, healthy_data):
-        network = CeVAE(channels=TINY["channels"], z_dim=TINY["z_dim"])
+        model = AnomalyMap(CeVAE(channels=TINY["channels"], z_dim=TINY["z_dim"]), CeVAELoss(), configs)
         ev = AnomalyEvaluation(
-            network,
+            model,
             checkpoint,
             tiny_demo,
             brain_volume_transform(),
             tmp_path / "eval",
-            CeVAELoss(),
-            configs=configs,
             healthy_data=healthy_data,
             default_option_set="paper",
         )
-        ev.load_network()
+        model.load(checkpoint, reference="optional")
         return ev.healthy()
 
     same = {c: OPTION_SETS[c] for c in stored["options"]}
@@ -256,16 +256,8 @@ def synthetic_subjects(n=3, shape=(24, 24, 16), seed=0):
 
 
 def evaluation_for(subjects, tmp_path, min_component_size=7):
-    return AnomalyEvaluation(
-        None,
-        tmp_path / "model.pt",
-        tmp_path / "d.json",
-        None,
-        tmp_path,
-        loss=None,
-        configs={"cc": ScoreOptions(min_component_size=min_component_size)},
-        default_option_set="cc",
-    )
+    model = AnomalyMap(torch.nn.Identity(), option_sets={"cc": ScoreOptions(min_component_size=min_component_size)})
+    return AnomalyEvaluation(model, tmp_path / "model.pt", tmp_path / "d.json", None, tmp_path, default_option_set="cc")
 
 
 def test_best_dice_with_component_removal_finds_small_lesions(tmp_path):

@@ -14,6 +14,7 @@ from conftest import input_error
 from monai.bundle import ConfigWorkflow
 from scipy import ndimage
 
+from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
@@ -21,7 +22,6 @@ from pipeline.data.validation import InputError
 from pipeline.inference import AnomalyInference
 from pipeline.metrics import dice
 from pipeline.networks import CeVAEReconstruction
-from pipeline.scoring import VolumeScorer
 
 PSR_FROM_RAS = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)  # voxel map, a-offset below
 
@@ -63,7 +63,7 @@ def layout_runs(evaluated_run, tumour_case, tmp_path_factory):
     out, _ = evaluated_run
     tmp = tmp_path_factory.mktemp("layouts")
     infer = AnomalyInference(
-        VolumeScorer(CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64))),
+        AnomalyMap(CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64))),
         out / "checkpoints" / "model.pt",
         brain_volume_transform(),
         tmp / "out",
@@ -111,7 +111,7 @@ def test_the_three_layouts_give_the_same_map(layout_runs):
 def test_inversion_puts_the_lesion_back_where_it_was(tumour_case):
     chain = brain_volume_transform(image_size=64)
     pre = chain(dict(tumour_case))
-    infer = AnomalyInference(VolumeScorer(CeVAEReconstruction()), "unused.pt", chain, ".")
+    infer = AnomalyInference(AnomalyMap(CeVAEReconstruction()), "unused.pt", chain, ".")
     back = infer._invert(pre, {"anomaly": pre["label"][0].numpy()})["anomaly"]
     original = np.asanyarray(nib.load(tumour_case["label"]).dataobj).astype(float)
     assert back.shape == original.shape
@@ -122,7 +122,7 @@ def test_inversion_puts_the_lesion_back_where_it_was(tumour_case):
 
 def tiny_inference(checkpoint, output_dir, **kwargs):
     return AnomalyInference(
-        VolumeScorer(CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64))),
+        AnomalyMap(CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64))),
         checkpoint,
         brain_volume_transform(),
         output_dir,

@@ -137,7 +137,7 @@ def test_a_failed_metrics_write_names_the_file_and_keeps_the_previous_one(tmp_pa
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_in_one_line(tmp_path):
     from pipeline.data.validation import InputError
-    from pipeline.engines.checkpoint import load_trained
+    from pipeline.weights import load_trained
 
     net = torch.nn.Linear(2, 2)
     good = save_checkpoint({"model": net}, tmp_path / "good.pt")

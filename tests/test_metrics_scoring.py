@@ -227,7 +227,7 @@ def test_thresholded_maps_keep_their_healthy_scale_whatever_else_is_in_the_volum
 
 
 def test_the_operating_point_is_the_best_candidate_whose_scale_is_not_the_test_volume():
-    from pipeline.operating_point import choose_operating_point
+    from pipeline.calibration import choose_operating_point
 
     sets = {"scaled": AUTHORS, "fixed": replace(POSTPROCESSED, grad_low=0.0, grad_high=1.0)}
 

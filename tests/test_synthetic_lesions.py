@@ -79,20 +79,21 @@ def test_synthetic_lesion_search_measures_every_candidate_and_chooses_the_best(t
     other figures (negative controls); the operating point is the best model candidate of the table."""
     from sklearn.metrics import f1_score
 
+    from pipeline.anomaly_map import AnomalyMap
+    from pipeline.calibration import MODEL_SCORES, synthetic_lesion_search
     from pipeline.data.datalist import load_datalist
     from pipeline.data.preprocessing import brain_volume_transform
     from pipeline.healthy import healthy_thresholds
     from pipeline.losses import CeVAELoss
     from pipeline.metrics import remove_small_components
     from pipeline.networks import CeVAE
-    from pipeline.operating_point import MODEL_SCORES, synthetic_lesion_search
-    from pipeline.scoring import PAPER, VolumeScorer
+    from pipeline.scoring import PAPER
 
     entries, transform, options = load_datalist(tiny_demo, "training")[:2], brain_volume_transform(), {"paper": PAPER}
     network, loss = CeVAE(channels=[8, 16, 32, 64], z_dim=16).eval(), CeVAELoss(sigma=0.1)
-    scorer, volumes = VolumeScorer(network, loss), [transform(dict(e)) for e in entries]
-    thresholds = healthy_thresholds(scorer, volumes, options)["thresholds"]
-    got = synthetic_lesion_search(scorer, volumes, options, thresholds, 0.99, per_subject=2, seed=4)
+    model, volumes = AnomalyMap(network, loss, options), [transform(dict(e)) for e in entries]
+    thresholds = healthy_thresholds(model, volumes, options)["thresholds"]
+    got = synthetic_lesion_search(model, volumes, options, thresholds, 0.99, per_subject=2, seed=4)
     assert got["n_volumes"] == 4 and set(got["dice"]["paper"]) == {"rec", "kl_grad", "combined", "intensity"}
     table = {(c["score"], c["quantile"], c["min_component_size"]): c["dice"] for c in got["candidates"]}
     assert len(table) == 4 * 5 * 4, "every score x healthy quantile x minimum component size"

@@ -299,3 +299,43 @@ def test_any_positive_label_value_is_lesion(tmp_path):
     binary = brain_volume_transform()({**files, "label": save_nifti(label, tmp_path / "l.nii.gz")})["label"]
     graded_out = brain_volume_transform()({**files, "label": save_nifti(graded, tmp_path / "g.nii.gz")})["label"]
     torch.testing.assert_close(graded_out.as_tensor(), binary.as_tensor())
+
+
+def _slices(seed=0, n=6):
+    """Brain-like slices: a bright ellipse with texture on a zero background, in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:32, :32]
+    brain = ((rows - 15.5) / 12) ** 2 + ((cols - 15.5) / 10) ** 2 < 1
+    texture = ndimage.gaussian_filter(rng.random((n, 32, 32)), 1.5)
+    x = np.where(brain, 0.3 + texture / texture.max() * 0.7, 0.0).astype(np.float32)
+    return torch.from_numpy(x)[:, None]
+
+
+def test_slice_augmentation_is_seeded_and_keeps_background_and_range():
+    from pipeline.data.augmentation import SliceAugmentation
+
+    x, aug = _slices(), SliceAugmentation(spatial_prob=0.0)  # intensity changes and flips only: no resampling
+    draw = [aug(x, torch.Generator().manual_seed(s)) for s in (3, 3, 4)]
+    assert torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2]), "seeded; another seed differs"
+    assert not torch.equal(draw[0], x)
+    out = draw[0]
+    torch.testing.assert_close(out.amax(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3)))  # the range preprocessing gives
+    background = (x == 0) & (x.flip(-2) == 0)
+    assert torch.all(out[background] == 0), "the background stays at the slice minimum"
+    still = SliceAugmentation(flip_prob=0.0, spatial_prob=0.0, intensity_prob=0.0)
+    assert torch.equal(still(x), x), "all probabilities 0: the slices as they are"
+
+
+def test_slice_augmentation_geometry_matches_scipy():
+    """Independent reference: a flip is ``x.flip`` along H (the R-L axis); a pure zoom (rotation 0, scale fixed)
+    equals ``scipy.ndimage.affine_transform`` about the image centre with linear interpolation."""
+    from pipeline.data.augmentation import SliceAugmentation
+
+    x = _slices(1, 2)
+    flipped = SliceAugmentation(flip_prob=1.0, spatial_prob=0.0, intensity_prob=0.0)(x)
+    assert torch.equal(flipped, x.flip(-2))
+    zoom = SliceAugmentation(flip_prob=0.0, spatial_prob=1.0, rotate=0.0, scale=(1.25, 1.25), intensity_prob=0.0)(x)
+    centre = (np.array(x.shape[-2:]) - 1) / 2
+    for got, image in zip(zoom[:, 0].numpy(), x[:, 0].numpy()):
+        expected = ndimage.affine_transform(image, np.eye(2) / 1.25, centre - centre / 1.25, order=1, mode="constant")
+        np.testing.assert_allclose(got[4:-4, 4:-4], expected[4:-4, 4:-4], atol=1e-5)

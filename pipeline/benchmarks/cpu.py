@@ -33,6 +33,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import GaussianSmooth
 
+from pipeline.anomaly_map import AnomalyMap
 from pipeline.benchmarks.measure import (
     DataWait,
     EpochClock,
@@ -53,7 +54,7 @@ from pipeline.inference import AnomalyInference
 from pipeline.io import parallel_gzip
 from pipeline.losses import CeVAELoss, kl_divergence
 from pipeline.networks import CeVAE, CeVAEReconstruction
-from pipeline.scoring import POSTPROCESSED, VolumeScorer, kl_gradient
+from pipeline.scoring import POSTPROCESSED, kl_gradient
 from pipeline.thresholds import update_thresholds
 
 __all__ = ["KEYS", "TRAINING_VARIANTS", "cpu_benchmark"]
@@ -128,7 +129,7 @@ def scoring(tmp: Path, volumes: list[int]) -> dict:
     fitted = replace(POSTPROCESSED, grad_low=0.0, grad_high=1.0)  # what training stores: the healthy constants
     update_thresholds(checkpoint, {"postprocessed": fitted.to_dict()}, healthy={})
     infer = AnomalyInference(
-        VolumeScorer(net), checkpoint, brain_volume_transform(), tmp / "scored", threshold=0.5, overwrite=True
+        AnomalyMap(net), checkpoint, brain_volume_transform(), tmp / "scored", threshold=0.5, overwrite=True
     )
     infer(image)  # warm-up (and checkpoint loading)
     times, peaks = [], []

@@ -10,7 +10,7 @@ MONAI's ``CheckpointSaver`` writes with ``atomic=False``; a crash during a save 
   run killed before then resumes from the epoch before and repeats the last one exactly;
 * ``model.pt``: ``{"model", "loss"}`` of the best validation epoch (the last epoch when there is no validator).
   ``loss`` is the loss's state (its likelihood ``sigma``, calibrated during training), which scoring needs to
-  compute the same ELBO as training; :func:`load_trained` restores both.
+  compute the same ELBO as training; :func:`pipeline.weights.load_trained` restores both.
 
 During training the saver copies the state at the end of an epoch and writes it in a background thread while the
 next epoch runs (:class:`BackgroundWriter`; the copy takes ~10 ms, the write of a 60 MB ``last.pt`` ~90 ms of a
@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from pipeline.data.validation import InputError
 from pipeline.io import atomic_path
 
 __all__ = [
@@ -41,9 +40,7 @@ __all__ = [
     "BackgroundWriter",
     "BestMetric",
     "RNGState",
-    "load_trained",
     "save_checkpoint",
-    "split_trained",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,45 +114,6 @@ class BackgroundWriter:
         errors = [error for error in (future.exception() for future in pending) if error is not None]
         if errors:
             raise errors[0]
-
-
-def load_trained(
-    checkpoint: str | os.PathLike,
-    network: torch.nn.Module,
-    loss: torch.nn.Module | None = None,
-    device: str | torch.device = "cpu",
-) -> dict:
-    """Load a ``model.pt`` (``{"model", "loss"?}``, or a bare state dict) into ``network`` and ``loss`` with
-    ``weights_only=True``; returns the loaded dict. A checkpoint without a ``loss`` entry (older runs, or weights
-    from elsewhere) leaves ``loss`` as constructed, which is right for a fixed likelihood; a calibrated loss then
-    refuses to score (:meth:`pipeline.losses.CeVAELoss.scoring_sigma`)."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist; train first, or pass the path of a trained model.pt."
-        )
-    state = torch.load(path, map_location=device, weights_only=True)
-    weights = state.get("model", state)
-    broken = [name for name, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
-    if broken:
-        raise InputError(
-            f"checkpoint {path} holds non-finite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}"
-            "): it comes from a diverged training; use an earlier checkpoint or train again."
-        )
-    getattr(network, "module", network).load_state_dict(weights)
-    if loss is not None and "loss" in state:
-        loss.load_state_dict(state["loss"])
-    return state
-
-
-def split_trained(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], float | None]:
-    """``(network state dict, likelihood sigma or None)`` of a ``model.pt`` (``{"model", "loss"?}`` or a bare state
-    dict), for a plain-state-dict export (MONAI's ``ckpt_export``/``load`` without ``key_in_ckpt``)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if "model" not in state:
-        return state, None
-    sigma = state.get("loss", {}).get("sigma")
-    return state["model"], None if sigma is None else float(sigma)
 
 
 def _finite(module: torch.nn.Module) -> bool:

@@ -5,22 +5,18 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import TerminateOnNan
 from torch.optim import Optimizer
 
+from pipeline.anomaly_map import AnomalyMap
+from pipeline.calibration import label_free_calibration
 from pipeline.data.slices import BrainSliceDataset
 from pipeline.data.validation import InputError
-from pipeline.engines.checkpoint import load_trained
 from pipeline.healthy import HEALTHY_QUANTILES, mean_brain_check
-from pipeline.losses import CeVAELoss
-from pipeline.operating_point import OperatingPoint, label_free_calibration
-from pipeline.scoring import ScoreOptions, VolumeScorer
-from pipeline.thresholds import update_thresholds
 
 __all__ = [
     "CopyMetrics",
@@ -114,11 +110,11 @@ class HealthyCalibration:
     """At the end of training, score the healthy validation subjects with the **selected** checkpoint and write the
     ``healthy`` section of its ``threshold.json`` (:func:`pipeline.healthy.healthy_thresholds`), with the label-free
     operating point chosen on synthetic lesions in the same subjects and every candidate's Dice under
-    ``healthy.synthetic`` (:func:`pipeline.operating_point.synthetic_lesion_search`) and the mean-brain check of the
+    ``healthy.synthetic`` (:func:`pipeline.calibration.synthetic_lesion_search`) and the mean-brain check of the
     decoder (:func:`pipeline.healthy.mean_brain_check`) under ``healthy.validation``.
 
-    Runs when the last epoch completes (so also at the end of a resumed run), after the checkpoint saver, on copies
-    of the network and loss loaded from ``checkpoint``; puts ``healthy_<check>`` and
+    Runs when the last epoch completes (so also at the end of a resumed run), after the checkpoint saver, on a copy
+    of ``model`` loaded from ``checkpoint``; puts ``healthy_<check>`` and
     ``healthy_threshold/<option set>/<score>/q<quantile>``, ``synthetic_dice/<option set>/<score>`` and
     ``operating_point/{synthetic_dice,quantile,threshold,min_component_size}`` into ``engine.state.metrics`` for the
     epoch loggers
@@ -126,9 +122,9 @@ class HealthyCalibration:
 
     Args:
         checkpoint: the selected ``model.pt``.
-        network, loss_function: the trained network (optionally DDP-wrapped) and loss (copied, never changed).
+        model: the :class:`~pipeline.anomaly_map.AnomalyMap` of the trained network and loss, with the option sets to
+            compute thresholds for (copied, never changed).
         data: the healthy validation entries; transform: the training's volume chain.
-        option_sets: ``{name: ScoreOptions}`` to compute thresholds for.
         quantiles: brain-voxel quantiles to record.
         train_slices, validation_slices: the training and validation slices, for the mean-brain check (skipped
             when either is None).
@@ -137,20 +133,15 @@ class HealthyCalibration:
     def __init__(
         self,
         checkpoint: str | os.PathLike,
-        network: torch.nn.Module,
-        loss_function: CeVAELoss,
+        model: AnomalyMap,
         data: Sequence[dict],
         transform: Callable,
-        option_sets: Mapping[str, ScoreOptions],
         quantiles: Sequence[float] = HEALTHY_QUANTILES,
         train_slices: BrainSliceDataset | None = None,
         validation_slices: BrainSliceDataset | None = None,
-        batch_size: int = 64,
-        device: str | torch.device = "cpu",
     ) -> None:
-        self.checkpoint, self.network, self.loss_function = checkpoint, network, loss_function
-        self.data, self.transform, self.option_sets = list(data), transform, dict(option_sets)
-        self.quantiles, self.batch_size, self.device = tuple(quantiles), batch_size, device
+        self.checkpoint, self.model, self.data, self.transform = checkpoint, model, list(data), transform
+        self.quantiles = tuple(quantiles)
         self.train_slices, self.validation_slices = train_slices, validation_slices
 
     def attach(self, engine: Engine) -> None:
@@ -162,17 +153,14 @@ class HealthyCalibration:
 
     def calibrate(self) -> dict[str, float]:
         """Compute, write and return the flat metrics (see the class docstring)."""
-        network = copy.deepcopy(getattr(self.network, "module", self.network)).eval()
-        loss = copy.deepcopy(self.loss_function).eval()
-        load_trained(self.checkpoint, network, loss, self.device)
-        scorer = VolumeScorer(network, loss, self.batch_size, self.device)
-        healthy, fitted = label_free_calibration(scorer, self.data, self.transform, self.option_sets, self.quantiles)
-        point = OperatingPoint.from_dict(healthy["synthetic"]["operating_point"])
+        model = copy.deepcopy(self.model).load(self.checkpoint, reference="none")
+        healthy, fitted = label_free_calibration(model, self.data, self.transform, self.quantiles)
         if self.train_slices is not None and self.validation_slices is not None:
             healthy["validation"] = mean_brain_check(
-                network, self.train_slices, self.validation_slices, device=self.device
+                model.network, self.train_slices, self.validation_slices, device=model.device
             )
-        update_thresholds(self.checkpoint, {c: o.to_dict() for c, o in fitted.items()}, healthy=healthy)
+        model.record(fitted, healthy=healthy)
+        point = model.operating_point
         check = healthy.get("validation", {})
         metrics = {f"healthy_{k}": float(check[k]) for k in CHECK_METRICS if k in check}
         for config, per_score in healthy["thresholds"].items():

@@ -13,6 +13,7 @@ from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.utils import CommonKeys
 from torch.utils.data import DataLoader
 
+from pipeline.data.augmentation import SliceAugmentation
 from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.losses import CeVAELoss
 
@@ -40,6 +41,8 @@ class CeVAETrainer(Trainer):
         optimizer: its optimizer.
         loss_function: a :class:`~pipeline.losses.CeVAELoss`.
         context_encoding: the CE noise (:class:`~pipeline.data.context_encoding.ContextEncodingNoise`).
+        augmentation: the training augmentation applied to every batch on the device before the CE noise
+            (:class:`~pipeline.data.augmentation.SliceAugmentation`; None: the slices as they are).
         channels_last: train in the ``channels_last`` memory format (the network is converted here and every batch
             on the device): same arithmetic, about 20 % faster convolutions on CPU (docs/performance.md).
         amp_dtype: ``"bfloat16"`` or ``"float16"``, the autocast type when ``amp`` is on (CUDA).
@@ -56,6 +59,7 @@ class CeVAETrainer(Trainer):
         optimizer: torch.optim.Optimizer,
         loss_function: CeVAELoss,
         context_encoding: ContextEncodingNoise | None = None,
+        augmentation: SliceAugmentation | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -103,6 +107,7 @@ class CeVAETrainer(Trainer):
         self.optimizer = optimizer
         self.loss_function = loss_function.to(device)  # its state (the calibrated sigma) lives with the batches
         self.context_encoding = context_encoding or ContextEncodingNoise()
+        self.augmentation = augmentation
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             network.to(memory_format=torch.channels_last)
@@ -133,6 +138,8 @@ class CeVAETrainer(Trainer):
         if batchdata is None:
             raise ValueError("must provide batch data for current iteration.")
         x, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        if engine.augmentation is not None:
+            x = engine.augmentation(x)
         x = x.contiguous(memory_format=engine.memory_format)
         x_ce = engine.context_encoding(x)[0] if engine.uses_context_encoding else None
         engine.state.output = {CommonKeys.IMAGE: x}

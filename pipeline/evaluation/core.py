@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from pipeline.anomaly_map import AnomalyMap
+from pipeline.calibration import label_free_calibration
 from pipeline.data.datalist import load_datalist
 from pipeline.data.slices import brain_slice_indices
 from pipeline.data.validation import InputError
-from pipeline.engines.checkpoint import load_trained
 from pipeline.evaluation.figures import plot_curves, plot_panels
 from pipeline.evaluation.mlflow_report import log_to_mlflow, mlflow_metrics
 from pipeline.evaluation.subjects import ScoredSubject, pooled_dice, segmentation_counts
@@ -29,7 +30,6 @@ from pipeline.healthy import (
     active_units,
 )
 from pipeline.io import atomic_write_json, atomic_write_text, file_sha256
-from pipeline.losses import CeVAELoss
 from pipeline.metrics import (
     ThresholdCurve,
     best_dice_threshold,
@@ -42,9 +42,9 @@ from pipeline.metrics import (
     slice_labels,
     split_calibration,
 )
-from pipeline.operating_point import OperatingPoint, label_free_calibration
-from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, VolumeScorer, score_volume, segment
-from pipeline.thresholds import checkpoint_sha256, quantile_key, read_thresholds, update_thresholds
+from pipeline.operating_point import OperatingPoint
+from pipeline.scoring import SCORE_NAMES, segment
+from pipeline.thresholds import quantile_key
 
 __all__ = ["AnomalyEvaluation"]
 
@@ -60,15 +60,12 @@ class AnomalyEvaluation:
     """Evaluate ``checkpoint`` on the ``key`` entries of ``datalist`` (see the module docstring).
 
     Args:
-        network: a :class:`~pipeline.networks.CeVAE` of the checkpoint's architecture.
+        model: the :class:`~pipeline.anomaly_map.AnomalyMap` of the checkpoint's architecture, with the option sets
+            to report side by side.
         checkpoint: ``model.pt`` (``{"model", "loss"}``), loaded with ``weights_only=True``.
         datalist: datalist JSON with ``image``, ``label`` and optionally ``brainmask`` entries under ``key``.
         transform: the volume chain used in training.
         output_dir: where outputs go.
-        loss: the training loss (:class:`~pipeline.losses.CeVAELoss`, its state loaded from the checkpoint): the
-            slice score is its ELBO.
-        configs: option sets to report side by side (default: :data:`pipeline.scoring.OPTION_SETS`).
-        batch_size: slices per network pass.
         min_slice_pixels: annotated pixels above which a slice counts as anomalous.
         min_brain_fraction, border_slices: the slice selection of training (slice-level metrics use those slices).
         calibration_fraction, seed: the subject split of the Dice threshold (``seed`` also seeds the bootstrap).
@@ -85,15 +82,11 @@ class AnomalyEvaluation:
 
     def __init__(
         self,
-        network: torch.nn.Module,
+        model: AnomalyMap,
         checkpoint: str | os.PathLike,
         datalist: str | os.PathLike,
         transform: Callable,
         output_dir: str | os.PathLike,
-        loss: CeVAELoss,
-        device: str | torch.device = "cpu",
-        configs: Mapping[str, ScoreOptions] | None = None,
-        batch_size: int = 64,
         min_slice_pixels: int = 20,
         min_brain_fraction: float = 0.1,
         border_slices: int = 0,
@@ -116,17 +109,16 @@ class AnomalyEvaluation:
             if not text or "/" in text:
                 raise ValueError(f"evaluation and label group names must be non-empty without '/', got {text!r}.")
         self.label_groups = {g: [int(v) for v in values] for g, values in (label_groups or {}).items()}
-        self.network, self.checkpoint, self.datalist = network, Path(checkpoint), Path(datalist)
-        self.transform, self.output_dir, self.device = transform, Path(output_dir), torch.device(device)
-        self.loss = loss
-        self.configs = dict(configs or OPTION_SETS)
+        self.model, self.checkpoint, self.datalist = model, Path(checkpoint), Path(datalist)
+        self.transform, self.output_dir = transform, Path(output_dir)
+        self.configs = dict(model.option_sets)
         if default_option_set not in self.configs or default_score not in SCORE_NAMES:
             raise InputError(
                 f"the default segmentation {default_option_set}/{default_score} is not among the option "
                 f"sets {sorted(self.configs)} and scores {SCORE_NAMES}; fix --default_option_set or "
                 "--default_score."
             )
-        self.batch_size, self.min_slice_pixels = batch_size, min_slice_pixels
+        self.min_slice_pixels = min_slice_pixels
         self.min_brain_fraction, self.border_slices = min_brain_fraction, border_slices
         self.calibration_fraction, self.seed, self.key, self.n_panels = calibration_fraction, seed, key, n_panels
         self.tracking_uri, self.experiment_name, self.name = tracking_uri, experiment_name, name
@@ -139,28 +131,17 @@ class AnomalyEvaluation:
         self.n_bootstrap = n_bootstrap
 
     # ----------------------------------------------------------------------------------------------- scoring
-    def load_network(self) -> torch.nn.Module:
-        load_trained(self.checkpoint, self.network, self.loss, self.device)
-        self.loss.to(self.device).eval()
-        return self.network.to(self.device).eval()
-
     def healthy(self) -> dict:
-        """The ``healthy`` section of ``threshold.json`` for this checkpoint and these option sets; computed from
-        ``healthy_data`` (and written) when the file lacks it, was made for another checkpoint or other options.
-        The option sets then hold their healthy normalisation constants (stored with them, or fitted here)."""
-        try:
-            content = read_thresholds(self.checkpoint)
-        except InputError as err:
-            content, reason = {}, str(err)
-        else:
-            reason = "its option sets differ from this evaluation's"
-        stored = {c: ScoreOptions(**o) for c, o in content.get("options", {}).items()}
-        if content.get("healthy") and all(
-            c in stored and stored[c].unfitted() == o.unfitted() for c, o in self.configs.items()
-        ):
-            self.configs = {c: stored[c] for c in self.configs}
-            return self._with_default(content["healthy"])
+        """The ``healthy`` reference of the loaded model for these option sets; computed from ``healthy_data`` (and
+        written into ``threshold.json``) when the model has none for these weights or has it for other options. The
+        option sets then hold their healthy normalisation constants (stored with them, or fitted here)."""
+        model, requested = self.model, self.configs
+        stored = model.option_sets
+        if model.healthy and all(c in stored and stored[c].unfitted() == o.unfitted() for c, o in requested.items()):
+            self.configs = {c: stored[c] for c in requested}
+            return self._with_default(model.healthy)
         if not self.healthy_data:
+            reason = "its option sets differ from this evaluation's" if model.healthy else model.unread_reference
             raise InputError(
                 f"no usable healthy thresholds for {self.checkpoint} ({reason}); evaluate with the "
                 "training datalist (--datalist, its healthy validation subjects give them) or use the "
@@ -171,15 +152,11 @@ class AnomalyEvaluation:
             self.checkpoint,
             len(self.healthy_data),
         )
-        healthy, self.configs = label_free_calibration(
-            VolumeScorer(self.network, self.loss, self.batch_size, self.device),
-            self.healthy_data,
-            self.transform,
-            {c: o.unfitted() for c, o in self.configs.items()},
-            self.healthy_quantiles,
-        )
-        options = {c: o.to_dict() for c, o in self.configs.items()}
-        return self._with_default(update_thresholds(self.checkpoint, options, healthy=healthy)["healthy"])
+        model.option_sets = dict(requested)
+        healthy, fitted = label_free_calibration(model, self.healthy_data, self.transform, self.healthy_quantiles)
+        model.record(fitted, healthy=healthy)
+        self.configs = {c: model.option_sets[c] for c in requested}
+        return self._with_default(model.healthy)
 
     def _with_default(self, healthy: dict) -> dict:
         """``healthy`` if it holds the default quantile, else an :class:`InputError` naming the stored ones."""
@@ -208,9 +185,7 @@ class AnomalyEvaluation:
         subject.scored_slices = brain_slice_indices(
             torch.as_tensor(brain[None]), self.min_brain_fraction, self.border_slices
         )
-        terms, maps = score_volume(
-            self.network, image, brain, self.configs, self.loss, self.batch_size, device=self.device
-        )
+        terms, maps = self.model(image, brain, self.configs)
         subject.slice_terms = {k: terms[k].numpy() for k in ("rec", "kl", "neg_elbo", "mu")}
         brain_pixels = np.maximum(brain.sum(axis=(0, 1)), 1)
         for config, volumes in maps.items():
@@ -293,7 +268,7 @@ class AnomalyEvaluation:
             "active_units": active_units(mu),
             "calibration_subjects": calibration,
             "checkpoint": str(self.checkpoint),
-            "checkpoint_sha256": checkpoint_sha256(self.checkpoint),
+            "checkpoint_sha256": self.model.checkpoint_sha256,
             "datalist": str(self.datalist),
             "healthy_quantiles": list(healthy["thresholds"][next(iter(self.configs))]["rec"]),
             "default": {
@@ -433,11 +408,9 @@ class AnomalyEvaluation:
     def check_name_is_free(self) -> None:
         """Refuse to evaluate a test set under a name that already holds another test set's results for this
         checkpoint (MLflow metrics ``<name>/...`` of its run, ``calibrated.<name>`` of ``threshold.json``): they would
-        be overwritten. Re-evaluating the same test set under its name is allowed."""
-        try:
-            previous = read_thresholds(self.checkpoint).get("calibrated", {}).get(self.name)
-        except InputError:  # no threshold.json yet, or one for other weights (replaced on write)
-            return
+        be overwritten. Re-evaluating the same test set under its name is allowed. Needs the loaded model (its
+        reference holds no calibration when ``threshold.json`` is missing or was made for other weights)."""
+        previous = self.model.reference.get("calibrated", {}).get(self.name)
         if previous is None:
             return
         same = (
@@ -455,8 +428,8 @@ class AnomalyEvaluation:
 
     def run(self) -> dict:
         """Score every test volume, compute the metrics and write/log all outputs. Returns the metrics."""
+        self.model.load(self.checkpoint, reference="optional")
         self.check_name_is_free()
-        self.load_network()
         healthy = self.healthy()
         entries = load_datalist(self.datalist, self.key, required=("image", "label"))
         subjects, panels = [], []
@@ -471,25 +444,16 @@ class AnomalyEvaluation:
             logger.info("scored %s (%d/%d)", name, i + 1, len(entries))
         curves = self.curves(subjects)
         results = self.metrics(subjects, curves, healthy)
+        calibrated = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
+        test_set = {"datalist": str(self.datalist), "test_set": self.test_set()}
+        entry = {**test_set, "subjects": results["calibration_subjects"], "thresholds": calibrated}
+        self.model.record(self.configs, calibrated={self.name: entry})  # refuses if model.pt changed meanwhile
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(results, self.output_dir / "metrics.json")
         self._write_per_subject(subjects, results)
         atomic_write_json(curves, self.output_dir / "curves.json")
         plot_curves(curves, list(self.configs), self.output_dir / "roc_pr.png")
         plot_panels(panels, results, self.configs, self.default, self.output_dir / "panels.png")
-        calibrated = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
-        update_thresholds(
-            self.checkpoint,
-            {c: o.to_dict() for c, o in self.configs.items()},
-            calibrated={
-                self.name: {
-                    "datalist": str(self.datalist),
-                    "test_set": self.test_set(),
-                    "subjects": results["calibration_subjects"],
-                    "thresholds": calibrated,
-                }
-            },
-        )
         metrics = mlflow_metrics(self.name, list(self.configs), self.label_groups, self.default["quantile"], results)
         log_to_mlflow(metrics, self.name, self.checkpoint, self.output_dir, self.tracking_uri, self.experiment_name)
         return results

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.engines.checkpoint import load_trained
 from pipeline.networks import ARCHITECTURE_KEYS, CeVAEReconstruction
 from pipeline.run_record import training_config
+from pipeline.weights import load_trained
 
 __all__ = ["ModelLogging"]
 
