@@ -1,20 +1,27 @@
 """MLflow as a user meets it: MONAI's own ``--tracking mlflow`` on ``run training``/``run evaluating`` (one run, each
-value once), the trained model logged with ``mlflow.pytorch.log_model`` and registered, and two evaluations of one
+value once), the trained model logged as a pyfunc that takes a scan, registered and served, and two evaluations of one
 checkpoint on different test sets side by side."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import mlflow
+import nibabel as nib
+import numpy as np
 import pytest
-import torch
 from bundle_helpers import BUNDLE_RUN, CLI_ENV, CONFIGS
 from conftest import REPO
 
 from pipeline.data.datalist import load_datalist, write_datalist
-from pipeline.networks import CeVAEReconstruction
+from pipeline.tracking.scan_model import example_scan
 
 EPOCHS = 2
 TINY = ["--z_dim", "16", "--channels", "[8,16,32,64]", "--batch_size", "16", "--progress_bar", "False"]
@@ -62,21 +69,78 @@ def test_monai_tracking_flag_gives_one_run_with_each_value_once(tracked):
     assert (out / "mlruns" / run_id / "artifacts" / "config.json").is_file()
 
 
-def test_the_logged_model_loads_with_mlflow_and_is_registered(tracked):
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_logged_model_takes_a_scan_is_served_and_equals_run_inference(tracked, tmp_path):
+    """The registered MLflow model is a pyfunc with the preprocessing, anomaly map and operating point inside:
+    ``mlflow models serve`` answers a request with a scan over loopback, and the mask it returns is ``run
+    inference``'s on the same scan (non-empty, so that the comparison means something)."""
     out, _, client, run_id = tracked
-    mlflow.set_tracking_uri(client.tracking_uri)
-    try:
-        model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert isinstance(model, CeVAEReconstruction)
-    trained = torch.load(out / "checkpoints" / "model.pt", weights_only=True)["model"]
-    assert model.state_dict().keys() == trained.keys()
-    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained), "the best checkpoint's weights"
-    x = torch.rand(3, 1, 64, 64)  # any batch size
-    assert model(x).shape == x.shape
+    scan = example_scan(32)
+    nib.save(nib.Nifti1Image(scan["image"], scan["affine"]), tmp_path / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(scan["brainmask"], scan["affine"]), tmp_path / "scan_mask.nii.gz")
+    inferred = bundle_run(
+        "inference",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--ckpt",
+        str(out / "checkpoints" / "model.pt"),
+        "--input_image",
+        str(tmp_path / "scan.nii.gz"),
+        "--input_mask",
+        str(tmp_path / "scan_mask.nii.gz"),
+        "--output_dir",
+        str(tmp_path / "inferred"),
+    )
+    assert inferred.returncode == 0, inferred.stderr[-3000:]
+    expected_seg = np.asarray(nib.load(tmp_path / "inferred" / "scan_seg.nii.gz").dataobj)
+    expected_map = nib.load(tmp_path / "inferred" / "scan_anomaly.nii.gz").get_fdata(dtype=np.float32)
+    assert 0 < expected_seg.sum() < scan["brainmask"].sum()
     (version,) = client.search_model_versions("name='cevae-tiny'")
     assert version.run_id == run_id and version.status == "READY"
+    port = free_port()
+    # as in an activated environment: MLflow starts `uvicorn` by name
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**CLI_ENV, "MLFLOW_TRACKING_URI": client.tracking_uri, "PATH": path}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/cevae-tiny/1", "-p", str(port)]
+    server = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--env-manager", "local"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                assert time.monotonic() < deadline, "the model server did not start"
+                time.sleep(1)
+        body = json.dumps({"inputs": {k: v.tolist() for k, v in scan.items()}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(30)
+    np.testing.assert_array_equal(np.asarray(answer["segmentation"], dtype=np.uint8), expected_seg)
+    np.testing.assert_allclose(np.asarray(answer["anomaly"], dtype=np.float32), expected_map, rtol=1e-5, atol=1e-6)
+    other = dict(scan, image=np.flip(scan["image"], 0).copy())  # negative control: another scan, another mask
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        local = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(other)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert not np.array_equal(local["anomaly"], expected_map)
 
 
 def test_evaluations_on_two_test_sets_keep_both_results(tracked, tiny_demo, tmp_path):

@@ -1,5 +1,8 @@
-"""The trained network as an MLflow model: ``mlflow.pytorch.log_model`` under the artifact path ``model``, so that
-``mlflow.pytorch.load_model("runs:/<run id>/model")`` returns it, optionally registered in the Model Registry.
+"""The trained model as an MLflow model that takes a scan: the pyfunc
+:class:`~pipeline.tracking.scan_model.ScanAnomalyModel` under the artifact path ``model``
+(``mlflow.pyfunc.load_model("runs:/<run id>/model")``, ``mlflow models serve``), optionally registered in the Model
+Registry. It is logged as MLflow's "model from code"
+(:mod:`pipeline.tracking.pyfunc_entry` is the file MLflow runs to build it), so that loading it unpickles no code.
 
 Called at the end of training by :class:`pipeline.tracking.runs.MLflowRunHandler`, through
 :class:`pipeline.tracking.spool.SpooledClient` (kept in the spool while the tracking server is unreachable, logged
@@ -9,65 +12,67 @@ when it is back or by ``scripts/sync_tracking.py``).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
+from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-import torch
+from pipeline.run_record import EXECUTED_CONFIG
+from pipeline.thresholds import THRESHOLD_FILENAME
 
-from pipeline.networks import ARCHITECTURE_KEYS, CeVAEReconstruction
-from pipeline.run_record import training_config
-from pipeline.weights import load_trained
+__all__ = ["REQUIREMENTS", "ModelLogging"]
 
-__all__ = ["ModelLogging"]
+REQUIREMENTS = ("torch", "monai", "pytorch-ignite", "nibabel", "numpy", "scipy", "mlflow")
 
 
 class ModelLogging:
-    """Log a training run's best ``model.pt`` as an MLflow model.
+    """Log a training run's best ``model.pt`` as the MLflow model of the module docstring.
 
-    The model is the inference view :class:`~pipeline.networks.CeVAEReconstruction` (input ``(B, 1, S, S)`` in
-    [0, 1], output the reconstruction from the posterior mean), built with the architecture of the training's
-    ``config.json`` next to ``checkpoint`` and the checkpoint's weights. It is saved as the module itself (MLflow's
-    ``pickle`` format: ``encode``/``decode`` stay available for the anomaly maps; MLflow's default ``torch.export``
-    graph would keep only ``forward``, for batch size 1), with its code (this package, ``code_paths``), this torch
-    and numpy as pip requirements, and a ``(1, 1, S, S)`` input example that gives its signature.
+    The artifacts are the training's ``model.pt``, ``config.json`` and ``threshold.json``; the code is this package
+    (``code_paths``) with the installed versions of what it imports as pip requirements (:data:`REQUIREMENTS`); the
+    signature is :data:`SIGNATURE` with a small input example.
 
     Args:
-        checkpoint: the best epoch's ``model.pt`` (its ``config.json`` beside it).
+        checkpoint: the best epoch's ``model.pt`` (its ``config.json`` and ``threshold.json`` beside it).
         registered_name: also register the model as a new version of this name in the Model Registry.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, registered_name: str | None = None) -> None:
         self.checkpoint, self.registered_name = Path(checkpoint), registered_name or None
 
-    def network(self) -> CeVAEReconstruction:
-        """The trained network (CPU, eval mode)."""
-        config = training_config(self.checkpoint)
-        network = CeVAEReconstruction(**{k: config[k] for k in ARCHITECTURE_KEYS if k in config})
-        load_trained(self.checkpoint, network)
-        return network.eval()
-
     def __call__(self, tracking_uri: str, run_id: str) -> None:
         import mlflow
 
-        network = self.network()
-        size = network.image_size
-        package = Path(sys.modules[type(network).__module__.split(".")[0]].__file__).parent  # pipeline/ (or scripts/)
+        from pipeline.tracking.scan_model import SIGNATURE, example_scan
+
+        package = Path(sys.modules[__name__.split(".")[0]].__file__).parent  # pipeline/ (or scripts/ in a bundle)
         # log_model needs the fluent API's active run, hence its global tracking URI, which MLflow also writes into
         # MLFLOW_TRACKING_URI: both are put back as they were (a user's variable kept), or later runs of this
         # process would log into this store
         previous = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(tracking_uri)
-        try:
-            with mlflow.start_run(run_id=run_id):
-                mlflow.pytorch.log_model(
-                    network,
-                    name="model",
-                    serialization_format="pickle",  # the module itself (encode/decode for the anomaly maps)
-                    code_paths=[str(package)],
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-                    input_example=np.zeros((1, 1, size, size), dtype=np.float32),
-                    registered_model_name=self.registered_name,
-                )
-        finally:
-            mlflow.set_tracking_uri(previous)
+        with tempfile.TemporaryDirectory(prefix="cevae-model-") as staging:
+            trained = Path(staging) / "trained"
+            trained.mkdir()
+            for name in ("model.pt", EXECUTED_CONFIG, THRESHOLD_FILENAME):
+                shutil.copy2(self.checkpoint.parent / name, trained / name)
+            mlflow.set_tracking_uri(tracking_uri)
+            try:
+                with mlflow.start_run(run_id=run_id):
+                    mlflow.pyfunc.log_model(
+                        name="model",
+                        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+                        artifacts={"trained": str(trained)},
+                        code_paths=[str(package)],
+                        pip_requirements=[_pinned(name) for name in REQUIREMENTS],
+                        signature=SIGNATURE,
+                        input_example=example_scan(),
+                        registered_model_name=self.registered_name,
+                    )
+            finally:
+                mlflow.set_tracking_uri(previous)
+
+
+def _pinned(distribution: str) -> str:
+    """``name==version`` of an installed distribution (a local build's ``+cpu`` suffix dropped)."""
+    return f"{distribution}=={metadata.version(distribution).split('+')[0]}"
