@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from bundle_helpers import TINY, run_bundle
 from conftest import input_error
 from mlflow import MlflowClient
@@ -23,6 +22,7 @@ from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slices import brain_slice_indices
 from pipeline.evaluation import AnomalyEvaluation
+from pipeline.evaluation.segmentation import counts_at, dice_entry_of, dice_search
 from pipeline.evaluation.subjects import ScoredSubject, pooled_dice, segmentation_counts
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
@@ -255,37 +255,32 @@ def synthetic_subjects(n=3, shape=(24, 24, 16), seed=0):
     return subjects
 
 
-def evaluation_for(subjects, tmp_path, min_component_size=7):
-    model = AnomalyMap(torch.nn.Identity(), option_sets={"cc": ScoreOptions(min_component_size=min_component_size)})
-    return AnomalyEvaluation(model, tmp_path / "model.pt", tmp_path / "d.json", None, tmp_path, default_option_set="cc")
-
-
-def test_best_dice_with_component_removal_finds_small_lesions(tmp_path):
-    subjects = synthetic_subjects()
-    evaluation = evaluation_for(subjects, tmp_path)
-    _, found = evaluation._dice_search(subjects, "cc", "combined")
+def test_best_dice_with_component_removal_finds_small_lesions():
+    subjects, options = synthetic_subjects(), ScoreOptions(min_component_size=7)
+    _, found = dice_search(subjects, "cc", "combined", options)
     # reference: every distinct threshold that segments at most 5 % of the voxels (a larger segmentation cannot
     # beat Dice 2 * 0.002 / (0.002 + 0.05) = 0.08 on lesions of 0.2 %), each with its components removed
     voxels = np.sort(np.concatenate([s.voxels["cc"]["combined"] for s in subjects]))
     candidates = voxels[-int(0.05 * voxels.size) :]
-    brute = max(pooled_dice(evaluation._counts(subjects, "cc", "combined", float(t))) for t in candidates)
+    brute = max(pooled_dice(counts_at(subjects, "cc", "combined", float(t), options)) for t in candidates)
     assert found >= 0.98 * brute and brute > 0.5
     # negative control: the former 64-point grid of quantiles in [0.5, 1] misses such small lesions
     coarse = np.unique(np.quantile(voxels, np.linspace(0.5, 1.0, 64)))
-    old = max(pooled_dice(evaluation._counts(subjects, "cc", "combined", float(t))) for t in coarse)
+    old = max(pooled_dice(counts_at(subjects, "cc", "combined", float(t), options)) for t in coarse)
     assert old < 0.8 * brute
 
 
-def test_a_segmentation_of_most_of_the_brain_is_flagged(tmp_path, caplog):
-    subjects = synthetic_subjects()
-    evaluation = evaluation_for(subjects, tmp_path, min_component_size=0)
+def test_a_segmentation_of_most_of_the_brain_is_flagged(caplog):
+    subjects, options = synthetic_subjects(), ScoreOptions()
     whole = pooled_dice(segmentation_counts([s.brain for s in subjects], subjects))
     voxels = np.concatenate([s.voxels["cc"]["combined"] for s in subjects])
-    low, _ = evaluation._dice_entry(subjects, "cc", "combined", float(np.quantile(voxels, 0.1)), whole)  # 90 %
-    high, _ = evaluation._dice_entry(subjects, "cc", "combined", float(np.quantile(voxels, 0.99)), whole)
+    low, high = (  # 90 % and 1 % of the voxels
+        dice_entry_of(counts_at(subjects, "cc", "combined", t, options), subjects, t, whole)
+        for t in (float(np.quantile(voxels, 0.1)), float(np.quantile(voxels, 0.99)))
+    )
     assert low["covers_over_half_brain"] and not high["covers_over_half_brain"]
     assert low["dice"] == pytest.approx(whole, abs=0.01) and low["whole_brain"] == whole
-    warnings = evaluation._coverage_warnings(
+    warnings = AnomalyEvaluation._coverage_warnings(
         "cc", {"dice_split": {"combined": low}, "dice_healthy": {"combined": {"0.99": high}}}
     )
     assert len(warnings) == 1 and "cc/dice_split/combined" in warnings[0] and "whole-brain" in caplog.text

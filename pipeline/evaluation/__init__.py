@@ -1,7 +1,7 @@
 """Evaluation of a trained ceVAE on a labelled test datalist: the paper's numbers, and what a user without labels
 would get.
 
-:class:`AnomalyEvaluation` scores each test volume (:func:`pipeline.scoring.score_volume`: one forward and one
+:class:`AnomalyEvaluation` scores each test volume (:class:`pipeline.anomaly_map.AnomalyMap`: one forward and one
 batched KL-gradient backward per slice batch), derives the pixel maps of every option set (``paper``,
 ``authors``, ``postprocessed``: :data:`pipeline.scoring.OPTION_SETS`) and keeps brain voxels only as compact
 arrays. Then, per option set and score:
@@ -29,8 +29,10 @@ subjects when the file is missing or was made for another checkpoint. Metrics ar
 ``<name>/<option set>/<metric>/<score>`` (e.g. ``eval/paper/pixel_auroc/combined``) and ``<name>/<metric>``, files
 under the artifact folder ``evaluation/<name>``; ``name`` tells test sets apart.
 
-Modules: :mod:`~pipeline.evaluation.core` (scoring and metrics), :mod:`~pipeline.evaluation.subjects` (what is kept
-of each subject), :mod:`~pipeline.evaluation.figures`, :mod:`~pipeline.evaluation.mlflow_report`.
+Modules: :mod:`~pipeline.evaluation.core` (scoring and the metrics table), :mod:`~pipeline.evaluation.subjects`
+(what is kept of each subject), :mod:`~pipeline.evaluation.segmentation` (Dice, best threshold, lesion detection:
+pure functions of the subjects), :mod:`~pipeline.evaluation.report` (curves, per-subject table),
+:mod:`~pipeline.evaluation.figures`, :mod:`~pipeline.evaluation.mlflow_report`.
 """
 
 from pipeline.evaluation.core import AnomalyEvaluation

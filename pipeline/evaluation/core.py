@@ -3,8 +3,6 @@ docstring says what it computes and writes)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +19,15 @@ from pipeline.data.slices import brain_slice_indices
 from pipeline.data.validation import InputError
 from pipeline.evaluation.figures import plot_curves, plot_panels
 from pipeline.evaluation.mlflow_report import log_to_mlflow, mlflow_metrics
+from pipeline.evaluation.report import pixel_curves, write_per_subject
+from pipeline.evaluation.segmentation import (
+    counts_at,
+    detection,
+    detection_of,
+    dice_entry_of,
+    dice_search,
+    segment_subject,
+)
 from pipeline.evaluation.subjects import ScoredSubject, pooled_dice, segmentation_counts
 from pipeline.healthy import (
     DEFAULT_OPTION_SET,
@@ -29,16 +36,13 @@ from pipeline.healthy import (
     HEALTHY_QUANTILES,
     active_units,
 )
-from pipeline.io import atomic_write_json, atomic_write_text, file_sha256
+from pipeline.io import atomic_write_json, file_sha256
 from pipeline.metrics import (
     ThresholdCurve,
-    best_dice_threshold,
     bootstrap_dice,
     bootstrap_pixel_metrics,
     bootstrap_weights,
     dice,
-    lesion_detection,
-    segmented_fraction_grid,
     slice_labels,
     split_calibration,
 )
@@ -50,9 +54,6 @@ __all__ = ["AnomalyEvaluation"]
 
 logger = logging.getLogger(__name__)
 
-CURVE_POINTS = 201  # grid of the FPR / recall axis in curves.json
-GRID_POINTS, REFINE_POINTS = 48, 24  # Dice threshold search when connected components make Dice non-monotone
-HALF_BRAIN = 0.5  # a segmentation covering more of the brain than this is flagged
 NO_INTERVAL = [float("nan"), float("nan")]  # ci95 where fewer than two subjects allow no bootstrap over subjects
 
 
@@ -196,42 +197,6 @@ class AnomalyEvaluation:
         return subject, {"image": image[0].permute(2, 0, 1).numpy(), "recon": terms["recon"][:, 0].numpy()}
 
     # ----------------------------------------------------------------------------------------------- metrics
-    def _segment(self, subject: ScoredSubject, config: str, score: str, threshold: float) -> np.ndarray:
-        return segment(subject.volume(config, score), subject.brain, threshold, self.configs[config])
-
-    def _counts(self, subjects: Sequence[ScoredSubject], config: str, score: str, threshold: float) -> np.ndarray:
-        return segmentation_counts([self._segment(s, config, score, threshold) for s in subjects], subjects)
-
-    def _dice_search(self, subjects: list[ScoredSubject], config: str, score: str) -> tuple[float, float]:
-        """Best ``(threshold, pooled Dice)`` over ``subjects``: exact over every distinct threshold without component
-        removal; with it (Dice is then not monotone in the threshold), over thresholds that segment a geometric grid
-        of brain fractions from 1e-5 to 1, refined around the best (steps of about 2 % in the segmented volume)."""
-        voxels = np.concatenate([s.voxels[config][score] for s in subjects])
-        if self.configs[config].min_component_size <= 1:
-            return best_dice_threshold(voxels, np.concatenate([s.lesion_voxels for s in subjects]))
-
-        def best_of(fractions: np.ndarray) -> tuple[float, float, float]:
-            thresholds = np.unique(np.quantile(voxels, 1.0 - np.clip(fractions, 0.0, 1.0)))
-            results = [(float(t), pooled_dice(self._counts(subjects, config, score, float(t)))) for t in thresholds]
-            threshold, value = max(results, key=lambda r: r[1])
-            return threshold, value, float((voxels >= threshold).mean())
-
-        grid = segmented_fraction_grid(GRID_POINTS, smallest=min(1e-5, 1.0 / voxels.size))
-        threshold, value, fraction = best_of(grid)
-        step = grid[1] / grid[0]
-        refined = best_of(np.geomspace(max(fraction / step, grid[0]), min(fraction * step, 1.0), REFINE_POINTS))
-        return (threshold, value) if value >= refined[1] else refined[:2]
-
-    def _dice_entry(
-        self, subjects: Sequence[ScoredSubject], config: str, score: str, threshold: float, whole_brain: float
-    ) -> tuple[dict, np.ndarray]:
-        """Pooled Dice at ``threshold`` with its whole-brain baseline and the share of the brain it segments."""
-        counts = self._counts(subjects, config, score, threshold)
-        return _dice_entry_of(counts, subjects, threshold, whole_brain), counts
-
-    def _detection(self, subjects: Sequence[ScoredSubject], config: str, score: str, threshold: float) -> dict:
-        return _detection_of([self._segment(s, config, score, threshold) for s in subjects], subjects, threshold)
-
     def metrics(self, subjects: list[ScoredSubject], curves: dict, healthy: dict) -> dict:
         """All metrics, per option set (see the module docstring); ``curves`` from :meth:`curves`, ``healthy`` the
         healthy section of ``threshold.json``."""
@@ -309,9 +274,13 @@ class AnomalyEvaluation:
                 )
                 out["ci95"]["pixel_auroc"][score] = interval["auroc"]
                 out["ci95"]["pixel_auprc"][score] = interval["auprc"]
-                threshold, cal_dice = self._dice_search(cal, config, score)
-                split, counts = self._dice_entry(rep, config, score, threshold, baselines["dice_whole_brain_reported"])
-                per_subject = {s.name: dice(self._segment(s, config, score, threshold), s.label) for s in rep}
+                options = self.configs[config]
+                threshold, cal_dice = dice_search(cal, config, score, options)
+                counts = counts_at(rep, config, score, threshold, options)
+                split = dice_entry_of(counts, rep, threshold, baselines["dice_whole_brain_reported"])
+                per_subject = {
+                    s.name: dice(segment_subject(s, config, score, threshold, options), s.label) for s in rep
+                }
                 out["dice_split"][score] = {
                     **split,
                     "calibration_dice": cal_dice,
@@ -321,11 +290,12 @@ class AnomalyEvaluation:
                 out["ci95"]["dice_split"][score] = (
                     bootstrap_dice(counts, weights_rep) if weights_rep is not None else NO_INTERVAL
                 )
-                out["lesion_detection"]["calibrated"][score] = self._detection(rep, config, score, threshold)
-                out["dice_best"][score] = self._dice_search(subjects, config, score)[1]
+                out["lesion_detection"]["calibrated"][score] = detection(rep, config, score, threshold, options)
+                out["dice_best"][score] = dice_search(subjects, config, score, options)[1]
                 out["dice_healthy"][score] = {}
                 for q, value in healthy["thresholds"][config][score].items():
-                    entry, counts = self._dice_entry(subjects, config, score, value, baselines["dice_whole_brain_all"])
+                    counts = counts_at(subjects, config, score, value, options)
+                    entry = dice_entry_of(counts, subjects, value, baselines["dice_whole_brain_all"])
                     out["dice_healthy"][score][q] = entry
                     if q == self.default["quantile"]:
                         out["ci95"]["dice_healthy"][score] = (
@@ -333,7 +303,7 @@ class AnomalyEvaluation:
                         )
                         out["lesion_detection"]["healthy"][score] = {
                             "quantile": q,
-                            **self._detection(subjects, config, score, value),
+                            **detection(subjects, config, score, value, options),
                         }
             # beside the real test set's Dice at the healthy threshold: the same choice on synthetic lesions in the
             # healthy validation subjects (written by training; NaN where the thresholds were recomputed here)
@@ -363,8 +333,8 @@ class AnomalyEvaluation:
         point = OperatingPoint.from_dict(stored)
         options = point.options(self.configs[point.option_set])
         found = [segment(s.volume(point.option_set, point.score), s.brain, point.threshold, options) for s in subjects]
-        dice_entry = _dice_entry_of(segmentation_counts(found, subjects), subjects, point.threshold, whole_brain)
-        return {**point.to_dict(), **dice_entry, **_detection_of(found, subjects, point.threshold)}
+        dice_entry = dice_entry_of(segmentation_counts(found, subjects), subjects, point.threshold, whole_brain)
+        return {**point.to_dict(), **dice_entry, **detection_of(found, subjects, point.threshold)}
 
     @staticmethod
     def _coverage_warnings(config: str, out: dict) -> list[str]:
@@ -442,7 +412,7 @@ class AnomalyEvaluation:
             if len(panels) < self.n_panels and subject.label.any():
                 panels.append((subject, slices, int(subject.label.sum(axis=(0, 1)).argmax())))
             logger.info("scored %s (%d/%d)", name, i + 1, len(entries))
-        curves = self.curves(subjects)
+        curves = pixel_curves(subjects, self.configs)
         results = self.metrics(subjects, curves, healthy)
         calibrated = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
         test_set = {"datalist": str(self.datalist), "test_set": self.test_set()}
@@ -450,93 +420,15 @@ class AnomalyEvaluation:
         self.model.record(self.configs, calibrated={self.name: entry})  # refuses if model.pt changed meanwhile
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(results, self.output_dir / "metrics.json")
-        self._write_per_subject(subjects, results)
+        write_per_subject(
+            subjects, results, self.configs, self.default["quantile"], self.output_dir / "per_subject.csv"
+        )
         atomic_write_json(curves, self.output_dir / "curves.json")
         plot_curves(curves, list(self.configs), self.output_dir / "roc_pr.png")
         plot_panels(panels, results, self.configs, self.default, self.output_dir / "panels.png")
         metrics = mlflow_metrics(self.name, list(self.configs), self.label_groups, self.default["quantile"], results)
         log_to_mlflow(metrics, self.name, self.checkpoint, self.output_dir, self.tracking_uri, self.experiment_name)
         return results
-
-    def _write_per_subject(self, subjects: list[ScoredSubject], results: dict) -> None:
-        """One row per subject: its lesion load, and per option set and score its own pixel AUROC and AUPRC, its Dice
-        at the calibrated threshold (held-out subjects only) and at the default healthy quantile."""
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        q = self.default["quantile"]
-        columns = [(c, s) for c in self.configs for s in SCORE_NAMES]
-        writer.writerow(
-            ["subject", "calibration", "slices", "brain_voxels", "lesion_voxels", "lesions", "mean_neg_elbo"]
-            + [f"{m}_{c}_{s}" for c, s in columns for m in ("auroc", "auprc", "dice_split", f"dice_healthy_q{q}")]
-        )
-        for s in subjects:
-            row = [
-                s.name,
-                s.name in results["calibration_subjects"],
-                s.label.shape[-1],
-                int(s.brain.sum()),
-                int(s.label.sum()),
-                lesion_detection(s.label, s.label)["lesions"],
-                float(s.slice_terms["neg_elbo"].mean()),
-            ]
-            for c, k in columns:
-                curve = ThresholdCurve.from_scores(s.voxels[c][k], s.lesion_voxels)
-                threshold = results[c]["dice_healthy"][k][q]["threshold"]
-                row += [
-                    curve.auroc(),
-                    curve.average_precision(),
-                    results[c]["dice_split"][k]["per_subject"].get(s.name, ""),
-                    dice(self._segment(s, c, k, threshold), s.label),
-                ]
-            writer.writerow(row)
-        atomic_write_text(buffer.getvalue(), self.output_dir / "per_subject.csv")
-
-    def curves(self, subjects: list[ScoredSubject]) -> dict:
-        """Pooled pixel curves (the content of ``curves.json``): ``fpr`` and ``recall`` grids, and per option set and
-        score the exact ``auroc`` / ``auprc`` with ``tpr`` and ``precision`` on those grids. One sort per curve and
-        one curve in memory at a time; the metrics, the JSON and the figure all use these."""
-        grid = np.linspace(0.0, 1.0, CURVE_POINTS)
-        labels = np.concatenate([s.lesion_voxels for s in subjects])
-        out: dict = {"fpr": grid.tolist(), "recall": grid.tolist()}
-        for config in self.configs:
-            for score in SCORE_NAMES:
-                curve = ThresholdCurve.from_scores(np.concatenate([s.voxels[config][score] for s in subjects]), labels)
-                out.setdefault(config, {})[score] = {
-                    "auroc": curve.auroc(),
-                    "auprc": curve.average_precision(),
-                    "tpr": np.round(curve.tpr_at(grid), 5).tolist(),
-                    "precision": np.round(curve.precision_at(grid), 5).tolist(),
-                }
-        return out
-
-
-def _dice_entry_of(counts: np.ndarray, subjects: Sequence[ScoredSubject], threshold: float, whole_brain: float) -> dict:
-    """Pooled Dice of :func:`segmentation_counts` ``counts`` at ``threshold``, with its whole-brain baseline and the
-    share of the brain it segments."""
-    fraction = float(counts[:, 1].sum() / max(sum(int(s.brain.sum()) for s in subjects), 1))
-    return {
-        "threshold": float(threshold),
-        "dice": pooled_dice(counts) if len(subjects) else float("nan"),
-        "whole_brain": whole_brain,
-        "brain_fraction": fraction,
-        "covers_over_half_brain": bool(fraction > HALF_BRAIN),
-    }
-
-
-def _detection_of(found: Sequence[np.ndarray], subjects: Sequence[ScoredSubject], threshold: float) -> dict:
-    """Lesion-level counts of the segmentations ``found`` (one per subject) at ``threshold``, pooled."""
-    counted = [lesion_detection(f, s.label) for f, s in zip(found, subjects)]
-    lesions, detected = sum(c["lesions"] for c in counted), sum(c["detected"] for c in counted)
-    false_positives, n = sum(c["false_positives"] for c in counted), len(subjects)
-    return {
-        "threshold": float(threshold),
-        "subjects": n,
-        "lesions": lesions,
-        "detected": detected,
-        "recall": detected / lesions if lesions else float("nan"),
-        "false_positive_components": false_positives,
-        "fp_per_volume": false_positives / n if n else float("nan"),
-    }
 
 
 def _safe(metric: Callable, y: np.ndarray, scores: np.ndarray) -> float:
