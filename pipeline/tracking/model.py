@@ -21,7 +21,9 @@ from pathlib import Path
 from pipeline.run_record import EXECUTED_CONFIG
 from pipeline.thresholds import THRESHOLD_FILENAME
 
-__all__ = ["REQUIREMENTS", "ModelLogging"]
+__all__ = ["COMPANION_FILES", "REQUIREMENTS", "ModelLogging"]
+
+COMPANION_FILES = (EXECUTED_CONFIG, THRESHOLD_FILENAME)  # what the logged model needs beside the checkpoint
 
 REQUIREMENTS = ("torch", "monai", "pytorch-ignite", "nibabel", "numpy", "scipy", "mlflow")
 
@@ -54,7 +56,8 @@ class ModelLogging:
         with tempfile.TemporaryDirectory(prefix="cevae-model-") as staging:
             trained = Path(staging) / "trained"
             trained.mkdir()
-            for name in ("model.pt", EXECUTED_CONFIG, THRESHOLD_FILENAME):
+            shutil.copy2(self.checkpoint, trained / "model.pt")
+            for name in COMPANION_FILES:
                 shutil.copy2(self.checkpoint.parent / name, trained / name)
             mlflow.set_tracking_uri(tracking_uri)
             try:

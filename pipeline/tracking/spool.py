@@ -25,7 +25,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 
 from pipeline.io import atomic_write_text, file_lock
-from pipeline.run_record import EXECUTED_CONFIG
+from pipeline.tracking.model import COMPANION_FILES, ModelLogging
 
 __all__ = ["SPOOL_DIRNAME", "SpooledClient", "bounded_http", "is_unreachable", "report_pending", "sync"]
 
@@ -114,7 +114,7 @@ class SpooledClient:
 
     def log_model(self, run_id: str, model_logging) -> None:
         """Log the trained model (:class:`~pipeline.tracking.model.ModelLogging`); spooled with a copy of its
-        checkpoint and ``config.json``."""
+        checkpoint, ``config.json`` and ``threshold.json``."""
         self._write(
             {
                 "op": "log_model",
@@ -157,8 +157,6 @@ class SpooledClient:
         elif op == "set_terminated":
             self.client.set_terminated(entry["run_id"], entry["status"], entry["end_time"])
         elif op == "log_model":
-            from pipeline.tracking.model import ModelLogging
-
             ModelLogging(entry["checkpoint"], entry["registered_name"])(self.client.tracking_uri, entry["run_id"])
         else:
             raise ValueError(f"unknown spooled operation {op!r} in {self.spool}")
@@ -170,10 +168,10 @@ class SpooledClient:
                 kept.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(entry["local_path"], kept)
                 entry = {**entry, "local_path": str(kept / Path(entry["local_path"]).name)}
-            elif entry["op"] == "log_model":  # the weights and the architecture they need, as they are now
+            elif entry["op"] == "log_model":  # the weights and what the model needs beside them, as they are now
                 kept.mkdir(parents=True, exist_ok=True)
                 checkpoint = Path(entry["checkpoint"])
-                for source in (checkpoint, checkpoint.parent / EXECUTED_CONFIG):
+                for source in (checkpoint, *(checkpoint.parent / name for name in COMPANION_FILES)):
                     shutil.copy2(source, kept)
                 entry = {**entry, "checkpoint": str(kept / checkpoint.name)}
             torn = self.spool.is_file() and not self.spool.read_bytes().endswith(b"\n")
