@@ -317,3 +317,33 @@ def test_metadata_eval_metrics_are_the_benchmark_figures():
     for key, value in metrics.items():
         section = next(s for p, s in sections.items() if key.startswith(p))
         assert f"{value:.3f}" in section, (key, value)
+
+
+def test_monai_check_properties_passes_for_training_and_inference(tiny_demo, tmp_path):
+    """What Zoo bundles' unit tests call: ``ConfigWorkflow(...).check_properties()`` after ``initialize`` lists no
+    missing property (the training's key metric is ``train#key_metric``, referred to by the trainer, as MONAI
+    expects). Negative control: the key metric written inline again is reported by MONAI itself."""
+    from monai.bundle import ConfigWorkflow
+
+    configs = BUNDLE / "configs"
+    train = ConfigWorkflow(
+        config_file=str(configs / "train.json"),
+        workflow_type="train",
+        datalist=str(tiny_demo),
+        output_dir=str(tmp_path / "run"),
+        epochs=1,
+        progress_bar=False,
+    )
+    train.initialize()
+    try:
+        assert train.check_properties() == []
+        train.parser["train#trainer#key_train_metric"] = train.parser["train#key_metric"]  # inline, as before
+        with pytest.raises(AttributeError, match="startswith"):
+            train.check_properties()
+    finally:
+        train.finalize()
+    infer = ConfigWorkflow(
+        config_file=str(configs / "inference.json"), workflow_type="infer", meta_file=str(configs / "metadata.json")
+    )
+    infer.initialize()
+    assert infer.check_properties() == []
