@@ -24,7 +24,8 @@ def test_default_is_a_local_sqlite_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlruns.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
-    assert resolve_tracking_uri("sqlite:////given.db", tmp_path) == "sqlite:////elsewhere/m.db"
+    assert resolve_tracking_uri(None, tmp_path) == "sqlite:////elsewhere/m.db", "the environment, when none is given"
+    assert resolve_tracking_uri("sqlite:////given.db", tmp_path) == "sqlite:////given.db", "the given one wins"
 
 
 def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, monkeypatch):

@@ -47,12 +47,13 @@ PREVIOUS_RUN_TAG = "cevae.previous_run_id"  # on a resumed training's new run: t
 
 
 def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike, timeout_s: float = 5.0) -> str:
-    """``MLFLOW_TRACKING_URI``, else ``uri``, else ``sqlite:///<output_dir>/mlruns.db``.
+    """``uri`` (given on the command line), else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlruns.db``:
+    an explicit URI wins over the environment, as with MLflow's own clients (``MlflowClient(tracking_uri=...)``).
 
     An HTTP(S) tracking server is contacted first (its ``/health`` endpoint, ``timeout_s``): an unreachable one
     fails within seconds with a ``ConnectionError`` naming the URI, instead of MLflow's minutes of retries.
     """
-    chosen = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if chosen:
         if chosen.startswith(("http://", "https://")):
             check_tracking_server(chosen, timeout_s)
