@@ -148,3 +148,23 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_in_one_line(tmp_path):
     with pytest.raises(InputError, match=r"bad.pt holds non-finite weights \(bias\): .*diverged") as refused:
         load_trained(bad, torch.nn.Linear(2, 2))
     assert "\n" not in str(refused.value)
+
+
+def test_truncated_garbage_and_foreign_checkpoints_are_refused_in_one_line(tmp_path):
+    """Inference and export read checkpoints through one function: a truncated file, random bytes and weights of
+    another architecture each get one line naming the file; negative control: the intact file loads."""
+    from pipeline.data.validation import InputError
+    from pipeline.weights import load_trained, split_trained
+
+    good = save_checkpoint({"model": torch.nn.Linear(4, 3)}, tmp_path / "good.pt")
+    load_trained(good, torch.nn.Linear(4, 3))
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    for name in ("truncated.pt", "garbage.pt"):
+        for read in (lambda p: load_trained(p, torch.nn.Linear(4, 3)), split_trained):
+            with pytest.raises(InputError, match=rf"{name} is not a readable PyTorch file") as refused:
+                read(tmp_path / name)
+            assert "\n" not in str(refused.value)
+    with pytest.raises(InputError, match=r"good.pt does not fit this network .*config.json") as refused:
+        load_trained(good, torch.nn.Linear(5, 3))
+    assert "\n" not in str(refused.value)
