@@ -56,6 +56,9 @@ def inference_entries(
         return load_datalist(datalist, key)
     if not image:
         return []
+    for flag, path in (("--input_image", image), ("--input_mask", mask)):
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{flag} {path}: file not found; check the path (relative paths start at {Path.cwd()}).")
     return [{"image": str(image)} if mask is None else {"image": str(image), "brainmask": str(mask)}]
 
 

@@ -68,7 +68,9 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # not a pickle of allowed objects: damaged, or not a checkpoint
-            raise InputError(f"checkpoint {path} is not a readable PyTorch file (truncated or not a checkpoint).") from err
+            raise InputError(
+                f"checkpoint {path} is not a readable PyTorch file (truncated or not a checkpoint)."
+            ) from err
         raise InputError(
             f"checkpoint {path} holds Python objects besides tensors and was refused (loading them could run code); "
             "use a model.pt written by this project's training or export."

@@ -278,3 +278,14 @@ def test_training_on_real_scans_then_inference_on_a_patient(shared_data, tmp_pat
     assert (
         score["threshold_source"].startswith("label-free operating point") and score["segmented_brain_fraction"] < 0.5
     )
+
+
+def test_a_missing_input_names_the_flag_not_a_datalist(tumour_case, tmp_path):
+    from pipeline.inference import inference_entries
+
+    assert inference_entries(image=tumour_case["image"]) == [{"image": tumour_case["image"]}]  # negative control
+    with pytest.raises(InputError, match=r"^--input_image .*nope.nii.gz: file not found; check the path") as refused:
+        inference_entries(image=tmp_path / "nope.nii.gz")
+    assert "datalist" not in str(refused.value)
+    with pytest.raises(InputError, match=r"^--input_mask .*mask.nii.gz: file not found"):
+        inference_entries(image=tumour_case["image"], mask=tmp_path / "mask.nii.gz")
