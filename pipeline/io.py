@@ -95,16 +95,23 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
 
 @contextmanager
 def file_lock(path: str | os.PathLike):
-    """Hold an exclusive ``fcntl`` lock on ``path`` (created if missing) for the ``with`` block; other processes
-    wait. The lock is released when the block ends or the process dies."""
+    """Hold an exclusive ``fcntl`` lock on ``path`` for the ``with`` block; other processes wait. ``path`` is a lock
+    file (created if missing) or an existing folder, which is locked itself, so that nothing is left behind. The
+    lock is released when the block ends or the process dies."""
     lock_path = Path(path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    if lock_path.is_dir():
+        descriptor = os.open(lock_path, os.O_RDONLY)
+    else:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
 
 
 def _umask() -> int:

@@ -100,7 +100,7 @@ def update_thresholds(
             f"{checkpoint} changed while it was being scored (another training replaced it?): results computed with "
             f"the earlier weights were not written into {path}; re-run on the current checkpoint."
         )
-    with file_lock(path.with_name(f".{path.name}.lock")):
+    with file_lock(path.parent):  # the folder itself: no lock file left beside the checkpoint
         content = _load(path) if path.is_file() else {}
         if content and content.get("checkpoint_sha256") != digest:
             logger.warning("%s was computed for another checkpoint; replacing it", path)

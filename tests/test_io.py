@@ -6,6 +6,7 @@ import errno
 import gzip
 import json
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -168,3 +169,31 @@ def test_truncated_garbage_and_foreign_checkpoints_are_refused_in_one_line(tmp_p
     with pytest.raises(InputError, match=r"good.pt does not fit this network .*config.json") as refused:
         load_trained(good, torch.nn.Linear(5, 3))
     assert "\n" not in str(refused.value)
+
+
+def test_a_folder_lock_serialises_and_leaves_no_file(tmp_path):
+    """``file_lock`` on a folder: a second holder waits until the first releases (forced: the first holds it while
+    the second tries), nothing is written into the folder; negative control: another folder does not wait."""
+    from pipeline.io import file_lock
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    entered = {}
+
+    def second(folder):
+        with file_lock(folder):
+            entered[folder.name] = time.monotonic()
+
+    with file_lock(tmp_path / "a"):
+        held = time.monotonic()
+        waiting = threading.Thread(target=second, args=(tmp_path / "a",))
+        other = threading.Thread(target=second, args=(tmp_path / "b",))
+        waiting.start()
+        other.start()
+        other.join(5)
+        time.sleep(0.5)
+        assert "b" in entered and "a" not in entered, "the held folder blocks, another does not"
+        released = time.monotonic()
+    waiting.join(5)
+    assert entered["a"] >= released > held
+    assert not any((tmp_path / "a").iterdir()) and not any((tmp_path / "b").iterdir()), "no lock file left"

@@ -64,7 +64,7 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike, timeout
 
 @contextmanager
 def store_lock(uri: str | None):
-    """Hold an exclusive file lock next to a SQLite tracking store (no-op for other stores).
+    """Hold an exclusive lock on the folder of a SQLite tracking store (no-op for other stores; no lock file).
 
     MLflow creates and migrates a SQLite store's schema, and creates experiments, without coordination between
     processes: two runs starting at once on a new store fail. Store set-up and experiment creation are done under
@@ -73,7 +73,9 @@ def store_lock(uri: str | None):
     if not uri or not uri.startswith("sqlite:///"):
         yield
         return
-    with file_lock(Path(uri[len("sqlite:///") :]).with_suffix(".lock")):
+    folder = Path(uri[len("sqlite:///") :]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder):
         yield
 
 
