@@ -617,3 +617,17 @@ def test_resume_after_a_failed_first_save_starts_over_instead_of_a_dead_end(tiny
     trainer = torch.load(ckpt / "last.pt", weights_only=True)["trainer"]
     assert trainer["iteration"] == trainer["epoch_length"], "one epoch, from the first"
     assert not list(ckpt.glob(".*.tmp*")), "the interrupted save's temporary file is gone"
+
+
+def test_augmentation_is_off_by_default_and_the_overlay_turns_it_on(tiny_demo, tmp_path):
+    """The trainer gets no augmentation from the defaults and the documented one from configs/augment.json (what
+    training then does with it is tested on SliceAugmentation itself, tests/test_transforms.py)."""
+    from pipeline.data.augmentation import SliceAugmentation
+
+    for files, expected in ((("train.json",), type(None)), (("train.json", "augment.json"), SliceAugmentation)):
+        workflow = initialized_workflow(tmp_path / files[-1], tiny_demo, files, epochs=1)
+        try:
+            trainer = workflow.parser.get_parsed_content("train#trainer")
+            assert isinstance(trainer.augmentation, expected), files
+        finally:
+            workflow.finalize()
