@@ -21,8 +21,6 @@ from pipeline.evaluation.figures import plot_curves, plot_panels
 from pipeline.evaluation.mlflow_report import log_to_mlflow, mlflow_metrics
 from pipeline.evaluation.report import pixel_curves, write_per_subject
 from pipeline.evaluation.segmentation import (
-    counts_at,
-    detection,
     detection_of,
     dice_entry_of,
     dice_search,
@@ -47,7 +45,7 @@ from pipeline.metrics import (
     split_calibration,
 )
 from pipeline.operating_point import OperatingPoint
-from pipeline.scoring import SCORE_NAMES, segment
+from pipeline.scoring import SCORE_NAMES
 from pipeline.thresholds import quantile_key
 
 __all__ = ["AnomalyEvaluation"]
@@ -142,7 +140,11 @@ class AnomalyEvaluation:
             self.configs = {c: stored[c] for c in requested}
             return self._with_default(model.healthy)
         if not self.healthy_data:
-            reason = "its option sets differ from this evaluation's" if model.healthy else model.unread_reference
+            reason = (
+                "its option sets differ from this evaluation's"
+                if model.healthy
+                else model.unread_reference or "its threshold.json has no healthy section"
+            )
             raise InputError(
                 f"no usable healthy thresholds for {self.checkpoint} ({reason}); evaluate with the "
                 "training datalist (--datalist, its healthy validation subjects give them) or use the "
@@ -276,11 +278,10 @@ class AnomalyEvaluation:
                 out["ci95"]["pixel_auprc"][score] = interval["auprc"]
                 options = self.configs[config]
                 threshold, cal_dice = dice_search(cal, config, score, options)
-                counts = counts_at(rep, config, score, threshold, options)
+                found = [segment_subject(s, config, score, threshold, options) for s in rep]  # segmented once
+                counts = segmentation_counts(found, rep)
                 split = dice_entry_of(counts, rep, threshold, baselines["dice_whole_brain_reported"])
-                per_subject = {
-                    s.name: dice(segment_subject(s, config, score, threshold, options), s.label) for s in rep
-                }
+                per_subject = {s.name: dice(f, s.label) for f, s in zip(found, rep)}
                 out["dice_split"][score] = {
                     **split,
                     "calibration_dice": cal_dice,
@@ -290,11 +291,12 @@ class AnomalyEvaluation:
                 out["ci95"]["dice_split"][score] = (
                     bootstrap_dice(counts, weights_rep) if weights_rep is not None else NO_INTERVAL
                 )
-                out["lesion_detection"]["calibrated"][score] = detection(rep, config, score, threshold, options)
+                out["lesion_detection"]["calibrated"][score] = detection_of(found, rep, threshold)
                 out["dice_best"][score] = dice_search(subjects, config, score, options)[1]
                 out["dice_healthy"][score] = {}
                 for q, value in healthy["thresholds"][config][score].items():
-                    counts = counts_at(subjects, config, score, value, options)
+                    found = [segment_subject(s, config, score, value, options) for s in subjects]
+                    counts = segmentation_counts(found, subjects)
                     entry = dice_entry_of(counts, subjects, value, baselines["dice_whole_brain_all"])
                     out["dice_healthy"][score][q] = entry
                     if q == self.default["quantile"]:
@@ -303,7 +305,7 @@ class AnomalyEvaluation:
                         )
                         out["lesion_detection"]["healthy"][score] = {
                             "quantile": q,
-                            **detection(subjects, config, score, value, options),
+                            **detection_of(found, subjects, value),
                         }
             # beside the real test set's Dice at the healthy threshold: the same choice on synthetic lesions in the
             # healthy validation subjects (written by training; NaN where the thresholds were recomputed here)
@@ -332,7 +334,7 @@ class AnomalyEvaluation:
             return None
         point = OperatingPoint.from_dict(stored)
         options = point.options(self.configs[point.option_set])
-        found = [segment(s.volume(point.option_set, point.score), s.brain, point.threshold, options) for s in subjects]
+        found = [segment_subject(s, point.option_set, point.score, point.threshold, options) for s in subjects]
         dice_entry = dice_entry_of(segmentation_counts(found, subjects), subjects, point.threshold, whole_brain)
         return {**point.to_dict(), **dice_entry, **detection_of(found, subjects, point.threshold)}
 

@@ -15,7 +15,6 @@ from pipeline.scoring import ScoreOptions, segment
 __all__ = [
     "HALF_BRAIN",
     "counts_at",
-    "detection",
     "detection_of",
     "dice_entry_of",
     "dice_search",
@@ -61,14 +60,6 @@ def dice_search(
     step = grid[1] / grid[0]
     refined = best_of(np.geomspace(max(fraction / step, grid[0]), min(fraction * step, 1.0), REFINE_POINTS))
     return (threshold, value) if value >= refined[1] else refined[:2]
-
-
-def detection(
-    subjects: Sequence[ScoredSubject], config: str, score: str, threshold: float, options: ScoreOptions
-) -> dict:
-    """:func:`detection_of` the subjects' segmentations at ``threshold``."""
-    found = [segment_subject(s, config, score, threshold, options) for s in subjects]
-    return detection_of(found, subjects, threshold)
 
 
 def dice_entry_of(counts: np.ndarray, subjects: Sequence[ScoredSubject], threshold: float, whole_brain: float) -> dict:
