@@ -31,7 +31,13 @@ from pipeline.data.validation import InputError
 from pipeline.losses import CeVAELoss
 from pipeline.operating_point import OperatingPoint
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, score_volume
-from pipeline.thresholds import checkpoint_sha256, read_thresholds, select_threshold, update_thresholds
+from pipeline.thresholds import (
+    checkpoint_sha256,
+    read_thresholds,
+    select_threshold,
+    threshold_path,
+    update_thresholds,
+)
 from pipeline.weights import load_trained
 
 __all__ = ["AnomalyMap"]
@@ -116,7 +122,8 @@ class AnomalyMap(torch.nn.Module):
     def load(self, checkpoint: str | os.PathLike, reference: str = "required") -> AnomalyMap:
         """Load ``checkpoint``'s weights (and likelihood), move to :attr:`device`, eval mode, and with ``reference``
         ``"required"`` or ``"optional"`` the ``threshold.json`` beside it (``"optional"``: a missing or mismatched
-        file is logged, the reason kept in :attr:`unread_reference`, and the option sets stay as constructed;
+        file leaves the option sets as constructed, the reason kept in :attr:`unread_reference` and a mismatched one
+        logged;
         ``"none"``: not read). Returns the module."""
         if reference not in ("required", "optional", "none"):
             raise ValueError(f"reference must be 'required', 'optional' or 'none', got {reference!r}.")
@@ -132,7 +139,8 @@ class AnomalyMap(torch.nn.Module):
             if reference == "required":
                 raise
             self.unread_reference = str(err)
-            logger.warning("%s; using the option sets as configured", err)
+            if threshold_path(checkpoint).is_file():  # one made for other weights; a missing one is no surprise
+                logger.warning("%s; using the option sets as configured", err)
         return self
 
     def record(self, options: Mapping[str, ScoreOptions] | None = None, **sections: dict) -> dict:

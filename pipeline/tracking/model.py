@@ -33,7 +33,7 @@ class ModelLogging:
 
     The artifacts are the training's ``model.pt``, ``config.json`` and ``threshold.json``; the code is this package
     (``code_paths``) with the installed versions of what it imports as pip requirements (:data:`REQUIREMENTS`); the
-    signature is :data:`SIGNATURE` with a small input example.
+    signature is :data:`pipeline.tracking.scan_model.SIGNATURE` with a small input example.
 
     Args:
         checkpoint: the best epoch's ``model.pt`` (its ``config.json`` and ``threshold.json`` beside it).
