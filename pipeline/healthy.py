@@ -9,6 +9,8 @@
 * :func:`fit_grad_normalization`: the healthy constants of option sets that normalise the KL gradient by healthy data
   (``grad_normalization="healthy"``): the median over the healthy validation volumes of each volume's minimum and
   maximum, i.e. what the authors' per-volume min-max does to a typical healthy scan, now fixed for every scan.
+* :func:`fit_normative`: the healthy means and spreads of the maps of option sets with ``normative=True``, per
+  cell of a coarse grid over the volume (:mod:`pipeline.normative`), from the same healthy validation volumes.
 * :func:`mean_brain_check`: is the decoder more than a mean brain? The reconstruction error of the model on healthy
   validation slices against the error of the mean training slice at the same relative axial position, and the
   active latent units.
@@ -25,6 +27,7 @@ import torch
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.slices import BrainSliceDataset, volume_to_slices
 from pipeline.losses import kl_divergence
+from pipeline.normative import NormativeAccumulator
 from pipeline.scoring import SCORE_NAMES, ScoreOptions, kl_gradient
 from pipeline.thresholds import quantile_key
 
@@ -36,6 +39,7 @@ __all__ = [
     "HEALTHY_QUANTILES",
     "active_units",
     "fit_grad_normalization",
+    "fit_normative",
     "healthy_thresholds",
     "mean_brain_check",
 ]
@@ -80,14 +84,56 @@ def fit_grad_normalization(
     }
 
 
+def fit_normative(
+    model: AnomalyMap, volumes: Sequence[Mapping], option_sets: Mapping[str, ScoreOptions]
+) -> tuple[dict[str, ScoreOptions], list[dict[str, ScoreOptions]] | None]:
+    """``option_sets`` with the normative reference filled in where ``normative=True``: for each model score, the
+    healthy mean and spread per grid cell (:class:`pipeline.normative.NormativeAccumulator`) of the map that the
+    z-map is taken of (the option set's map before any volume-level option), over the brain voxels of the healthy
+    ``volumes``. Call it after :func:`fit_grad_normalization`: the maps use its constants.
+
+    Returns ``(fitted, held_out)``: ``held_out[i]`` are the option sets with the reference fitted on every volume but
+    the ``i``-th (leave one out), to score volume ``i`` with where its thresholds or synthetic lesions are measured: a
+    volume's z-map against a reference that contains it would be smaller than a new subject's, its quantiles too low
+    and its synthetic lesions too easy. ``held_out`` is None when no option set is normative (no network pass then);
+    with one volume the full reference stands in for the held-out one."""
+    wanted = {name: options for name, options in option_sets.items() if options.normative}
+    if not wanted:
+        return dict(option_sets), None
+    bases = {name: replace(o, normative=False, median_size=0, brain_mask=False) for name, o in wanted.items()}
+    scores = [s for s in SCORE_NAMES if s != "intensity"]
+    parts = []  # per volume: {(option set, score): its sums}
+    for data in volumes:
+        image, brain = _image_and_brain(data)
+        _, maps = model(image, brain, bases, scores=scores)
+        sums = {(name, score): NormativeAccumulator() for name in wanted for score in scores}
+        for (name, score), accumulator in sums.items():
+            accumulator.add(maps[name][score], brain)
+        parts.append(sums)
+
+    def fitted_on(chosen: list[dict]) -> dict[str, ScoreOptions]:
+        out = dict(option_sets)
+        for name, options in wanted.items():
+            pooled = {s: NormativeAccumulator.pooled([p[name, s] for p in chosen]) for s in scores}
+            out[name] = replace(options, normative_reference={s: a.reference().to_dict() for s, a in pooled.items()})
+        return out
+
+    fitted = fitted_on(parts)
+    if len(parts) == 1:
+        return fitted, [fitted]
+    return fitted, [fitted_on(parts[:i] + parts[i + 1 :]) for i in range(len(parts))]
+
+
 def healthy_thresholds(
     model: AnomalyMap,
     volumes: Sequence[Mapping],
     option_sets: Mapping[str, ScoreOptions],
     quantiles: Sequence[float] = HEALTHY_QUANTILES,
+    held_out: Sequence[Mapping[str, ScoreOptions]] | None = None,
 ) -> dict:
     """Quantiles of every option set's and score's maps over the brain voxels of the healthy ``volumes`` (each
-    preprocessed by the training's volume chain: ``image``, ``brainmask``).
+    preprocessed by the training's volume chain: ``image``, ``brainmask``); volume ``i`` scored with
+    ``held_out[i]`` if given (:func:`fit_normative`), else with ``option_sets``.
 
     Each volume is scored by ``model`` (:class:`~pipeline.anomaly_map.AnomalyMap`); the brain voxels of all volumes
     are pooled, every voxel counting once. Returns ``quantiles``, ``n_voxels`` and
@@ -96,9 +142,9 @@ def healthy_thresholds(
     if not volumes:
         raise ValueError("healthy thresholds need at least one healthy validation subject.")
     pooled: dict[str, dict[str, list[np.ndarray]]] = {c: {s: [] for s in SCORE_NAMES} for c in option_sets}
-    for data in volumes:
+    for i, data in enumerate(volumes):
         image, brain = _image_and_brain(data)
-        _, maps = model(image, brain, option_sets)
+        _, maps = model(image, brain, option_sets if held_out is None else held_out[i])
         for config, volumes in maps.items():
             for score, volume in volumes.items():
                 pooled[config][score].append(volume[brain])

@@ -121,11 +121,11 @@ class AnomalyInference:
         self.score_name = self.score_name or (point.score if point else DEFAULT_SCORE)
         self.healthy_quantile = self.healthy_quantile or (point.quantile if point else DEFAULT_QUANTILE)
         self.options = model.options(self.option_set)
-        if self.options.grad_normalization == "healthy" and not self.options.fitted:
+        if not self.options.fitted:
             raise InputError(
-                f"option set {self.option_set!r} scales the KL gradient by constants of the healthy validation "
-                f"subjects, which the threshold.json next to {self.checkpoint} holds, and there is none; re-run the "
-                "bundle's 'evaluating' with the training datalist to compute it, or choose --option_set paper."
+                f"option set {self.option_set!r} needs constants of the healthy validation subjects, which the "
+                f"threshold.json next to {self.checkpoint} holds, and there is none; re-run the bundle's "
+                "'evaluating' with the training datalist to compute it, or choose --option_set paper."
             )
         if not given:
             self.threshold, self.threshold_source = model.threshold(
@@ -192,7 +192,7 @@ class AnomalyInference:
                 "score": self.score_name,
                 "threshold": float(self.threshold),
                 "threshold_source": self.threshold_source,
-                "scoring_options": self.options.to_dict(),
+                "scoring_options": self.options.summary(),
                 "operating_point": None if self.operating_point is None else self.operating_point.to_dict(),
                 "segmented_voxels": int((native["seg"] > 0.5).sum()),
                 "segmented_brain_fraction": float(seg.sum() / max(brain.sum(), 1)),

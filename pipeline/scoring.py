@@ -47,10 +47,12 @@ from pipeline.data.slices import volume_to_slices
 from pipeline.data.transforms import equalize_in_brain
 from pipeline.losses import CeVAELoss, kl_divergence
 from pipeline.metrics import remove_small_components
+from pipeline.normative import NormativeReference
 
 __all__ = [
     "AUTHORS",
     "GRAD_NORMALIZATIONS",
+    "NORMATIVE",
     "OPTION_SETS",
     "PAPER",
     "POSTPROCESSED",
@@ -91,6 +93,11 @@ class ScoreOptions:
         min_component_size: in segmentations, remove 3D connected components smaller than this (0 = off).
         equalize_intensity: histogram-equalise the ``intensity`` baseline inside each volume's brain (its values
             become their brain-voxel quantiles), the usual strong thresholding baseline.
+        normative: replace the ``rec``, ``kl_grad`` and ``combined`` maps by their deviation from the healthy
+            validation maps at the same place in units of their spread (:mod:`pipeline.normative`), before the
+            volume-level options.
+        normative_reference: the healthy means and spreads of ``normative`` (None until fitted,
+            :func:`pipeline.healthy.fit_normative`): ``{score: NormativeReference.to_dict()}``.
     """
 
     positive_residuals: bool = False
@@ -102,21 +109,29 @@ class ScoreOptions:
     median_size: int = 0
     min_component_size: int = 0
     equalize_intensity: bool = False
+    normative: bool = False
     grad_low: float | None = None
     grad_high: float | None = None
+    normative_reference: dict | None = None
 
     def __post_init__(self) -> None:
         if self.grad_normalization not in GRAD_NORMALIZATIONS:
             raise ValueError(
                 f"grad_normalization must be one of {GRAD_NORMALIZATIONS}, got " f"{self.grad_normalization!r}."
             )
-        if self.fitted and not self.grad_high > self.grad_low:
+        if self.grad_fitted and not self.grad_high > self.grad_low:
             raise ValueError(f"grad_high must exceed grad_low, got {self.grad_low} and {self.grad_high}.")
 
     @property
-    def fitted(self) -> bool:
-        """Whether the healthy constants are set (what ``"healthy"`` normalisation needs)."""
+    def grad_fitted(self) -> bool:
+        """Whether the healthy constants of ``"healthy"`` KL-gradient normalisation are set."""
         return self.grad_low is not None and self.grad_high is not None
+
+    @property
+    def fitted(self) -> bool:
+        """Whether every healthy constant these options need is set."""
+        grad = self.grad_normalization != "healthy" or self.grad_fitted
+        return grad and (not self.normative or self.normative_reference is not None)
 
     @property
     def test_volume_scaled(self) -> bool:
@@ -126,10 +141,14 @@ class ScoreOptions:
 
     def unfitted(self) -> ScoreOptions:
         """These knobs without the healthy constants (what a config states)."""
-        return replace(self, grad_low=None, grad_high=None)
+        return replace(self, grad_low=None, grad_high=None, normative_reference=None)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def summary(self) -> dict:
+        """:meth:`to_dict` without the normative reference's arrays (what a report shows)."""
+        return {**self.to_dict(), "normative_reference": self.normative_reference is not None}
 
 
 PAPER = ScoreOptions()
@@ -137,7 +156,8 @@ AUTHORS = ScoreOptions(grad_normalization="volume", grad_sigma=3.0, grad_kernel=
 POSTPROCESSED = replace(
     AUTHORS, grad_normalization="healthy", brain_mask=True, mask_erosion=1, median_size=5, min_component_size=7
 )
-OPTION_SETS = {"paper": PAPER, "authors": AUTHORS, "postprocessed": POSTPROCESSED}
+NORMATIVE = replace(POSTPROCESSED, normative=True)
+OPTION_SETS = {"paper": PAPER, "authors": AUTHORS, "postprocessed": POSTPROCESSED, "normative": NORMATIVE}
 
 
 def _encoder_decoder(network: torch.nn.Module) -> torch.nn.Module:
@@ -193,7 +213,7 @@ def score_maps(raw: dict[str, torch.Tensor], x: torch.Tensor, options: ScoreOpti
     rec = residual.clamp_min(0) if options.positive_residuals else residual.abs()
     grad = raw["kl_grad"]
     if options.grad_normalization == "healthy":
-        if not options.fitted:
+        if not options.grad_fitted:
             raise ValueError(
                 "grad_normalization 'healthy' needs grad_low/grad_high from the healthy validation volumes "
                 "(pipeline.healthy.fit_grad_normalization; training stores them in threshold.json)."
@@ -283,8 +303,19 @@ def score_volume(
             volume = derived[score][:, 0].permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, D)
             if score == "intensity" and options.equalize_intensity:
                 volume = equalize_in_brain(volume, brainmask)
+            elif score != "intensity" and options.normative:
+                volume = _normative_reference(options, score).z_map(volume, brainmask)
             maps[config][score] = postprocess_volume(volume, brainmask, options)
     return {k: v for k, v in raw.items() if k != "kl_grad"}, maps
+
+
+def _normative_reference(options: ScoreOptions, score: str) -> NormativeReference:
+    if options.normative_reference is None:
+        raise ValueError(
+            "normative maps need the healthy means and spreads of the healthy validation volumes "
+            "(pipeline.healthy.fit_normative; training stores them in threshold.json)."
+        )
+    return NormativeReference.from_dict(options.normative_reference[score])
 
 
 def segment(volume: np.ndarray, brainmask: np.ndarray, threshold: float, options: ScoreOptions) -> np.ndarray:

@@ -111,6 +111,8 @@ def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
         "16",
         "--z_dim",
         "16",
+        "--synthetic_volumes",
+        "2",
         "--progress_bar",
         "False",
         "--tracking_uri",

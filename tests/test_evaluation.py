@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from scipy import ndimage
 
 from pipeline.anomaly_map import AnomalyMap
-from pipeline.calibration import label_free_calibration as evaluation_healthy
+from pipeline.calibration import LabelFreeCalibration
 from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
@@ -156,15 +156,12 @@ def test_evaluation_recalibrates_when_its_option_sets_change(evaluated_run, tiny
     """Stored healthy thresholds are used as they are for the option sets they were made with; an evaluation with a
     changed option set computes them anew (and only then), adds its options to threshold.json, and without healthy
     data says why it cannot."""
-    import pipeline.evaluation.core as evaluation
-
     out, _ = evaluated_run
     checkpoint = copy_checkpoint(out, tmp_path / "checkpoint")
     stored = json.loads((checkpoint.parent / "threshold.json").read_text())
     calls = []
-    monkeypatch.setattr(
-        evaluation, "label_free_calibration", lambda *a, **k: calls.append(1) or evaluation_healthy(*a, **k)
-    )
+    calibrate = LabelFreeCalibration.__call__
+    monkeypatch.setattr(LabelFreeCalibration, "__call__", lambda *a, **k: calls.append(1) or calibrate(*a, **k))
     healthy = load_datalist(tiny_demo, "training")[:1]
 
     def evaluate(configs, healthy_data):
@@ -176,6 +173,7 @@ def test_evaluation_recalibrates_when_its_option_sets_change(evaluated_run, tiny
             brain_volume_transform(),
             tmp_path / "eval",
             healthy_data=healthy_data,
+            calibration=LabelFreeCalibration(synthetic_volumes=2),
             default_option_set="paper",
         )
         model.load(checkpoint, reference="optional")

@@ -254,6 +254,57 @@ def test_the_operating_point_is_the_best_candidate_whose_scale_is_not_the_test_v
     assert (point.option_set, point.score, point.synthetic_dice) == ("scaled", "rec", 0.4)
 
 
+def test_the_operating_point_is_the_simplest_map_within_one_standard_error():
+    """A map whose best Dice is within its tolerance of the best candidate's stays in the running; of those the one
+    with fewer ingredients wins (``rec`` over ``combined``), then the option set configured first, at that map's own
+    best candidate; with no tolerance, the best candidate (negative control)."""
+    from pipeline.calibration import choose_operating_point
+
+    sets = {
+        "first": replace(POSTPROCESSED, grad_low=0.0, grad_high=1.0),
+        "second": replace(POSTPROCESSED, normative=True),
+    }
+
+    def row(option_set, score, quantile, dice):
+        return dict(
+            option_set=option_set, score=score, quantile=quantile, threshold=1.0, min_component_size=7, dice=dice
+        )
+
+    table = [
+        row("second", "combined", 0.995, 0.50),
+        row("second", "rec", 0.99, 0.47),
+        row("second", "rec", 0.995, 0.46),
+        row("first", "rec", 0.995, 0.44),
+        row("first", "combined", 0.99, 0.49),
+    ]
+
+    def chosen(tolerance=None):
+        point = choose_operating_point(table, sets, tolerance)
+        return point.option_set, point.score, point.quantile
+
+    assert chosen() == chosen({("second", "rec"): 0.02}) == ("second", "combined", 0.995), "nothing within: the best"
+    assert chosen({("second", "rec"): 0.04}) == ("second", "rec", 0.99), "rec within, at its own best quantile"
+    both = {("second", "rec"): 0.04, ("first", "rec"): 0.07}
+    assert chosen(both) == ("first", "rec", 0.995), "both rec maps within: the option set configured first"
+
+
+def test_paired_standard_error_of_a_pooled_dice_difference():
+    """0 for a map against itself; small for a map that finds the same lesions a little less well on every volume,
+    large for one whose misses fall on other volumes (pairing is what tells the two apart); about halved with 4x
+    the volumes (1/sqrt(n))."""
+    from pipeline.calibration import paired_standard_error
+
+    rng = np.random.default_rng(0)
+    first = np.stack([rng.integers(20, 100, 16), np.full(16, 100)], axis=1)
+    assert paired_standard_error(first, first, seed=0) == pytest.approx(0, abs=1e-12)
+    shifted = first - [[5, 0]]
+    shuffled = first[rng.permutation(16)] - [[5, 0]]
+    close, far = paired_standard_error(first, shifted, seed=0), paired_standard_error(first, shuffled, seed=0)
+    assert close < 0.25 * far, (close, far)
+    ratio = paired_standard_error(np.tile(first, (4, 1)), np.tile(shuffled, (4, 1)), seed=0) / far
+    assert 0.4 < ratio < 0.6, ratio
+
+
 def test_lesion_detection_counts_components():
     label = np.zeros((20, 20, 10), bool)
     label[2:5, 2:5, 2:4] = True  # lesion 1: found

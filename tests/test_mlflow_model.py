@@ -24,7 +24,18 @@ from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.tracking.scan_model import example_scan
 
 EPOCHS = 2
-TINY = ["--z_dim", "16", "--channels", "[8,16,32,64]", "--batch_size", "16", "--progress_bar", "False"]
+TINY = [  # a narrow net; 2 synthetic lesions for the operating point
+    "--z_dim",
+    "16",
+    "--channels",
+    "[8,16,32,64]",
+    "--batch_size",
+    "16",
+    "--progress_bar",
+    "False",
+    "--synthetic_volumes",
+    "2",
+]
 EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
 
 

@@ -25,6 +25,8 @@ from mlflow import MlflowClient
 from pipeline.tracking.scan_model import example_scan
 
 TINY_ARGS = [
+    "--synthetic_volumes",
+    "2",
     "--epochs",
     "1",
     "--batch_size",

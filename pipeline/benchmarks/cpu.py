@@ -93,6 +93,8 @@ TRAINING_VARIANTS: dict[str, dict | None] = {
     "trainer_no_handlers": None,
 }
 QUICK_VARIANTS = ("bundle", "trainer_no_handlers")
+# the smoke run's one healthy validation subject would get all 32 synthetic lesions (a minute of train_finish_s)
+QUICK_SETTINGS = {"synthetic_volumes": 2}
 
 
 def brats_sized_volume(path: Path) -> Path:
@@ -196,11 +198,14 @@ class _OneEpochAtATime:
 
 
 def _variant(
-    name: str, tmp: Path, datalist: Path, epochs: int, default_workflow, images: torch.Tensor
+    name: str, tmp: Path, datalist: Path, epochs: int, default_workflow, images: torch.Tensor, settings: dict
 ) -> tuple[_OneEpochAtATime, object]:
     overrides = TRAINING_VARIANTS[name]
     if overrides is not None:
-        workflow = default_workflow if name == "bundle" else bundle_workflow(datalist, tmp / name, epochs, **overrides)
+        if name == "bundle":
+            workflow = default_workflow
+        else:
+            workflow = bundle_workflow(datalist, tmp / name, epochs, **settings, **overrides)
         return _OneEpochAtATime(workflow.parser.get_parsed_content("train#trainer"), images), workflow
     parser = default_workflow.parser
     net = CeVAE()
@@ -217,12 +222,15 @@ def _variant(
     return _OneEpochAtATime(trainer, images), None
 
 
-def training(tmp: Path, datalist: Path, rounds: int, sizes: list[int], variants: tuple[str, ...]) -> dict:
-    """The training A/B (the module docstring) and the plain loop's epoch time by image size."""
+def training(
+    tmp: Path, datalist: Path, rounds: int, sizes: list[int], variants: tuple[str, ...], settings: dict
+) -> dict:
+    """The training A/B (the module docstring) and the plain loop's epoch time by image size; ``settings``: overrides
+    of ``configs/train.json`` for every bundle variant."""
     epochs = rounds + 2  # a warm-up epoch, the measured rounds, the last epoch (timed apart)
-    default = bundle_workflow(datalist, tmp / "bundle", epochs)
+    default = bundle_workflow(datalist, tmp / "bundle", epochs, **settings)
     images = default.parser.get_parsed_content("train#dataset").stacked("image")
-    runs = {name: _variant(name, tmp, datalist, epochs, default, images) for name in variants}
+    runs = {name: _variant(name, tmp, datalist, epochs, default, images, settings) for name in variants}
     loss, noise = CeVAELoss(), ContextEncodingNoise()
     net, x = CeVAE(), torch.rand(64, 1, 64, 64)
 
@@ -331,6 +339,6 @@ def cpu_benchmark(quick: bool, repeats: int) -> dict:
         }
         results.update(scoring(tmp, volumes))
         variants = QUICK_VARIANTS if quick else tuple(TRAINING_VARIANTS)
-        results.update(training(tmp, datalist, repeats, sizes, variants))
+        results.update(training(tmp, datalist, repeats, sizes, variants, QUICK_SETTINGS if quick else {}))
     results.update(levers(repeats))
     return results

@@ -13,10 +13,10 @@ from ignite.handlers import TerminateOnNan
 from torch.optim import Optimizer
 
 from pipeline.anomaly_map import AnomalyMap
-from pipeline.calibration import label_free_calibration
+from pipeline.calibration import LabelFreeCalibration
 from pipeline.data.slices import BrainSliceDataset
 from pipeline.data.validation import InputError
-from pipeline.healthy import HEALTHY_QUANTILES, mean_brain_check
+from pipeline.healthy import mean_brain_check
 
 __all__ = [
     "CopyMetrics",
@@ -125,7 +125,7 @@ class HealthyCalibration:
         model: the :class:`~pipeline.anomaly_map.AnomalyMap` of the trained network and loss, with the option sets to
             compute thresholds for (copied, never changed).
         data: the healthy validation entries; transform: the training's volume chain.
-        quantiles: brain-voxel quantiles to record.
+        calibration: the :class:`~pipeline.calibration.LabelFreeCalibration` (its healthy quantiles, synthetic lesions).
         train_slices, validation_slices: the training and validation slices, for the mean-brain check (skipped
             when either is None).
     """
@@ -136,12 +136,12 @@ class HealthyCalibration:
         model: AnomalyMap,
         data: Sequence[dict],
         transform: Callable,
-        quantiles: Sequence[float] = HEALTHY_QUANTILES,
+        calibration: LabelFreeCalibration | None = None,
         train_slices: BrainSliceDataset | None = None,
         validation_slices: BrainSliceDataset | None = None,
     ) -> None:
         self.checkpoint, self.model, self.data, self.transform = checkpoint, model, list(data), transform
-        self.quantiles = tuple(quantiles)
+        self.calibration = LabelFreeCalibration() if calibration is None else calibration
         self.train_slices, self.validation_slices = train_slices, validation_slices
 
     def attach(self, engine: Engine) -> None:
@@ -154,7 +154,7 @@ class HealthyCalibration:
     def calibrate(self) -> dict[str, float]:
         """Compute, write and return the flat metrics (see the class docstring)."""
         model = copy.deepcopy(self.model).load(self.checkpoint, reference="none")
-        healthy, fitted = label_free_calibration(model, self.data, self.transform, self.quantiles)
+        healthy, fitted = self.calibration(model, self.data, self.transform)
         if self.train_slices is not None and self.validation_slices is not None:
             healthy["validation"] = mean_brain_check(
                 model.network, self.train_slices, self.validation_slices, device=model.device

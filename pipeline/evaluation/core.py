@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.anomaly_map import AnomalyMap
-from pipeline.calibration import label_free_calibration
+from pipeline.calibration import LabelFreeCalibration
 from pipeline.data.datalist import load_datalist
 from pipeline.data.slices import brain_slice_indices
 from pipeline.data.validation import InputError
@@ -31,7 +31,6 @@ from pipeline.healthy import (
     DEFAULT_OPTION_SET,
     DEFAULT_QUANTILE,
     DEFAULT_SCORE,
-    HEALTHY_QUANTILES,
     active_units,
 )
 from pipeline.io import atomic_write_json, file_sha256
@@ -73,7 +72,8 @@ class AnomalyEvaluation:
         label_groups: optional ``{group: [label values]}``; adds ``pixel_auroc_<group>`` / ``pixel_auprc_<group>``.
         healthy_data: healthy validation entries, to compute the healthy thresholds when ``threshold.json`` lacks
             them for this checkpoint (None: such a file is required).
-        healthy_quantiles: the quantiles to compute then.
+        calibration: how they are computed then (:class:`~pipeline.calibration.LabelFreeCalibration`: the healthy
+            quantiles, the synthetic lesions).
         default_option_set, default_score, default_quantile: the segmentation inference makes by default, reported
             for lesion detection and shown in the panels.
         n_bootstrap: bootstrap resamples of the intervals.
@@ -98,7 +98,7 @@ class AnomalyEvaluation:
         name: str = "eval",
         label_groups: Mapping[str, Sequence[int]] | None = None,
         healthy_data: Sequence[dict] | None = None,
-        healthy_quantiles: Sequence[float] = HEALTHY_QUANTILES,
+        calibration: LabelFreeCalibration | None = None,
         default_option_set: str = DEFAULT_OPTION_SET,
         default_score: str = DEFAULT_SCORE,
         default_quantile: float = DEFAULT_QUANTILE,
@@ -121,7 +121,8 @@ class AnomalyEvaluation:
         self.min_brain_fraction, self.border_slices = min_brain_fraction, border_slices
         self.calibration_fraction, self.seed, self.key, self.n_panels = calibration_fraction, seed, key, n_panels
         self.tracking_uri, self.experiment_name, self.name = tracking_uri, experiment_name, name
-        self.healthy_data, self.healthy_quantiles = healthy_data, tuple(healthy_quantiles)
+        self.healthy_data = healthy_data
+        self.calibration = LabelFreeCalibration() if calibration is None else calibration
         self.default = {
             "option_set": default_option_set,
             "score": default_score,
@@ -156,7 +157,7 @@ class AnomalyEvaluation:
             len(self.healthy_data),
         )
         model.option_sets = dict(requested)
-        healthy, fitted = label_free_calibration(model, self.healthy_data, self.transform, self.healthy_quantiles)
+        healthy, fitted = self.calibration(model, self.healthy_data, self.transform)
         model.record(fitted, healthy=healthy)
         self.configs = {c: model.option_sets[c] for c in requested}
         return self._with_default(model.healthy)
@@ -248,7 +249,7 @@ class AnomalyEvaluation:
             "warnings": [],
         }
         for config in self.configs:
-            out: dict = {"options": self.configs[config].to_dict(), "prevalence": baselines["prevalence"]}
+            out: dict = {"options": self.configs[config].summary(), "prevalence": baselines["prevalence"]}
             slice_scores = {"elbo": np.concatenate([s.slice_terms["neg_elbo"][s.scored_slices] for s in subjects])}
             slice_scores.update(
                 {k: np.concatenate([s.slice_means[config][k][s.scored_slices] for s in subjects]) for k in SCORE_NAMES}
