@@ -56,6 +56,7 @@ RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
     "val_fraction": (*_number(lambda v: 0 <= v < 1, "in [0, 1)"), "0.1"),
     "min_brain_fraction": (*_number(lambda v: 0 <= v <= 1, "in [0, 1]"), "0.1"),
     "augment": (lambda v: v in AUGMENT_CHOICES, f"one of {', '.join(AUGMENT_CHOICES)}", "none"),
+    "synthetic_volumes": (*_whole(1), "32"),
 }
 
 

@@ -177,6 +177,7 @@ def test_command_line_tools_create_a_missing_output_folder(tmp_path):
         ("ce_weight", -1.0, r"in \[0, 1\]"),
         ("epochs", True, "a whole number"),
         ("augment", "heavy", "one of none, standard"),
+        ("synthetic_volumes", 0, "a whole number >= 1"),
     ],
 )
 def test_out_of_range_settings_stop_before_anything_is_built_in_one_line(tiny_demo, tmp_path, key, value, must_be):
