@@ -19,7 +19,8 @@ import torch
 from ignite.engine import Engine, Events
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri, path_to_uri
 
@@ -187,11 +188,11 @@ class MLflowRunHandler(MLFlowHandler):
             with store_lock(self.store_uri):
                 self._set_experiment()
             recorded, previous = self._recorded_run() if self.resume else (None, None)
-            tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id} if self.parent_run_id else {}
+            tags = self._new_run_tags()
             if previous:
                 tags[PREVIOUS_RUN_TAG] = previous
             self.cur_run = recorded or self.client.create_run(
-                experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags or None
+                experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags
             )
             if self.run_info_path is not None:
                 atomic_write_json(
@@ -203,6 +204,23 @@ class MLflowRunHandler(MLFlowHandler):
                     self.run_info_path,
                 )
         super().start(engine)
+
+    def _new_run_tags(self) -> dict[str, str]:
+        """What ``mlflow.start_run`` would tag a run with (user, source; :func:`resolve_tags`), plus the git commit
+        of this code, the parent run and a description (MLflow's run page shows it) made of the run's parameters."""
+        params = self.experiment_param or {}
+        tags = resolve_tags({MLFLOW_PARENT_RUN_ID: self.parent_run_id} if self.parent_run_id else {})
+        commit = params.get("git_commit") or _git_commit()
+        if commit != "unknown":
+            tags[MLFLOW_GIT_COMMIT] = commit
+        variant = params.get("model_variant", "the model")
+        weight = f" (ce_weight {params['ce_weight']})" if variant == "cevae" and "ce_weight" in params else ""
+        tags[MLFLOW_RUN_NOTE] = (
+            f"{variant}{weight} trained on the healthy subjects of {params.get('datalist', 'a datalist')} "
+            f"(sha256 {params.get('datalist_sha256', '?')}), seed {params.get('seed', '?')}, "
+            f"{params.get('epochs', '?')} epochs, overlay {params.get('overlay_name', 'none')}; bundle cevae."
+        )
+        return tags
 
     def _recorded_run(self):
         """``(run, None)`` for the unfinished run that ``run_info_path`` names (reopened if a kill or a failure ended
