@@ -30,7 +30,7 @@ import torch
 from pipeline.data.validation import InputError
 from pipeline.losses import CeVAELoss
 from pipeline.operating_point import OperatingPoint
-from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, score_volume
+from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, Unchanged, score_volume
 from pipeline.thresholds import (
     checkpoint_sha256,
     read_thresholds,
@@ -162,9 +162,18 @@ class AnomalyMap(torch.nn.Module):
         brainmask: np.ndarray,
         configs: Mapping[str, ScoreOptions] | None = None,
         scores: Sequence[str] = SCORE_NAMES,
+        unchanged: Unchanged | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
         """:func:`pipeline.scoring.score_volume` of one volume for ``configs`` (default: :attr:`option_sets`)."""
         configs = self.option_sets if configs is None else configs
         return score_volume(
-            self.network, image, brainmask, configs, self.loss, self.batch_size, scores=scores, device=self.device
+            self.network,
+            image,
+            brainmask,
+            configs,
+            self.loss,
+            self.batch_size,
+            scores=scores,
+            device=self.device,
+            unchanged=unchanged,
         )

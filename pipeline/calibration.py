@@ -50,7 +50,7 @@ from pipeline.healthy import (
 )
 from pipeline.metrics import CONNECTIVITY
 from pipeline.operating_point import OperatingPoint
-from pipeline.scoring import SCORE_NAMES, ScoreOptions
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, Unchanged
 from pipeline.thresholds import quantile_key
 
 __all__ = [
@@ -189,11 +189,16 @@ def synthetic_lesion_search(
     per_volume: dict[tuple, list[np.ndarray]] = {key: [] for key in keys}  # (sizes, 2) counts per lesioned volume
     for i, data in enumerate(volumes):
         brain = np.asarray(data["brainmask"][0] > 0)
+        sets = option_sets if held_out is None else held_out[i]
+        healthy = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
+        healthy_maps = model(healthy, brain, sets)[1]  # a lesion changes a few slices: the rest is filtered once
         for _ in range(per_subject):
             lesioned, mask, _ = lesion(data["image"], data["brainmask"], volumes[(i + 1) % len(volumes)]["image"])
             truth = np.asarray(mask[0]) > 0
             image = lesioned.as_tensor() if hasattr(lesioned, "as_tensor") else lesioned
-            _, maps = model(image, brain, option_sets if held_out is None else held_out[i])
+            changed = np.flatnonzero((image != healthy).reshape(-1, image.shape[-1]).any(0).numpy())
+            span = (int(changed[0]), int(changed[-1]) + 1) if changed.size else (0, 0)
+            _, maps = model(image, brain, sets, unchanged=Unchanged(healthy_maps, *span))
             for config, score, q in keys:
                 threshold = thresholds[config][score][q]
                 per_volume[config, score, q].append(

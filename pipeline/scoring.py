@@ -58,6 +58,7 @@ __all__ = [
     "POSTPROCESSED",
     "SCORE_NAMES",
     "ScoreOptions",
+    "Unchanged",
     "elbo_terms",
     "kl_gradient",
     "median_filter",
@@ -263,6 +264,49 @@ def postprocess_volume(volume: np.ndarray, brainmask: np.ndarray, options: Score
     return out
 
 
+@dataclass(frozen=True)
+class Unchanged:
+    """The maps of a volume that the scored volume equals outside its axial slices ``start:stop`` (the healthy volume
+    a synthetic lesion was put into): :func:`score_volume` then runs the volume-level options (median filter, eroded
+    brain mask: the costly part) on those slices and the filters' reach only, and takes the rest from ``maps``. The
+    result is the same as without it (:func:`_postprocess`)."""
+
+    maps: Mapping[str, Mapping[str, np.ndarray]]
+    start: int
+    stop: int
+
+
+def _postprocess(
+    volume: np.ndarray,
+    brainmask: np.ndarray,
+    options: ScoreOptions,
+    score: str,
+    unchanged: Unchanged | None,
+    config: str,
+) -> np.ndarray:
+    """:func:`postprocess_volume`, on the changed slab only where ``unchanged`` allows it. Exact: a slice's output
+    depends on the map and mask within ``reach`` slices of it (median radius plus erosion), so outputs more than
+    ``reach`` slices from the changed ones are those of ``unchanged``, and those within are computed on a slab that
+    holds every slice they depend on (at the volume's ends the slab ends where the volume does, as the full filter
+    sees it). Maps scaled by the whole volume (``grad_normalization="volume"``, an equalised intensity) and option sets
+    without a median filter are computed whole."""
+    reach = (options.median_size // 2 if options.median_size > 1 else 0) + (
+        options.mask_erosion if options.brain_mask else 0
+    )
+    whole_volume = options.grad_normalization == "volume" and score in ("kl_grad", "combined")
+    if unchanged is None or reach == 0 or whole_volume or (score == "intensity" and options.equalize_intensity):
+        return postprocess_volume(volume, brainmask, options)
+    depth = volume.shape[-1]
+    keep = max(0, unchanged.start - reach), min(depth, unchanged.stop + reach)
+    out = np.array(unchanged.maps[config][score], copy=True)
+    if keep[0] >= keep[1]:
+        return out
+    slab = max(0, keep[0] - reach), min(depth, keep[1] + reach)
+    filtered = postprocess_volume(volume[..., slab[0] : slab[1]], brainmask[..., slab[0] : slab[1]], options)
+    out[..., keep[0] : keep[1]] = filtered[..., keep[0] - slab[0] : keep[1] - slab[0]]
+    return out
+
+
 def score_volume(
     network: torch.nn.Module,
     image: torch.Tensor,
@@ -272,6 +316,7 @@ def score_volume(
     batch_size: int = 64,
     scores: Sequence[str] = SCORE_NAMES,
     device: str | torch.device = "cpu",
+    unchanged: Unchanged | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
     """Score a whole preprocessed volume: network passes slice batch by slice batch, then the maps of every option
     set from the whole volume's raw scores.
@@ -283,6 +328,8 @@ def score_volume(
         loss: the training loss (:class:`~pipeline.losses.CeVAELoss` with its trained state): the slice score is
             its ``neg_elbo``.
         scores: the maps to keep, among :data:`SCORE_NAMES`.
+        unchanged: the maps of a volume this one equals outside some slices (:class:`Unchanged`; same results, less
+            filtering).
 
     Returns:
         ``(terms, maps)``: per-slice ``recon`` ``(D, 1, H, W)``, ``mu``, ``rec``, ``kl``, ``neg_elbo`` on the CPU, and
@@ -305,7 +352,7 @@ def score_volume(
                 volume = equalize_in_brain(volume, brainmask)
             elif score != "intensity" and options.normative:
                 volume = _normative_reference(options, score).z_map(volume, brainmask)
-            maps[config][score] = postprocess_volume(volume, brainmask, options)
+            maps[config][score] = _postprocess(volume, brainmask, options, score, unchanged, config)
     return {k: v for k, v in raw.items() if k != "kl_grad"}, maps
 
 

@@ -153,3 +153,39 @@ def test_fit_normative_holds_each_volume_out_of_its_own_reference():
         model(volumes[0]["image"], brain, {"normative": replace(fitted["normative"], normative_reference=None)})
     plain = {"postprocessed": replace(options["normative"], normative=False)}
     assert fit_normative(model, volumes, plain) == (plain, None)
+
+
+def test_filtering_only_the_changed_slab_gives_the_same_maps():
+    """Scoring a lesioned volume with the healthy volume's maps for its unchanged slices (what the synthetic-lesion
+    search does) gives exactly the maps of scoring it whole, for every option set, at the volume's ends too; negative
+    control: a wrong span (the lesion's slices said unchanged) gives other maps."""
+    from pipeline.scoring import AUTHORS, PAPER, Unchanged
+
+    torch.manual_seed(0)
+    model = AnomalyMap(CeVAE(channels=(8, 16, 32, 64), z_dim=16), CeVAELoss(sigma=0.2)).eval()
+    rng = np.random.default_rng(1)
+    brain = np.zeros((64, 64, 24), bool)
+    brain[12:52, 10:54, 2:22] = True
+    volumes = [
+        {
+            "image": torch.from_numpy(rng.random((1, 64, 64, 24)) * brain).float(),
+            "brainmask": torch.from_numpy(brain)[None],
+        }
+        for _ in range(2)
+    ]
+    sets = fit_grad_normalization(
+        model, volumes, {"paper": PAPER, "authors": AUTHORS, "postprocessed": POSTPROCESSED, "normative": NORMATIVE}
+    )
+    sets = fit_normative(model, volumes, sets)[0]
+    healthy = volumes[0]["image"]
+    _, healthy_maps = model(healthy, brain, sets)
+    for start, stop in ((9, 13), (0, 2), (21, 24)):
+        lesioned = healthy.clone()
+        lesioned[..., 20:40, 20:40, start:stop] += 0.5
+        _, whole = model(lesioned, brain, sets)
+        _, slab = model(lesioned, brain, sets, unchanged=Unchanged(healthy_maps, start, stop))
+        for config in sets:
+            for score in whole[config]:
+                assert np.array_equal(whole[config][score], slab[config][score]), (start, config, score)
+    _, wrong = model(lesioned, brain, sets, unchanged=Unchanged(healthy_maps, 0, 0))
+    assert not np.array_equal(wrong["postprocessed"]["rec"], whole["postprocessed"]["rec"])
