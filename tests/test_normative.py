@@ -126,21 +126,22 @@ def test_reference_round_trips_and_refuses_bad_arrays():
         constant.reference()
 
 
+def untrained_model_and_volumes(n: int, depth: int, seed: int):
+    """A seeded untrained narrow model and ``n`` random volumes ``(1, 64, 64, depth)`` inside one box-shaped brain
+    (its first and last slices hold none)."""
+    torch.manual_seed(0)
+    model = AnomalyMap(CeVAE(channels=(8, 16, 32, 64), z_dim=16), CeVAELoss(sigma=0.2)).eval()
+    rng = np.random.default_rng(seed)
+    brain = np.zeros((64, 64, depth), bool)
+    brain[12:52, 10:54, 1 : depth - 1] = True
+    images = [torch.from_numpy(rng.random((1, 64, 64, depth)) * brain).float() for _ in range(n)]
+    return model, [{"image": image, "brainmask": torch.from_numpy(brain)[None]} for image in images], brain
+
+
 def test_fit_normative_holds_each_volume_out_of_its_own_reference():
     """``held_out[i]`` is exactly the reference fitted without volume ``i``; the full one differs from each (negative
     control); scoring the normative option set without a reference names what is missing."""
-    torch.manual_seed(0)
-    model = AnomalyMap(CeVAE(channels=(8, 16, 32, 64), z_dim=16), CeVAELoss(sigma=0.2)).eval()
-    rng = np.random.default_rng(0)
-    brain = np.zeros((64, 64, 10), bool)
-    brain[12:52, 10:54, 1:9] = True
-    volumes = [
-        {
-            "image": torch.from_numpy(rng.random((1, 64, 64, 10)) * brain).float(),
-            "brainmask": torch.from_numpy(brain)[None],
-        }
-        for _ in range(3)
-    ]
+    model, volumes, brain = untrained_model_and_volumes(3, depth=10, seed=0)
     options = fit_grad_normalization(model, volumes, {"normative": NORMATIVE})
     fitted, held_out = fit_normative(model, volumes, options)
     again, _ = fit_normative(model, volumes[1:], options)
@@ -161,18 +162,7 @@ def test_filtering_only_the_changed_slab_gives_the_same_maps():
     control: a wrong span (the lesion's slices said unchanged) gives other maps."""
     from pipeline.scoring import AUTHORS, PAPER, Unchanged
 
-    torch.manual_seed(0)
-    model = AnomalyMap(CeVAE(channels=(8, 16, 32, 64), z_dim=16), CeVAELoss(sigma=0.2)).eval()
-    rng = np.random.default_rng(1)
-    brain = np.zeros((64, 64, 24), bool)
-    brain[12:52, 10:54, 2:22] = True
-    volumes = [
-        {
-            "image": torch.from_numpy(rng.random((1, 64, 64, 24)) * brain).float(),
-            "brainmask": torch.from_numpy(brain)[None],
-        }
-        for _ in range(2)
-    ]
+    model, volumes, brain = untrained_model_and_volumes(2, depth=24, seed=1)
     sets = fit_grad_normalization(
         model, volumes, {"paper": PAPER, "authors": AUTHORS, "postprocessed": POSTPROCESSED, "normative": NORMATIVE}
     )
