@@ -146,3 +146,6 @@ def test_compare_reports_failures_in_one_line(tiny_demo, tmp_path, capsys):
     assert main(["--datalist-train", str(tiny_demo), "--overlays", "mine", "--output-dir", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "no overlay 'mine'" in err and "'legacy_likelihood'" in err and "'tuned_on_brats'" in err
+    off = ["--datalist-train", str(tiny_demo), "--tracking-uri", "none", "--output-dir", str(tmp_path / "o3")]
+    assert main(off) == 2 and "read back from MLflow" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists(), "refused before anything is written"

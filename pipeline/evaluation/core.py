@@ -46,6 +46,7 @@ from pipeline.metrics import (
 from pipeline.operating_point import OperatingPoint
 from pipeline.scoring import SCORE_NAMES
 from pipeline.thresholds import quantile_key
+from pipeline.tracking import tracking_off
 
 __all__ = ["AnomalyEvaluation"]
 
@@ -67,7 +68,8 @@ class AnomalyEvaluation:
         min_slice_pixels: annotated pixels above which a slice counts as anomalous.
         min_brain_fraction, border_slices: the slice selection of training (slice-level metrics use those slices).
         calibration_fraction, seed: the subject split of the Dice threshold (``seed`` also seeds the bootstrap).
-        tracking_uri, experiment_name: MLflow destination when the checkpoint's training run is unknown.
+        tracking_uri, experiment_name: MLflow destination when the checkpoint's training run is unknown
+            (``tracking_uri`` ``"none"``: nothing is logged to MLflow).
         name: the test set's name in MLflow (metric prefix and artifact sub-folder) and in ``threshold.json``.
         label_groups: optional ``{group: [label values]}``; adds ``pixel_auroc_<group>`` / ``pixel_auprc_<group>``.
         healthy_data: healthy validation entries, to compute the healthy thresholds when ``threshold.json`` lacks
@@ -430,7 +432,8 @@ class AnomalyEvaluation:
         plot_curves(curves, list(self.configs), self.output_dir / "roc_pr.png")
         plot_panels(panels, results, self.configs, self.default, self.output_dir / "panels.png")
         metrics = mlflow_metrics(self.name, list(self.configs), self.label_groups, self.default["quantile"], results)
-        log_to_mlflow(metrics, self.name, self.checkpoint, self.output_dir, self.tracking_uri, self.experiment_name)
+        if not tracking_off(self.tracking_uri):
+            log_to_mlflow(metrics, self.name, self.checkpoint, self.output_dir, self.tracking_uri, self.experiment_name)
         return results
 
 

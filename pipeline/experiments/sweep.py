@@ -253,8 +253,10 @@ def compare(args: argparse.Namespace) -> tuple[Comparison, list[Path], str, str]
     from mlflow import MlflowClient
 
     from pipeline.output_dir import claim, release
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import resolve_tracking_uri, tracking_off
 
+    if tracking_off(args.tracking_uri):
+        raise ValueError("a comparison is read back from MLflow: give --tracking-uri a store, or leave it out")
     out = Path(args.output_dir).resolve()
     claim(out, "comparison")
     try:

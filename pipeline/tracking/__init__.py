@@ -13,6 +13,7 @@ from pipeline.tracking.runs import (
     resolve_tracking_uri,
     run_params,
     store_lock,
+    tracking_off,
 )
 from pipeline.tracking.spool import SPOOL_DIRNAME, SpooledClient, report_pending, sync
 
@@ -31,4 +32,5 @@ __all__ = [
     "run_params",
     "store_lock",
     "sync",
+    "tracking_off",
 ]

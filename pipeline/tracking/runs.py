@@ -47,6 +47,14 @@ RUN_INFO_FILENAME = "mlflow_run.json"  # next to the checkpoints: which MLflow r
 PREVIOUS_RUN_TAG = "cevae.previous_run_id"  # on a resumed training's new run: the run it continues
 
 
+TRACKING_OFF = "none"  # --tracking_uri none: no MLflow run, no store, nothing logged
+
+
+def tracking_off(uri: str | None) -> bool:
+    """Whether ``uri`` (``--tracking_uri``) turns MLflow off: :data:`TRACKING_OFF`, in any case."""
+    return isinstance(uri, str) and uri.strip().lower() == TRACKING_OFF
+
+
 def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike, timeout_s: float = 5.0) -> str:
     """``uri`` (given on the command line), else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlruns.db``:
     an explicit URI wins over the environment, as with MLflow's own clients (``MlflowClient(tracking_uri=...)``).
