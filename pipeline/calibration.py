@@ -127,13 +127,13 @@ def choose_operating_point(
         raise ValueError("no candidate operating point: the option sets hold no map of the model.")
     best = _best_of(eligible)
     order = list(option_sets)
+    bests = _map_bests(eligible)
     reaching = [
         m
-        for m, row in _map_bests(eligible).items()
+        for m, row in bests.items()
         if m == (best["option_set"], best["score"]) or best["dice"] - row["dice"] <= (tolerance or {}).get(m, 0.0)
     ]
-    simplest = min(reaching, key=lambda m: (MODEL_SCORES.index(m[1]), order.index(m[0])))
-    chosen = _map_bests(eligible)[simplest]
+    chosen = bests[min(reaching, key=lambda m: (MODEL_SCORES.index(m[1]), order.index(m[0])))]
     return OperatingPoint(
         chosen["option_set"],
         chosen["score"],
@@ -166,7 +166,7 @@ def synthetic_lesion_search(
     option_sets: Mapping[str, ScoreOptions],
     thresholds: Mapping[str, Mapping[str, Mapping[str, float]]],
     default_quantile: float,
-    per_subject: int = 2,
+    per_subject: int,
     min_sizes: Sequence[int] = MIN_COMPONENT_SIZES,
     seed: int = 0,
     held_out: Sequence[Mapping[str, ScoreOptions]] | None = None,
