@@ -46,6 +46,7 @@ from pipeline.healthy import (
     HEALTHY_QUANTILES,
     fit_grad_normalization,
     fit_normative,
+    healthy_brain_maps,
     healthy_thresholds,
 )
 from pipeline.metrics import CONNECTIVITY
@@ -167,6 +168,7 @@ def synthetic_lesion_search(
     thresholds: Mapping[str, Mapping[str, Mapping[str, float]]],
     default_quantile: float,
     per_subject: int,
+    brain_maps: Sequence[Mapping[str, Mapping[str, np.ndarray]]],
     min_sizes: Sequence[int] = MIN_COMPONENT_SIZES,
     seed: int = 0,
     held_out: Sequence[Mapping[str, ScoreOptions]] | None = None,
@@ -175,7 +177,9 @@ def synthetic_lesion_search(
     the training's volume chain; seeded; lesion kinds drawn uniformly, ``foreign`` patches from the next subject, so
     not with one subject). ``thresholds[option set][score][quantile key]`` as
     :func:`pipeline.healthy.healthy_thresholds` returns them; volume ``i`` is scored with ``held_out[i]`` if given
-    (its normative reference fitted without it, :func:`pipeline.healthy.fit_normative`), else with ``option_sets``.
+    (its normative reference fitted without it, :func:`pipeline.healthy.fit_normative`), else with ``option_sets``;
+    ``brain_maps[i]``: its healthy maps so scored (:func:`pipeline.healthy.healthy_brain_maps`), of which a lesioned
+    copy recomputes only the slices the lesion changes.
 
     Returns the ``synthetic`` section of ``threshold.json``: ``seed``, ``n_volumes``, ``kinds``,
     ``min_component_sizes``, ``candidates`` (one row per candidate, intensity included), ``operating_point``
@@ -191,7 +195,7 @@ def synthetic_lesion_search(
         brain = np.asarray(data["brainmask"][0] > 0)
         sets = option_sets if held_out is None else held_out[i]
         healthy = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
-        healthy_maps = model(healthy, brain, sets)[1]  # a lesion changes a few slices: the rest is filtered once
+        healthy_maps = _in_volume(brain_maps[i], brain)  # a lesion changes a few slices: the rest is filtered once
         for _ in range(per_subject):
             lesioned, mask, _ = lesion(data["image"], data["brainmask"], volumes[(i + 1) % len(volumes)]["image"])
             truth = np.asarray(mask[0]) > 0
@@ -250,6 +254,18 @@ def synthetic_lesion_search(
     }
 
 
+def _in_volume(brain_maps: Mapping[str, Mapping[str, np.ndarray]], brain: np.ndarray) -> dict:
+    """Maps over the brain voxels back on the volume grid (0 outside the brain, which no segmentation sees)."""
+    out: dict = {}
+    for config, per_score in brain_maps.items():
+        out[config] = {}
+        for score, values in per_score.items():
+            volume = np.zeros(brain.shape, dtype=values.dtype)
+            volume[brain] = values
+            out[config][score] = volume
+    return out
+
+
 @dataclass(frozen=True)
 class LabelFreeCalibration:
     """How a trained model is calibrated on its healthy validation volumes, with no label anywhere.
@@ -288,11 +304,20 @@ class LabelFreeCalibration:
         volumes = [transform(dict(entry)) for entry in entries]  # preprocessed once for the four passes
         option_sets = {name: options.unfitted() for name, options in model.option_sets.items()}
         fitted, held_out = fit_normative(model, volumes, fit_grad_normalization(model, volumes, option_sets))
-        healthy = healthy_thresholds(model, volumes, fitted, self.quantiles, held_out)
+        brain_maps = healthy_brain_maps(model, volumes, fitted, held_out)  # each healthy volume scored once
+        healthy = healthy_thresholds(brain_maps, self.quantiles)
         healthy["subjects"] = [str(e["image"]) for e in entries]
         default = DEFAULT_QUANTILE if DEFAULT_QUANTILE in self.quantiles else self.quantiles[-1]
         per_subject = -(-int(self.synthetic_volumes) // len(volumes))
         healthy["synthetic"] = synthetic_lesion_search(
-            model, volumes, fitted, healthy["thresholds"], default, per_subject, seed=self.seed, held_out=held_out
+            model,
+            volumes,
+            fitted,
+            healthy["thresholds"],
+            default,
+            per_subject,
+            brain_maps,
+            seed=self.seed,
+            held_out=held_out,
         )
         return healthy, fitted

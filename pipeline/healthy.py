@@ -1,11 +1,11 @@
 """What a trained model does on healthy validation subjects, with no labels anywhere.
 
-* :func:`healthy_thresholds`: for every option set and score, quantiles of the anomaly maps over the brain voxels
-  of healthy validation volumes: segmentation thresholds with a known false-positive rate on healthy tissue (the
-  protocol of Baur et al. 2021, MedIA 69:101952; Behrendt et al. report Dice at healthy false-positive rates of
-  1/5/10 %). The 0.99 quantile (1 % of healthy brain voxels above it before post-processing) is the default of
-  inference: the strictest of those rates, so that a healthy scan gets few false positives, yet low enough that
-  a lesion a hundredth of the brain's size can still be found.
+* :func:`healthy_thresholds` of the :func:`healthy_brain_maps`: for every option set and score, quantiles of the
+  anomaly maps over the brain voxels of healthy validation volumes: segmentation thresholds with a known
+  false-positive rate on healthy tissue (the protocol of Baur et al. 2021, MedIA 69:101952; Behrendt et al. report
+  Dice at healthy false-positive rates of 1/5/10 %). The 0.99 quantile (1 % of healthy brain voxels above it before
+  post-processing) is the default of inference: the strictest of those rates, so that a healthy scan gets few false
+  positives, yet low enough that a lesion a hundredth of the brain's size can still be found.
 * :func:`fit_grad_normalization`: the healthy constants of option sets that normalise the KL gradient by healthy data
   (``grad_normalization="healthy"``): the median over the healthy validation volumes of each volume's minimum and
   maximum, i.e. what the authors' per-volume min-max does to a typical healthy scan, now fixed for every scan.
@@ -40,6 +40,7 @@ __all__ = [
     "active_units",
     "fit_grad_normalization",
     "fit_normative",
+    "healthy_brain_maps",
     "healthy_thresholds",
     "mean_brain_check",
 ]
@@ -124,36 +125,38 @@ def fit_normative(
     return fitted, [fitted_on(parts[:i] + parts[i + 1 :]) for i in range(len(parts))]
 
 
-def healthy_thresholds(
+def healthy_brain_maps(
     model: AnomalyMap,
     volumes: Sequence[Mapping],
     option_sets: Mapping[str, ScoreOptions],
-    quantiles: Sequence[float] = HEALTHY_QUANTILES,
     held_out: Sequence[Mapping[str, ScoreOptions]] | None = None,
-) -> dict:
-    """Quantiles of every option set's and score's maps over the brain voxels of the healthy ``volumes`` (each
-    preprocessed by the training's volume chain: ``image``, ``brainmask``); volume ``i`` scored with
-    ``held_out[i]`` if given (:func:`fit_normative`), else with ``option_sets``.
-
-    Each volume is scored by ``model`` (:class:`~pipeline.anomaly_map.AnomalyMap`); the brain voxels of all volumes
-    are pooled, every voxel counting once. Returns ``quantiles``, ``n_voxels`` and
-    ``thresholds[option set][score][q]`` of the ``healthy`` section of ``threshold.json``.
-    """
-    if not volumes:
-        raise ValueError("healthy thresholds need at least one healthy validation subject.")
-    pooled: dict[str, dict[str, list[np.ndarray]]] = {c: {s: [] for s in SCORE_NAMES} for c in option_sets}
+) -> list[dict[str, dict[str, np.ndarray]]]:
+    """Per healthy volume (preprocessed by the training's volume chain: ``image``, ``brainmask``), its maps
+    ``[option set][score]`` over its brain voxels, scored by ``model``
+    (:class:`~pipeline.anomaly_map.AnomalyMap`); volume ``i`` with ``held_out[i]`` if given (:func:`fit_normative`),
+    else with ``option_sets``. The healthy thresholds and the synthetic lesions' unchanged slices both use them."""
+    out = []
     for i, data in enumerate(volumes):
         image, brain = _image_and_brain(data)
         _, maps = model(image, brain, option_sets if held_out is None else held_out[i])
-        for config, volumes in maps.items():
-            for score, volume in volumes.items():
-                pooled[config][score].append(volume[brain])
+        out.append({config: {score: volume[brain] for score, volume in per.items()} for config, per in maps.items()})
+    return out
+
+
+def healthy_thresholds(
+    brain_maps: Sequence[Mapping[str, Mapping[str, np.ndarray]]], quantiles: Sequence[float] = HEALTHY_QUANTILES
+) -> dict:
+    """Quantiles of every option set's and score's maps over the brain voxels of the healthy volumes
+    (:func:`healthy_brain_maps`), the voxels of all volumes pooled, every voxel counting once. Returns ``quantiles``,
+    ``n_voxels`` and ``thresholds[option set][score][q]`` of the ``healthy`` section of ``threshold.json``."""
+    if not brain_maps:
+        raise ValueError("healthy thresholds need at least one healthy validation subject.")
     thresholds: dict = {}
     n_voxels = 0
-    for config, per_score in pooled.items():
+    for config, per_score in brain_maps[0].items():
         thresholds[config] = {}
-        for score, parts in per_score.items():
-            voxels = np.concatenate(parts)
+        for score in per_score:
+            voxels = np.concatenate([maps[config][score] for maps in brain_maps])
             n_voxels = voxels.size
             values = np.quantile(voxels, list(quantiles))
             thresholds[config][score] = {quantile_key(q): float(v) for q, v in zip(quantiles, values)}
@@ -164,7 +167,6 @@ def healthy_thresholds(
     }
 
 
-@torch.no_grad()
 def mean_brain_check(
     network: torch.nn.Module,
     train: BrainSliceDataset,

@@ -269,7 +269,8 @@ class Unchanged:
     """The maps of a volume that the scored volume equals outside its axial slices ``start:stop`` (the healthy volume
     a synthetic lesion was put into): :func:`score_volume` then runs the volume-level options (median filter, eroded
     brain mask: the costly part) on those slices and the filters' reach only, and takes the rest from ``maps``. The
-    result is the same as without it (:func:`_postprocess`)."""
+    result is the same as without it (:func:`_postprocess`) wherever ``maps`` are the volume's own maps (it may hold
+    them inside the brain only: segmentations see nothing else)."""
 
     maps: Mapping[str, Mapping[str, np.ndarray]]
     start: int

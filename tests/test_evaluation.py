@@ -22,6 +22,7 @@ from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slices import brain_slice_indices
 from pipeline.evaluation import AnomalyEvaluation
+from pipeline.evaluation.option_set_metrics import coverage_warnings
 from pipeline.evaluation.segmentation import counts_at, dice_entry_of, dice_search
 from pipeline.evaluation.subjects import ScoredSubject, pooled_dice, segmentation_counts
 from pipeline.losses import CeVAELoss
@@ -278,9 +279,7 @@ def test_a_segmentation_of_most_of_the_brain_is_flagged(caplog):
     )
     assert low["covers_over_half_brain"] and not high["covers_over_half_brain"]
     assert low["dice"] == pytest.approx(whole, abs=0.01) and low["whole_brain"] == whole
-    warnings = AnomalyEvaluation._coverage_warnings(
-        "cc", {"dice_split": {"combined": low}, "dice_healthy": {"combined": {"0.99": high}}}
-    )
+    warnings = coverage_warnings("cc", {"dice_split": {"combined": low}, "dice_healthy": {"combined": {"0.99": high}}})
     assert len(warnings) == 1 and "cc/dice_split/combined" in warnings[0] and "whole-brain" in caplog.text
 
 

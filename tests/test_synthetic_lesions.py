@@ -84,7 +84,7 @@ def test_synthetic_lesion_search_measures_every_candidate_and_chooses_within_one
     from pipeline.calibration import MODEL_SCORES, synthetic_lesion_search
     from pipeline.data.datalist import load_datalist
     from pipeline.data.preprocessing import brain_volume_transform
-    from pipeline.healthy import healthy_thresholds
+    from pipeline.healthy import healthy_brain_maps, healthy_thresholds
     from pipeline.losses import CeVAELoss
     from pipeline.metrics import remove_small_components
     from pipeline.networks import CeVAE
@@ -93,8 +93,9 @@ def test_synthetic_lesion_search_measures_every_candidate_and_chooses_within_one
     entries, transform, options = load_datalist(tiny_demo, "training")[:2], brain_volume_transform(), {"paper": PAPER}
     network, loss = CeVAE(channels=[8, 16, 32, 64], z_dim=16).eval(), CeVAELoss(sigma=0.1)
     model, volumes = AnomalyMap(network, loss, options), [transform(dict(e)) for e in entries]
-    thresholds = healthy_thresholds(model, volumes, options)["thresholds"]
-    got = synthetic_lesion_search(model, volumes, options, thresholds, 0.99, per_subject=2, seed=4)
+    brain_maps = healthy_brain_maps(model, volumes, options)
+    thresholds = healthy_thresholds(brain_maps)["thresholds"]
+    got = synthetic_lesion_search(model, volumes, options, thresholds, 0.99, 2, brain_maps, seed=4)
     assert got["n_volumes"] == 4 and set(got["dice"]["paper"]) == {"rec", "kl_grad", "combined", "intensity"}
     table = {(c["score"], c["quantile"], c["min_component_size"]): c["dice"] for c in got["candidates"]}
     assert len(table) == 4 * 5 * 4, "every score x healthy quantile x minimum component size"

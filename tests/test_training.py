@@ -26,7 +26,7 @@ from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.engines import CeVAETrainer
 from pipeline.engines.checkpoint import AtomicCheckpointSaver
 from pipeline.engines.handlers import HealthyCalibration, StopOnNonFiniteLoss, TrainingStopped, raise_if_stopped
-from pipeline.healthy import healthy_thresholds
+from pipeline.healthy import healthy_brain_maps, healthy_thresholds
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES
@@ -235,7 +235,8 @@ def test_healthy_calibration_scores_with_the_selected_checkpoint_not_the_last_we
     written = json.loads((tmp_path / "checkpoints" / "threshold.json").read_text())["healthy"]["thresholds"]
     for network, same in ((selected, True), (last, False)):
         volumes = [transform(dict(e)) for e in validation]
-        reference = healthy_thresholds(AnomalyMap(network.eval(), loss), volumes, options)["thresholds"]
+        maps = healthy_brain_maps(AnomalyMap(network.eval(), loss), volumes, options)
+        reference = healthy_thresholds(maps)["thresholds"]
         for score in ("rec", "combined"):
             equal = np.allclose(list(written["paper"][score].values()), list(reference["paper"][score].values()))
             assert equal == same, (score, same)

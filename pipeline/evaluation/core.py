@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.calibration import LabelFreeCalibration
@@ -19,13 +19,9 @@ from pipeline.data.slices import brain_slice_indices
 from pipeline.data.validation import InputError
 from pipeline.evaluation.figures import plot_curves, plot_panels
 from pipeline.evaluation.mlflow_report import log_to_mlflow, mlflow_metrics
+from pipeline.evaluation.option_set_metrics import TestSplit, coverage_warnings, option_set_metrics
 from pipeline.evaluation.report import pixel_curves, write_per_subject
-from pipeline.evaluation.segmentation import (
-    detection_of,
-    dice_entry_of,
-    dice_search,
-    segment_subject,
-)
+from pipeline.evaluation.segmentation import detection_of, dice_entry_of, segment_subject
 from pipeline.evaluation.subjects import ScoredSubject, pooled_dice, segmentation_counts
 from pipeline.healthy import (
     DEFAULT_OPTION_SET,
@@ -34,15 +30,7 @@ from pipeline.healthy import (
     active_units,
 )
 from pipeline.io import atomic_write_json, file_sha256
-from pipeline.metrics import (
-    ThresholdCurve,
-    bootstrap_dice,
-    bootstrap_pixel_metrics,
-    bootstrap_weights,
-    dice,
-    slice_labels,
-    split_calibration,
-)
+from pipeline.metrics import bootstrap_weights, slice_labels, split_calibration
 from pipeline.operating_point import OperatingPoint
 from pipeline.scoring import SCORE_NAMES
 from pipeline.thresholds import quantile_key
@@ -51,8 +39,6 @@ from pipeline.tracking import tracking_off
 __all__ = ["AnomalyEvaluation"]
 
 logger = logging.getLogger(__name__)
-
-NO_INTERVAL = [float("nan"), float("nan")]  # ci95 where fewer than two subjects allow no bootstrap over subjects
 
 
 class AnomalyEvaluation:
@@ -213,7 +199,6 @@ class AnomalyEvaluation:
         cal = [s for s in subjects if s.name in calibration]
         rep = [s for s in subjects if s.name in reported]
         slice_y = np.concatenate([slice_labels(s.label, self.min_slice_pixels)[s.scored_slices] for s in subjects])
-        keep = slice_y >= 0
         kl = np.concatenate([s.slice_terms["kl"] for s in subjects])
         mu = np.concatenate([s.slice_terms["mu"] for s in subjects])
         lesion_voxels = sum(int(s.label.sum()) for s in subjects)
@@ -225,8 +210,17 @@ class AnomalyEvaluation:
             ),
         }
         # intervals over subjects need two of them at least: one subject's resamples are all the same
-        weights = bootstrap_weights(len(subjects), self.n_bootstrap, self.seed) if len(subjects) > 1 else None
-        weights_rep = bootstrap_weights(len(rep), self.n_bootstrap, self.seed) if len(rep) > 1 else None
+        split = TestSplit(
+            subjects=subjects,
+            calibration=cal,
+            reported=rep,
+            weights=bootstrap_weights(len(subjects), self.n_bootstrap, self.seed) if len(subjects) > 1 else None,
+            weights_rep=bootstrap_weights(len(rep), self.n_bootstrap, self.seed) if len(rep) > 1 else None,
+            slice_y=slice_y,
+            baselines=baselines,
+            default_quantile=self.default["quantile"],
+            label_groups=self.label_groups,
+        )
         results: dict = {
             "n_subjects": len(subjects),
             "n_slices": int(kl.size),
@@ -250,79 +244,14 @@ class AnomalyEvaluation:
             "baselines": baselines,
             "warnings": [],
         }
-        for config in self.configs:
-            out: dict = {"options": self.configs[config].summary(), "prevalence": baselines["prevalence"]}
-            slice_scores = {"elbo": np.concatenate([s.slice_terms["neg_elbo"][s.scored_slices] for s in subjects])}
-            slice_scores.update(
-                {k: np.concatenate([s.slice_means[config][k][s.scored_slices] for s in subjects]) for k in SCORE_NAMES}
+        workers = max(1, min(torch.get_num_threads(), len(self.configs)))
+        with ThreadPoolExecutor(workers) as pool:  # option sets side by side (option_set_metrics' docstring)
+            computed = pool.map(
+                lambda c: option_set_metrics(split, c, self.configs[c], curves, healthy), list(self.configs)
             )
-            out["slice_auroc"] = {k: _safe(roc_auc_score, slice_y[keep], v[keep]) for k, v in slice_scores.items()}
-            out["slice_auprc"] = {
-                k: _safe(average_precision_score, slice_y[keep], v[keep]) for k, v in slice_scores.items()
-            }
-            for key in ("pixel_auroc", "pixel_auprc", "dice_split", "dice_best", "dice_healthy"):
-                out[key] = {}
-            out["lesion_detection"] = {"calibrated": {}, "healthy": {}}
-            out["ci95"] = {key: {} for key in ("pixel_auroc", "pixel_auprc", "dice_split", "dice_healthy")}
-            for score in SCORE_NAMES:
-                out["pixel_auroc"][score] = curves[config][score]["auroc"]
-                out["pixel_auprc"][score] = curves[config][score]["auprc"]
-                interval = (
-                    bootstrap_pixel_metrics(
-                        [s.voxels[config][score] for s in subjects],
-                        [s.lesion_voxels for s in subjects],
-                        weights,
-                        exact={"auroc": out["pixel_auroc"][score], "auprc": out["pixel_auprc"][score]},
-                    )
-                    if weights is not None
-                    else {"auroc": NO_INTERVAL, "auprc": NO_INTERVAL}
-                )
-                out["ci95"]["pixel_auroc"][score] = interval["auroc"]
-                out["ci95"]["pixel_auprc"][score] = interval["auprc"]
-                options = self.configs[config]
-                threshold, cal_dice = dice_search(cal, config, score, options)
-                found = [segment_subject(s, config, score, threshold, options) for s in rep]  # segmented once
-                counts = segmentation_counts(found, rep)
-                split = dice_entry_of(counts, rep, threshold, baselines["dice_whole_brain_reported"])
-                per_subject = {s.name: dice(f, s.label) for f, s in zip(found, rep)}
-                out["dice_split"][score] = {
-                    **split,
-                    "calibration_dice": cal_dice,
-                    "dice_mean_per_subject": float(np.mean(list(per_subject.values()))) if rep else float("nan"),
-                    "per_subject": per_subject,
-                }
-                out["ci95"]["dice_split"][score] = (
-                    bootstrap_dice(counts, weights_rep) if weights_rep is not None else NO_INTERVAL
-                )
-                out["lesion_detection"]["calibrated"][score] = detection_of(found, rep, threshold)
-                out["dice_best"][score] = dice_search(subjects, config, score, options)[1]
-                out["dice_healthy"][score] = {}
-                for q, value in healthy["thresholds"][config][score].items():
-                    found = [segment_subject(s, config, score, value, options) for s in subjects]
-                    counts = segmentation_counts(found, subjects)
-                    entry = dice_entry_of(counts, subjects, value, baselines["dice_whole_brain_all"])
-                    out["dice_healthy"][score][q] = entry
-                    if q == self.default["quantile"]:
-                        out["ci95"]["dice_healthy"][score] = (
-                            bootstrap_dice(counts, weights) if weights is not None else NO_INTERVAL
-                        )
-                        out["lesion_detection"]["healthy"][score] = {
-                            "quantile": q,
-                            **detection_of(found, subjects, value),
-                        }
-            # beside the real test set's Dice at the healthy threshold: the same choice on synthetic lesions in the
-            # healthy validation subjects (written by training; NaN where the thresholds were recomputed here)
-            synthetic = healthy.get("synthetic", {})
-            same_choice = (
-                synthetic.get("quantile") is not None
-                and quantile_key(synthetic["quantile"]) == self.default["quantile"]
-            )
-            out["synthetic_dice_healthy"] = {
-                score: synthetic["dice"][config][score] if same_choice else float("nan") for score in SCORE_NAMES
-            }
-            out.update(self._group_metrics(subjects, config))
-            results[config] = out
-            results["warnings"] += self._coverage_warnings(config, out)
+            for config, out in zip(self.configs, computed):
+                results[config] = out
+                results["warnings"] += coverage_warnings(config, out)
         results["operating_point"] = self._operating_point(subjects, healthy, baselines["dice_whole_brain_all"])
         paper = results[next(iter(self.configs))]
         for key in ("slice_auroc", "slice_auprc", "pixel_auroc", "pixel_auprc", "dice_split", "dice_best"):
@@ -340,40 +269,6 @@ class AnomalyEvaluation:
         found = [segment_subject(s, point.option_set, point.score, point.threshold, options) for s in subjects]
         dice_entry = dice_entry_of(segmentation_counts(found, subjects), subjects, point.threshold, whole_brain)
         return {**point.to_dict(), **dice_entry, **detection_of(found, subjects, point.threshold)}
-
-    @staticmethod
-    def _coverage_warnings(config: str, out: dict) -> list[str]:
-        """One line per threshold of ``config`` whose segmentation covers more than half of the brain."""
-        found = [(f"dice_split/{score}", entry) for score, entry in out["dice_split"].items()]
-        found += [
-            (f"dice_healthy/{score}/q{q}", entry)
-            for score, per_q in out["dice_healthy"].items()
-            for q, entry in per_q.items()
-        ]
-        lines = [
-            f"{config}/{where}: threshold {entry['threshold']:.4g} segments {100 * entry['brain_fraction']:.0f} % "
-            f"of the brain (Dice {entry['dice']:.3f}, a whole-brain mask scores {entry['whole_brain']:.3f})"
-            for where, entry in found
-            if entry["covers_over_half_brain"]
-        ]
-        for line in lines:
-            logger.warning("%s", line)
-        return lines
-
-    def _group_metrics(self, subjects: list[ScoredSubject], config: str) -> dict:
-        """``pixel_auroc_<group>`` / ``pixel_auprc_<group>`` per score: the group's voxels against unlabelled brain."""
-        out: dict = {}
-        healthy = ~np.concatenate([s.lesion_voxels for s in subjects]) if self.label_groups else None
-        for group, values in self.label_groups.items():
-            positive = np.concatenate([np.isin(s.classes, values) for s in subjects])
-            keep = positive | healthy
-            out[f"pixel_auroc_{group}"], out[f"pixel_auprc_{group}"] = {}, {}
-            for score in SCORE_NAMES:
-                scores = np.concatenate([s.voxels[config][score] for s in subjects])[keep]
-                curve = ThresholdCurve.from_scores(scores, positive[keep])
-                out[f"pixel_auroc_{group}"][score] = curve.auroc()
-                out[f"pixel_auprc_{group}"][score] = curve.average_precision()
-        return out
 
     # ----------------------------------------------------------------------------------------------- outputs
     def test_set(self) -> str:
@@ -435,8 +330,3 @@ class AnomalyEvaluation:
         if not tracking_off(self.tracking_uri):
             log_to_mlflow(metrics, self.name, self.checkpoint, self.output_dir, self.tracking_uri, self.experiment_name)
         return results
-
-
-def _safe(metric: Callable, y: np.ndarray, scores: np.ndarray) -> float:
-    """A sklearn slice metric, NaN when only one class is present."""
-    return float(metric(y, scores)) if 0 < y.sum() < y.size else float("nan")
