@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-from bundle_helpers import TINY
 from conftest import script_main
 
 
@@ -17,37 +16,9 @@ def read_csv(path):
 
 
 @pytest.mark.slow
-def test_compare_through_mlflow_server_and_rebuild(tiny_demo, tmp_path, mlflow_server):
+def test_compare_through_mlflow_server_and_rebuild(server_comparison, tmp_path):
+    out, mlflow_server = server_comparison
     main = script_main("compare")
-    tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
-    out = tmp_path / "compare"
-    assert (
-        main(
-            [
-                "--datalist-train",
-                str(tiny_demo),
-                "--seeds",
-                "0",
-                "--epochs",
-                "1",
-                "--output-dir",
-                str(out),
-                "--tracking-uri",
-                mlflow_server.uri,
-                "--experiment",
-                "tiny",
-                *tiny,
-                "--ce-weights",
-                "0.5",
-                "--overlays",
-                "none",
-                "legacy_likelihood",
-                '--set=label_groups={"lesion": [1]}',
-            ]
-        )
-        == 0
-    )
-
     rows = read_csv(out / "comparison.csv")
     legacy = "ceVAE (λ=0.5) + legacy_likelihood"
     assert {r["variant"] for r in rows} == {"ceVAE (λ=0.5)", legacy}

@@ -17,8 +17,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from bundle_helpers import BUNDLE_RUN, CLI_ENV, TINY, TRAIN_CLI, initialized_workflow, run_bundle
-from conftest import REPO, MlflowServer, input_error, script_main
+from bundle_helpers import BUNDLE_RUN, CLI_ENV, TRAIN_CLI, initialized_workflow, run_bundle
+from conftest import REPO, MlflowServer, comparison_args, input_error, script_main
 from ignite.engine import Events
 from mlflow import MlflowClient
 
@@ -226,7 +226,10 @@ def readme_mlflow_ui_serves_the_comparison(out, cwd):
         runs = rest(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
         parent = json.loads((out / "parent_run.json").read_text())["run_id"]
         children = sorted(r["info"]["run_name"] for r in runs if r["info"]["run_id"] != parent)
-        assert len(runs) == 3 and children == ["cevae-0.5-seed0", "vae-seed0"], runs  # the parent and its children
+        assert len(runs) == 3 and children == [
+            "cevae-0.5-legacy_likelihood-seed0",
+            "cevae-0.5-seed0",
+        ], runs  # the parent and its children
         assert experiment["artifact_location"] == (out / "mlruns").as_uri()
         listed = rest(f"{api}/artifacts/list?run_id={parent}&path=comparison")["files"]
         assert "comparison/comparison.md" in {f["path"] for f in listed}
@@ -245,17 +248,14 @@ def rest(url, body=None):
 
 
 @pytest.mark.slow
-def test_an_interrupted_comparison_resumes_to_the_same_tables(tiny_demo, tmp_path):
-    tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
-    args = ["--datalist-train", str(tiny_demo), "--seeds", "0", "--epochs", "2", "--ce-weights", "0", "0.5", *tiny]
-    compare = [sys.executable, "scripts/compare.py"]
-    straight = tmp_path / "runs" / "demo"  # where `make demo` writes, relative to tmp_path
-    reference = cli(compare + args + ["--output-dir", str(straight)])
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    readme_mlflow_ui_serves_the_comparison(straight, cwd=tmp_path)
-    interrupted = tmp_path / "interrupted"
+def test_an_interrupted_comparison_resumes_to_the_same_tables(server_comparison, tiny_demo, tmp_path, capsys):
+    """Killed in the middle of its second child's training, a comparison is refused a plain restart, resumes with
+    ``--resume`` (the first child reused, the second continued from its ``last.pt``) and ends with the tables of
+    the same comparison run uninterrupted (``server_comparison``, through a server: the store does not matter)."""
+    args = comparison_args(tiny_demo)
+    interrupted = tmp_path / "runs" / "demo"  # where `make demo` writes, relative to tmp_path
     process = subprocess.Popen(
-        compare + args + ["--output-dir", str(interrupted)],
+        [sys.executable, "scripts/compare.py", *args, "--output-dir", str(interrupted)],
         cwd=REPO,
         env=CLI_ENV,
         stdout=subprocess.PIPE,
@@ -263,22 +263,24 @@ def test_an_interrupted_comparison_resumes_to_the_same_tables(tiny_demo, tmp_pat
         text=True,
         start_new_session=True,  # its own process group: the comparison and the trainings it starts
     )
-    assert process.stdout.readline().startswith("vae-seed0: trained and evaluated")
-    killed = interrupted / "runs" / "cevae-0.5-seed0" / "checkpoints" / "last.pt"
+    assert process.stdout.readline().startswith("cevae-0.5-seed0: trained and evaluated")
+    killed = interrupted / "runs" / "cevae-0.5-legacy_likelihood-seed0" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not killed.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the comparison dies in the middle of its second child's training,
     process.wait()  # and that training with it (the same process group, and no other process)
-    first_child = (interrupted / "runs" / "vae-seed0" / "checkpoints" / "model.pt").stat().st_mtime
+    first_child = (interrupted / "runs" / "cevae-0.5-seed0" / "checkpoints" / "model.pt").stat().st_mtime
     assert not (interrupted / "comparison.csv").exists()
-    again = cli(compare + args + ["--output-dir", str(interrupted)])
-    assert "holds the comparison" in one_line_error(again), "a plain restart is refused"
-    resumed = cli(compare + ["--resume", "--output-dir", str(interrupted)])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "vae-seed0: done before, reused" in resumed.stdout
-    assert (interrupted / "runs" / "vae-seed0" / "checkpoints" / "model.pt").stat().st_mtime == first_child
-    assert comparison_values(interrupted) == comparison_values(straight)
+    compare = script_main("compare")
+    capsys.readouterr()
+    assert compare(args + ["--output-dir", str(interrupted)]) == 2
+    assert "holds the comparison" in capsys.readouterr().err, "a plain restart is refused"
+    assert compare(["--resume", "--output-dir", str(interrupted)]) == 0
+    assert "cevae-0.5-seed0: done before, reused" in capsys.readouterr().out
+    assert (interrupted / "runs" / "cevae-0.5-seed0" / "checkpoints" / "model.pt").stat().st_mtime == first_child
+    assert comparison_values(interrupted) == comparison_values(server_comparison[0])
+    readme_mlflow_ui_serves_the_comparison(interrupted, cwd=tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ 5. write errors
