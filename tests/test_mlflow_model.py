@@ -148,10 +148,13 @@ def test_the_logged_model_takes_a_scan_is_served_and_equals_run_inference(tracke
     other = dict(scan, image=np.flip(scan["image"], 0).copy())  # negative control: another scan, another mask
     mlflow.set_tracking_uri(client.tracking_uri)
     try:
-        local = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(other)
+        loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+        local = loaded.predict(other)
     finally:
         mlflow.set_tracking_uri(None)
     assert not np.array_equal(local["anomaly"], expected_map)
+    workdir = loaded.unwrap_python_model().workdir
+    assert workdir.is_dir() and not list(workdir.iterdir()), "no scan or map of the patient left on disk"
 
 
 def test_evaluations_on_two_test_sets_keep_both_results(tracked, tiny_demo, tmp_path):

@@ -151,7 +151,7 @@ def logged_epochs(client, run_id, key):
 
 
 @pytest.mark.slow
-def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tmp_path):
+def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tmp_path, capsys):
     server = MlflowServer(tmp_path)
     server.start()
     out = tmp_path / "run"
@@ -175,8 +175,8 @@ def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tm
         server.start()
         client = MlflowClient(server.uri)
         assert logged_epochs(client, run_id, "train_loss") == [1, 2, 3, 4, 5], "3 and 4 sent when it came back"
-        result = cli([sys.executable, "scripts/sync_tracking.py", str(out)])
-        assert result.returncode == 0, result.stdout + result.stderr
+        sync = script_main("sync_tracking")
+        assert sync([str(out)]) == 0, capsys.readouterr()
         run = client.get_run(run_id)
         assert logged_epochs(client, run_id, "train_loss") == [1, 2, 3, 4, 5, 6]
         assert logged_epochs(client, run_id, "val_neg_elbo") == [1, 2, 3, 4, 5, 6]
@@ -191,10 +191,8 @@ def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tm
             assert model.predict(scan)["segmentation"].shape == scan["image"].shape
         finally:
             mlflow.set_tracking_uri(None)
-        assert (
-            not spool.exists()
-            and "nothing to send" in cli([sys.executable, "scripts/sync_tracking.py", str(out)]).stdout
-        )
+        capsys.readouterr()
+        assert not spool.exists() and sync([str(out)]) == 0 and "nothing to send" in capsys.readouterr().out
     finally:
         server.stop()
 

@@ -532,35 +532,14 @@ def test_cli_reports_bad_input_in_one_line(tiny_demo, tmp_path, problem):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_demo, tmp_path):
-    settings = [
-        "--datalist",
-        str(tiny_demo),
-        "--epochs",
-        "4",
-        "--batch_size",
-        "4",
-        "--z_dim",
-        "16",
-        "--synthetic_volumes",
-        "2",
-        "--channels",
-        "[8,16,32,64]",
-        "--progress_bar",
-        "False",
-        "--min_brain_fraction",
-        "0.3",
-    ]
-    base = TRAIN_CLI
-    subprocess.run(
-        base + settings + ["--output_dir", str(tmp_path / "straight")],
-        cwd=REPO,
-        env=CLI_ENV,
-        check=True,
-        capture_output=True,
-    )
+    """A command-line training killed with SIGKILL in its second epoch, resumed, ends with the weights of an
+    uninterrupted run (both of those in-process: the same workflow)."""
+    settings = {"epochs": 4, "batch_size": 4}  # TINY's net, 4 epochs of many small steps
+    run_bundle(tmp_path / "straight", tiny_demo, **settings)
     killed = tmp_path / "killed"
+    cli_settings = {**TINY, **settings, "datalist": tiny_demo, "output_dir": killed}
     process = subprocess.Popen(
-        base + settings + ["--output_dir", str(killed)],
+        TRAIN_CLI + [arg for key, value in cli_settings.items() for arg in (f"--{key}", str(value))],
         cwd=REPO,
         env=CLI_ENV,
         stdout=subprocess.DEVNULL,
@@ -572,13 +551,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_demo, tmp_path):
     os.kill(process.pid, signal.SIGKILL)  # in epoch 2, right after epoch 1's checkpoint
     process.wait()
     interrupted_at = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["trainer"]["iteration"]
-    subprocess.run(
-        base + settings + ["--output_dir", str(killed), "--resume", "True"],
-        cwd=REPO,
-        env=CLI_ENV,
-        check=True,
-        capture_output=True,
-    )
+    run_bundle(killed, tiny_demo, resume=True, **settings)
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
     resumed = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
     assert interrupted_at < resumed["trainer"]["iteration"] == straight["trainer"]["iteration"]

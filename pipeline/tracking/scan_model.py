@@ -12,8 +12,10 @@ that the inversion of the preprocessing is the one inference uses and the mask e
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -75,7 +77,8 @@ class ScanAnomalyModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="cevae-pyfunc-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix="cevae-pyfunc-"))  # emptied after every scan, gone with self
+        weakref.finalize(self, shutil.rmtree, self.workdir, ignore_errors=True)
         self.inference = scan_inference(Path(context.artifacts["trained"]) / "model.pt", self.workdir)
         self.lock = threading.Lock()  # one scan at a time through the shared folder and module
 
@@ -90,11 +93,18 @@ class ScanAnomalyModel(mlflow.pyfunc.PythonModel):
                 f"{mask.shape} and {affine.shape}."
             )
         with self.lock:
-            nib.save(nib.Nifti1Image(image, affine), self.workdir / "scan.nii.gz")
-            nib.save(nib.Nifti1Image(mask, affine), self.workdir / "scan_mask.nii.gz")
-            written = self.inference(self.workdir / "scan.nii.gz", self.workdir / "scan_mask.nii.gz")
-            anomaly = np.asarray(nib.load(written["anomaly"]).dataobj, dtype=np.float32)
-            segmentation = np.asarray(nib.load(written["seg"]).dataobj, dtype=np.uint8)
+            try:
+                nib.save(nib.Nifti1Image(image, affine), self.workdir / "scan.nii.gz")
+                nib.save(nib.Nifti1Image(mask, affine), self.workdir / "scan_mask.nii.gz")
+                written = self.inference(self.workdir / "scan.nii.gz", self.workdir / "scan_mask.nii.gz")
+                anomaly = np.asarray(nib.load(written["anomaly"]).dataobj, dtype=np.float32)
+                segmentation = np.asarray(nib.load(written["seg"]).dataobj, dtype=np.uint8)
+            finally:  # no patient's scan or map stays behind on disk
+                for path in self.workdir.iterdir():
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
         return {"anomaly": anomaly, "segmentation": segmentation}
 
 
