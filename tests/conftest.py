@@ -82,6 +82,16 @@ def tiny_demo(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("tiny_demo"), n_train=3, n_test=4, seed=0)
 
 
+@pytest.fixture(scope="session")
+def two_test_subjects(tiny_demo, tmp_path_factory):
+    """A datalist with the first two of ``tiny_demo``'s test subjects only, for evaluations whose figures do not
+    depend on the test set's size (each test subject costs an evaluation about 3 s)."""
+    from pipeline.data.datalist import load_datalist, write_datalist
+
+    folder = tmp_path_factory.mktemp("two_test_subjects")
+    return write_datalist({"test": load_datalist(tiny_demo, "test")[:2]}, folder / "two_test_subjects.json")
+
+
 TRAIN_EPOCHS = 8
 
 
@@ -180,16 +190,16 @@ COMPARISON_ARGS = [  # one seed, two epochs, ceVAE with and without the legacy l
 ]
 
 
-def comparison_args(tiny_demo) -> list[str]:
+def comparison_args(tiny_demo, test_datalist) -> list[str]:
     """``scripts/compare.py`` options of the tests' comparisons (the bundle's tiny settings as ``--set``)."""
     from bundle_helpers import TINY
 
     tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
-    return ["--datalist-train", str(tiny_demo), *COMPARISON_ARGS, *tiny]
+    return ["--datalist-train", str(tiny_demo), "--datalist-test", str(test_datalist), *COMPARISON_ARGS, *tiny]
 
 
 @pytest.fixture(scope="session")
-def server_comparison(tiny_demo, tmp_path_factory):
+def server_comparison(tiny_demo, two_test_subjects, tmp_path_factory):
     """``scripts/compare.py`` (:func:`comparison_args`) through a real MLflow server, uninterrupted:
     ``(output folder, the running server)``. The reference of the interrupted comparison in test_reliability."""
     folder = tmp_path_factory.mktemp("server_comparison")
@@ -197,7 +207,7 @@ def server_comparison(tiny_demo, tmp_path_factory):
     server.start()
     try:
         out = folder / "compare"
-        args = comparison_args(tiny_demo) + ["--output-dir", str(out), "--tracking-uri", server.uri]
+        args = comparison_args(tiny_demo, two_test_subjects) + ["--output-dir", str(out), "--tracking-uri", server.uri]
         assert script_main("compare")(args + ["--experiment", "tiny"]) == 0
         yield out, server
     finally:

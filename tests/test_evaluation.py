@@ -283,7 +283,9 @@ def test_a_segmentation_of_most_of_the_brain_is_flagged(caplog):
     assert len(warnings) == 1 and "cc/dice_split/combined" in warnings[0] and "whole-brain" in caplog.text
 
 
-def test_evaluation_recomputes_stale_healthy_thresholds_or_says_why(evaluated_run, tiny_demo, tmp_path):
+def test_evaluation_recomputes_stale_healthy_thresholds_or_says_why(
+    evaluated_run, tiny_demo, two_test_subjects, tmp_path
+):
     out, metrics = evaluated_run
     checkpoint = copy_checkpoint(out, tmp_path / "checkpoint")
     stale = json.loads((checkpoint.parent / "threshold.json").read_text())
@@ -292,7 +294,8 @@ def test_evaluation_recomputes_stale_healthy_thresholds_or_says_why(evaluated_ru
     with pytest.raises(Exception) as info:  # a test-only datalist has no healthy subjects to recompute them from
         run_bundle(tmp_path, test_only, EVAL_FILES, ckpt_path=str(checkpoint))
     assert "another checkpoint" in str(input_error(info.value))
-    run_bundle(tmp_path, tiny_demo, EVAL_FILES, ckpt_path=str(checkpoint))  # with the training datalist: recomputed
+    # with the training datalist (its healthy validation subjects): recomputed
+    run_bundle(tmp_path, tiny_demo, EVAL_FILES, ckpt_path=str(checkpoint), eval_datalist=str(two_test_subjects))
     fresh = json.loads((checkpoint.parent / "threshold.json").read_text())
     assert fresh["checkpoint_sha256"] == stale["checkpoint_sha256"]
     for config, per_score in stale["healthy"]["thresholds"].items():  # the same thresholds as training computed

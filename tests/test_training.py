@@ -631,13 +631,15 @@ def test_augmentation_is_off_by_default_and_the_overlay_turns_it_on(tiny_demo, t
             workflow.finalize()
 
 
-def test_tracking_uri_none_turns_mlflow_off(cevae_run, tiny_demo, tmp_path, monkeypatch):
+def test_tracking_uri_none_turns_mlflow_off(cevae_run, tiny_demo, two_test_subjects, tmp_path, monkeypatch):
     """``--tracking_uri none``: training and evaluation write their own files and no MLflow store, run record or
     spool, also with ``MLFLOW_TRACKING_URI`` set; negative control: this module's default run has its store."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/from_environment.db")
     out = tmp_path / "run"
     run_bundle(out, tiny_demo, epochs=1, tracking_uri="none")
-    run_bundle(out, tiny_demo, ("train.json", "evaluate.json"), tracking_uri="none")
+    run_bundle(
+        out, tiny_demo, ("train.json", "evaluate.json"), tracking_uri="none", eval_datalist=str(two_test_subjects)
+    )
     assert (out / "checkpoints" / "model.pt").is_file() and (out / "checkpoints" / "threshold.json").is_file()
     assert (out / "metrics.json").is_file()
     for absent in ("mlruns.db", "checkpoints/mlflow_run.json", "tracking_spool", "mlruns"):
