@@ -196,12 +196,12 @@ def test_evaluation_recalibrates_when_its_option_sets_change(evaluated_run, tiny
 def test_evaluation_on_real_labelled_scans(evaluated_run, shared_data, tmp_path):
     out, _ = evaluated_run
     checkpoint = copy_checkpoint(out, tmp_path / "checkpoint")
-    entries = prepare_entries("brats2013-deepmedic", shared_data / "brats2013", "T1c")[:2]
+    entries = prepare_entries("brats2013-deepmedic", shared_data / "brats2013", "T1c")[:1]
     entries += prepare_entries("open-ms", shared_data / "open_ms", "T1")
     datalist = write_datalist({"test": entries}, tmp_path / "real.json")
     run_bundle(tmp_path, datalist, EVAL_FILES, ckpt_path=str(checkpoint), eval_name="real")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["n_subjects"] == 3 and metrics["n_slices"] > 300
+    assert metrics["n_subjects"] == 2 and metrics["n_slices"] > 200
     assert 0.0 <= metrics["pixel_auroc"]["combined"] <= 1.0
 
 
