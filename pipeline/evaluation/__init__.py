@@ -29,7 +29,9 @@ subjects when the file is missing or was made for another checkpoint. Metrics ar
 ``<name>/<option set>/<metric>/<score>`` (e.g. ``eval/paper/pixel_auroc/combined``) and ``<name>/<metric>``, files
 under the artifact folder ``evaluation/<name>``; ``name`` tells test sets apart.
 
-Modules: :mod:`~pipeline.evaluation.core` (scoring and the metrics table), :mod:`~pipeline.evaluation.subjects`
+Modules: :mod:`~pipeline.evaluation.core` (scoring, the test split, outputs),
+:mod:`~pipeline.evaluation.option_set_metrics` (the metrics of one option set: pure functions, run side by side in
+threads), :mod:`~pipeline.evaluation.subjects`
 (what is kept of each subject), :mod:`~pipeline.evaluation.segmentation` (Dice, best threshold, lesion detection:
 pure functions of the subjects), :mod:`~pipeline.evaluation.report` (curves, per-subject table),
 :mod:`~pipeline.evaluation.figures`, :mod:`~pipeline.evaluation.mlflow_report`.
