@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +37,49 @@ def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, monkeypatch):
     with pytest.raises(ConnectionError, match=f"MLflow tracking server {uri} is unreachable"):
         resolve_tracking_uri(uri, tmp_path)
     assert time.perf_counter() - start < 10
+
+
+class BrokenApiServer:
+    """A real HTTP server on 127.0.0.1 that answers ``/health`` with 200 and every other path with ``api_status``
+    (500: a tracking server whose backend store fails; 404: one whose API answers, if not this call)."""
+
+    def __init__(self, api_status: int) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                self.send_response(200 if self.path == "/health" else api_status)
+                self.end_headers()
+                self.wfile.write(b"OK" if self.path == "/health" else b"Internal error: database is locked")
+
+            do_POST = do_GET  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_server_whose_api_fails_is_refused_at_once_naming_it(tmp_path):
+    """``/health`` answers but the REST API gives HTTP 500: refused in seconds with the server's first line, not
+    after MLflow's retries; negative control: an API that answers (404 here) passes the check."""
+    broken, answering = BrokenApiServer(500), BrokenApiServer(404)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ConnectionError) as info:
+            resolve_tracking_uri(broken.uri, tmp_path)
+        assert time.perf_counter() - start < 10
+        message = str(info.value)
+        assert f"MLflow tracking server {broken.uri} is up but its API fails (HTTP 500" in message
+        assert "database is locked" in message and "--tracking_uri" in message
+        assert resolve_tracking_uri(answering.uri, tmp_path) == answering.uri
+    finally:
+        broken.close()
+        answering.close()
 
 
 class FlakyStore:

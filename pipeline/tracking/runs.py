@@ -108,15 +108,35 @@ def experiment_id(client, name: str) -> str:
 
 
 def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise ``ConnectionError`` (naming ``uri`` and the fix) unless the MLflow server answers within ``timeout_s``."""
+    """Raise ``ConnectionError`` (naming ``uri`` and the fix) unless the MLflow server answers within ``timeout_s``,
+    on ``/health`` and on its REST API (a search for one experiment): a server whose API fails (HTTP 5xx, e.g. its
+    backend store is locked, full or gone) is refused at once, instead of after MLflow's minutes of retries."""
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
-            return
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout_s):
+            pass
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise ConnectionError(
             f"MLflow tracking server {uri} is unreachable ({reason}); start it, or fix --tracking_uri / "
             "MLFLOW_TRACKING_URI, or unset both to track into the local store <output_dir>/mlruns.db."
+        ) from err
+    try:
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code < 500:  # the API answered (an older server's method or path rules): it works
+            return
+        detail = err.read(300).decode(errors="replace").strip().splitlines()
+        raise ConnectionError(
+            f"MLflow tracking server {uri} is up but its API fails (HTTP {err.code}"
+            f"{': ' + detail[0] if detail else ''}); see the server's log (its backend store may be locked, full "
+            "or read-only), or track elsewhere with --tracking_uri (none: no tracking)."
+        ) from err
+    except (urllib.error.URLError, OSError) as err:
+        raise ConnectionError(
+            f"MLflow tracking server {uri} answers /health but not its API ({getattr(err, 'reason', err)}); see the "
+            "server's log, or track elsewhere with --tracking_uri (none: no tracking)."
         ) from err
 
 
