@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 
 from pipeline.data.validation import InputError
-from pipeline.io import atomic_path, make_output_folder
+from pipeline.io import WriteError, atomic_path, make_output_folder
 from pipeline.release import build
 
 
@@ -46,14 +46,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         make_output_folder(out.parent, "--out folder")
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:  # staged beside the zip
             root = build(Path(tmp), args.checkpoint, args.weights_url)
             with atomic_path(out) as partial, zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
                 for path in sorted(root.rglob("*")):
                     if path.is_file() and "__pycache__" not in path.parts:
                         archive.write(path, path.relative_to(root.parent))
-    except (InputError, OSError) as err:
+    except (InputError, WriteError) as err:  # their messages name the file and the fix
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # full or read-only disk while staging: the bundle is staged in the --out folder
+        where = f" ({err.filename})" if err.filename else ""
+        print(
+            f"error: cannot write the bundle {out}{where}: {err.strerror or err}; free space in {out.parent} "
+            "or choose another --out",
+            file=sys.stderr,
+        )
         return 2
     print(f"wrote {out}")
     return 0

@@ -145,6 +145,40 @@ def test_export_refuses_thresholds_of_other_weights(evaluated_run, tmp_path):
     assert not (tmp_path / "b.zip").exists()
 
 
+def test_export_stages_beside_its_zip_and_a_full_disk_stops_it_in_one_line(
+    evaluated_run, tmp_path, monkeypatch, capsys
+):
+    """The export builds the bundle in a hidden folder beside ``--out`` (a full or unusable TMPDIR does not matter:
+    here Python's temporary folder is a file); a disk that fills while the zip is written stops it in one line
+    naming the bundle and the fix, and leaves nothing in the ``--out`` folder."""
+    import errno
+    import tempfile
+    import zipfile
+
+    checkpoint = evaluated_run[0] / "checkpoints" / "model.pt"
+    export = script_main("export_bundle")
+    not_a_folder = tmp_path / "tmpdir_is_a_file"
+    not_a_folder.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_folder))
+    out = tmp_path / "ok" / "b.zip"
+    assert export(["--out", str(out), "--checkpoint", str(checkpoint)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b.zip"], "no staging folder left"
+    write = zipfile.ZipFile.write
+
+    def full_disk(self, filename, *args, **kwargs):
+        if "model.pt" in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "write", full_disk)
+    capsys.readouterr()
+    full = tmp_path / "full" / "b.zip"
+    assert export(["--out", str(full), "--checkpoint", str(checkpoint)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"error: cannot write {full}: No space left on device; no b.zip was written. Free disk space" in line
+    assert not list(full.parent.iterdir()), "neither a partial zip nor the staging folder is left"
+
+
 # ------------------------------------------------------------------------------------------ 3. tracking outages
 def logged_epochs(client, run_id, key):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
