@@ -167,6 +167,7 @@ def healthy_thresholds(
     }
 
 
+@torch.no_grad()  # measures only: no autograd graph over the validation set (it kept every batch's alive)
 def mean_brain_check(
     network: torch.nn.Module,
     train: BrainSliceDataset,
