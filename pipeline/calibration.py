@@ -51,7 +51,7 @@ from pipeline.healthy import (
 )
 from pipeline.metrics import CONNECTIVITY
 from pipeline.operating_point import OperatingPoint
-from pipeline.scoring import SCORE_NAMES, ScoreOptions, Unchanged
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, Unchanged, on_volume
 from pipeline.thresholds import quantile_key
 
 __all__ = [
@@ -195,7 +195,10 @@ def synthetic_lesion_search(
         brain = np.asarray(data["brainmask"][0] > 0)
         sets = option_sets if held_out is None else held_out[i]
         healthy = data["image"].as_tensor() if hasattr(data["image"], "as_tensor") else data["image"]
-        healthy_maps = _in_volume(brain_maps[i], brain)  # a lesion changes a few slices: the rest is filtered once
+        healthy_maps = {  # a lesion changes a few slices: the rest is filtered once
+            config: {score: on_volume(values, brain) for score, values in per.items()}
+            for config, per in brain_maps[i].items()
+        }
         for _ in range(per_subject):
             lesioned, mask, _ = lesion(data["image"], data["brainmask"], volumes[(i + 1) % len(volumes)]["image"])
             truth = np.asarray(mask[0]) > 0
@@ -252,18 +255,6 @@ def synthetic_lesion_search(
         "quantile": float(default_quantile),
         "dice": {c: {s: _dice(counts[c, s, default][own[c]]) for s in SCORE_NAMES} for c in option_sets},
     }
-
-
-def _in_volume(brain_maps: Mapping[str, Mapping[str, np.ndarray]], brain: np.ndarray) -> dict:
-    """Maps over the brain voxels back on the volume grid (0 outside the brain, which no segmentation sees)."""
-    out: dict = {}
-    for config, per_score in brain_maps.items():
-        out[config] = {}
-        for score, values in per_score.items():
-            volume = np.zeros(brain.shape, dtype=values.dtype)
-            volume[brain] = values
-            out[config][score] = volume
-    return out
 
 
 @dataclass(frozen=True)

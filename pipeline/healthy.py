@@ -28,7 +28,7 @@ from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.slices import BrainSliceDataset, volume_to_slices
 from pipeline.losses import kl_divergence
 from pipeline.normative import NormativeAccumulator
-from pipeline.scoring import SCORE_NAMES, ScoreOptions, kl_gradient
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, brain_voxels, kl_gradient
 from pipeline.thresholds import quantile_key
 
 __all__ = [
@@ -139,7 +139,7 @@ def healthy_brain_maps(
     for i, data in enumerate(volumes):
         image, brain = _image_and_brain(data)
         _, maps = model(image, brain, option_sets if held_out is None else held_out[i])
-        out.append({config: {score: volume[brain] for score, volume in per.items()} for config, per in maps.items()})
+        out.append(brain_voxels(maps, brain))
     return out
 
 

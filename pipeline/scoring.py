@@ -59,9 +59,11 @@ __all__ = [
     "SCORE_NAMES",
     "ScoreOptions",
     "Unchanged",
+    "brain_voxels",
     "elbo_terms",
     "kl_gradient",
     "median_filter",
+    "on_volume",
     "postprocess_volume",
     "raw_scores",
     "score_maps",
@@ -364,6 +366,20 @@ def _normative_reference(options: ScoreOptions, score: str) -> NormativeReferenc
             "(pipeline.healthy.fit_normative; training stores them in threshold.json)."
         )
     return NormativeReference.from_dict(options.normative_reference[score])
+
+
+def brain_voxels(maps: Mapping[str, Mapping[str, np.ndarray]], brain: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """``maps[option set][score]`` (``(H, W, D)`` volumes) kept over the ``brain`` voxels only (1D arrays): what
+    evaluation and calibration keep of a scored volume."""
+    return {config: {score: volume[brain] for score, volume in per.items()} for config, per in maps.items()}
+
+
+def on_volume(values: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The ``(H, W, D)`` volume of a map kept over the ``brain`` voxels (:func:`brain_voxels`); 0 outside the brain,
+    which no segmentation sees."""
+    out = np.zeros(brain.shape, dtype=values.dtype)
+    out[brain] = values
+    return out
 
 
 def segment(volume: np.ndarray, brainmask: np.ndarray, threshold: float, options: ScoreOptions) -> np.ndarray:

@@ -32,7 +32,7 @@ from pipeline.healthy import (
 from pipeline.io import atomic_write_json, file_sha256
 from pipeline.metrics import bootstrap_weights, slice_labels, split_calibration
 from pipeline.operating_point import OperatingPoint
-from pipeline.scoring import SCORE_NAMES
+from pipeline.scoring import SCORE_NAMES, brain_voxels
 from pipeline.thresholds import quantile_key
 from pipeline.tracking import tracking_off
 
@@ -180,8 +180,8 @@ class AnomalyEvaluation:
         terms, maps = self.model(image, brain, self.configs)
         subject.slice_terms = {k: terms[k].numpy() for k in ("rec", "kl", "neg_elbo", "mu")}
         brain_pixels = np.maximum(brain.sum(axis=(0, 1)), 1)
+        subject.voxels = brain_voxels(maps, brain)
         for config, volumes in maps.items():
-            subject.voxels[config] = {score: volume[brain] for score, volume in volumes.items()}
             subject.slice_means[config] = {
                 score: (volume * brain).sum(axis=(0, 1)) / brain_pixels for score, volume in volumes.items()
             }

@@ -47,8 +47,8 @@ class TestSplit:
 
 
 def _safe(metric, y: np.ndarray, scores: np.ndarray) -> float:
-    """``metric(y, scores)``, NaN when ``y`` has a single class."""
-    return float(metric(y, scores)) if len(np.unique(y)) == 2 else float("nan")
+    """A sklearn slice metric, NaN when only one class is present."""
+    return float(metric(y, scores)) if 0 < y.sum() < y.size else float("nan")
 
 
 def _slice_metrics(split: TestSplit, config: str) -> dict:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.scoring import on_volume
+
 __all__ = ["ScoredSubject", "pooled_dice", "segmentation_counts"]
 
 
@@ -23,9 +25,7 @@ class ScoredSubject:
         self.scored_slices: list[int] = []  # the slices training would use: slice-level metrics
 
     def volume(self, config: str, score: str) -> np.ndarray:
-        out = np.zeros(self.brain.shape, np.float32)
-        out[self.brain] = self.voxels[config][score]
-        return out
+        return on_volume(self.voxels[config][score].astype(np.float32, copy=False), self.brain)
 
 
 def segmentation_counts(segmentations: Sequence[np.ndarray], subjects: Sequence[ScoredSubject]) -> np.ndarray:
