@@ -336,7 +336,8 @@ def score_volume(
 
     Returns:
         ``(terms, maps)``: per-slice ``recon`` ``(D, 1, H, W)``, ``mu``, ``rec``, ``kl``, ``neg_elbo`` on the CPU, and
-        ``maps[config][score]``, ``(H, W, D)`` float32 volumes with every volume-level option of ``config`` applied.
+        ``maps[config][score]``, ``(H, W, D)`` float32 volumes with every volume-level option of ``config`` applied
+        (option sets that post-process the intensity alike share its array: read the maps, do not modify them).
     """
     slices = volume_to_slices(image)
     chunks: dict[str, list[torch.Tensor]] = {}
@@ -346,17 +347,31 @@ def score_volume(
             chunks.setdefault(key, []).append(value.cpu())
     raw = {key: torch.cat(parts) for key, parts in chunks.items()}
     maps: dict[str, dict[str, np.ndarray]] = {}
+    intensity: dict[tuple, np.ndarray] = {}  # the intensity baseline, once per way of post-processing it
     for config, options in configs.items():
         derived = score_maps(raw, slices, options)
         maps[config] = {}
         for score in scores:
+            shared = _intensity_key(options) if score == "intensity" else None
+            if shared in intensity:
+                maps[config][score] = intensity[shared]
+                continue
             volume = derived[score][:, 0].permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, D)
             if score == "intensity" and options.equalize_intensity:
                 volume = equalize_in_brain(volume, brainmask)
             elif score != "intensity" and options.normative:
                 volume = _normative_reference(options, score).z_map(volume, brainmask)
             maps[config][score] = _postprocess(volume, brainmask, options, score, unchanged, config)
+            if shared is not None:
+                intensity[shared] = maps[config][score]
     return {k: v for k, v in raw.items() if k != "kl_grad"}, maps
+
+
+def _intensity_key(options: ScoreOptions) -> tuple:
+    """What the intensity baseline's map depends on: the input itself, equalised or not, then the volume-level
+    options. Option sets that agree on these (``postprocessed`` and ``normative``) share one map (the same array:
+    its median filter is the costly part of scoring)."""
+    return options.equalize_intensity, options.median_size, options.brain_mask, options.mask_erosion
 
 
 def _normative_reference(options: ScoreOptions, score: str) -> NormativeReference:

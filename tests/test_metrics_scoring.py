@@ -36,6 +36,7 @@ from pipeline.scoring import (
     postprocess_volume,
     raw_scores,
     score_maps,
+    score_volume,
 )
 
 
@@ -172,6 +173,26 @@ def test_postprocessing_filters_the_whole_map_then_masks():
     eroded = ndimage.binary_erosion(mask, iterations=1)
     assert np.array_equal(out, ndimage.median_filter(vol, size=5) * eroded)
     assert not np.array_equal(out, ndimage.median_filter(vol * eroded, size=5) * eroded), "the order matters here"
+
+
+def test_option_sets_that_post_process_the_intensity_alike_share_its_map_and_each_equals_its_own_scoring():
+    """The intensity baseline is post-processed once per distinct (equalisation, median, mask) setting: option sets
+    that agree on those share one array, and every map equals that of its option set scored alone (reference).
+    Negative control: an option set with another median size gets its own, different map."""
+    torch.manual_seed(5)
+    network = CeVAE(z_dim=8, channels=(4, 8, 8, 8)).eval()
+    image = torch.rand(1, 64, 64, 12)
+    brain = np.zeros((64, 64, 12), bool)
+    brain[8:56, 12:52, 1:11] = True
+    base = replace(POSTPROCESSED, grad_low=0.0, grad_high=1.0)
+    configs = {"a": base, "b": replace(base, grad_sigma=1.0), "c": replace(base, median_size=3)}
+    _, together = score_volume(network, image, brain, configs, CeVAELoss(reconstruction="l2"))
+    assert together["a"]["intensity"] is together["b"]["intensity"]
+    assert not np.array_equal(together["a"]["intensity"], together["c"]["intensity"])
+    for name, options in configs.items():
+        _, alone = score_volume(network, image, brain, {name: options}, CeVAELoss(reconstruction="l2"))
+        for score, volume in alone[name].items():
+            np.testing.assert_array_equal(together[name][score], volume, err_msg=f"{name}/{score}")
 
 
 def test_histogram_equalisation_gives_brain_quantiles():
