@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import runpy
 import socket
 import subprocess
@@ -163,52 +162,3 @@ class MlflowServer:
             self.process.terminate()
             self.process.wait(timeout=30)
         self.process = None
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A running :class:`MlflowServer` (its ``uri``), stopped at the end of the test."""
-    server = MlflowServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-COMPARISON_ARGS = [  # one seed, two epochs, ceVAE with and without the legacy likelihood overlay, a label group
-    "--seeds",
-    "0",
-    "--epochs",
-    "2",
-    "--ce-weights",
-    "0.5",
-    "--overlays",
-    "none",
-    "legacy_likelihood",
-    '--set=label_groups={"lesion": [1]}',
-]
-
-
-def comparison_args(tiny_demo, test_datalist) -> list[str]:
-    """``scripts/compare.py`` options of the tests' comparisons (the bundle's tiny settings as ``--set``)."""
-    from bundle_helpers import TINY
-
-    tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
-    return ["--datalist-train", str(tiny_demo), "--datalist-test", str(test_datalist), *COMPARISON_ARGS, *tiny]
-
-
-@pytest.fixture(scope="session")
-def server_comparison(tiny_demo, two_test_subjects, tmp_path_factory):
-    """``scripts/compare.py`` (:func:`comparison_args`) through a real MLflow server, uninterrupted:
-    ``(output folder, the running server)``. The reference of the interrupted comparison in test_reliability."""
-    folder = tmp_path_factory.mktemp("server_comparison")
-    server = MlflowServer(folder)
-    server.start()
-    try:
-        out = folder / "compare"
-        args = comparison_args(tiny_demo, two_test_subjects) + ["--output-dir", str(out), "--tracking-uri", server.uri]
-        assert script_main("compare")(args + ["--experiment", "tiny"]) == 0
-        yield out, server
-    finally:
-        server.stop()

@@ -100,6 +100,8 @@ def test_each_stage_names_the_bad_file_and_keeps_earlier_outputs(evaluated_run, 
 
 @pytest.mark.slow
 def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
+    """Two command-line trainings from the repository root, side by side on one SQLite store: both finish, with
+    their checkpoints, and both runs land (the suite's complete ``run training`` from the command line)."""
     store = f"sqlite:///{tmp_path}/shared.db"
     base = [
         *TRAIN_CLI,
@@ -132,6 +134,7 @@ def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
     for process in runs:
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-2000:]
+    assert all((tmp_path / n / "checkpoints" / "model.pt").is_file() for n in ("a", "b"))
     client = MlflowClient(store)
     finished = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
     assert sorted(r.info.run_name for r in finished) == ["a", "b"]

@@ -1,13 +1,44 @@
-"""scripts/compare.py against a real MLflow tracking server over HTTP: train, evaluate, compare, rebuild."""
+"""scripts/compare.py as `make demo` runs it (a local store under runs/demo), killed and resumed, then read through
+the README's `mlflow ui` server: the tables, the figures, the rebuild from MLflow alone; its one-line errors."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
-from conftest import script_main
+import torch
+from bundle_helpers import CLI_ENV, TINY, run_bundle
+from conftest import REPO, MlflowServer, script_main
+from mlflow import MlflowClient
+
+COMPARISON_ARGS = [  # one seed, two epochs, ceVAE with and without the legacy likelihood overlay, a label group
+    "--seeds",
+    "0",
+    "--epochs",
+    "2",
+    "--ce-weights",
+    "0.5",
+    "--overlays",
+    "none",
+    "legacy_likelihood",
+    '--set=label_groups={"lesion": [1]}',
+]
+
+
+def comparison_args(tiny_demo, test_datalist) -> list[str]:
+    """``scripts/compare.py`` options of the tests' comparisons (the bundle's tiny settings as ``--set``)."""
+    tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
+    return ["--datalist-train", str(tiny_demo), "--datalist-test", str(test_datalist), *COMPARISON_ARGS, *tiny]
 
 
 def read_csv(path):
@@ -15,19 +46,91 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
+def rest(url, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def readme_mlflow_ui(cwd):
+    """The README's ``mlflow ui`` command, run from ``cwd`` (as after ``make demo``): yields its URI."""
+    (command,) = re.findall(r"^mlflow ui .*$", (REPO / "README.md").read_text(), flags=re.M)
+    server = MlflowServer(cwd)
+    env = {**CLI_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server.process = subprocess.Popen(
+        ["bash", "-c", f"{command} --host 127.0.0.1 --port {server.port}"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        server.wait_until_up()
+        yield server.uri
+    finally:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait()
+
+
+def kill_in_second_child(args, out):
+    """``scripts/compare.py args`` in a process group of its own, killed (SIGKILL, with the training it runs) as soon
+    as its second child has saved its first ``last.pt``."""
+    process = subprocess.Popen(
+        [sys.executable, "scripts/compare.py", *args, "--output-dir", str(out)],
+        cwd=REPO,
+        env=CLI_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its own process group: the comparison and the trainings it starts
+    )
+    assert process.stdout.readline().startswith("cevae-0.5-seed0: trained and evaluated")
+    killed = out / "runs" / "cevae-0.5-legacy_likelihood-seed0" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not killed.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 @pytest.mark.slow
-def test_compare_through_mlflow_server_and_rebuild(server_comparison, tmp_path):
-    out, mlflow_server = server_comparison
+def test_a_killed_comparison_resumes_and_mlflow_serves_and_rebuilds_it(tiny_demo, two_test_subjects, tmp_path, capsys):
+    """Killed in the middle of its second child's training, a comparison is refused a plain restart and resumes with
+    ``--resume``: the first child reused, the second continued from its ``last.pt`` to the weights of an
+    uninterrupted training. Its tables hold the children's metrics with their intervals; the README's ``mlflow ui``
+    serves its runs and artifacts over HTTP, and ``--from-mlflow`` rebuilds the same tables from that server alone."""
+    args = comparison_args(tiny_demo, two_test_subjects)
+    out = tmp_path / "runs" / "demo"  # where `make demo` writes, relative to tmp_path
+    kill_in_second_child(args, out)
+    first_child = (out / "runs" / "cevae-0.5-seed0" / "checkpoints" / "model.pt").stat().st_mtime
+    assert not (out / "comparison.csv").exists()
     main = script_main("compare")
-    rows = read_csv(out / "comparison.csv")
+    capsys.readouterr()
+    assert main(args + ["--output-dir", str(out)]) == 2
+    assert "holds the comparison" in capsys.readouterr().err, "a plain restart is refused"
+    assert main(["--resume", "--output-dir", str(out)]) == 0
+    assert "cevae-0.5-seed0: done before, reused" in capsys.readouterr().out
+    assert (out / "runs" / "cevae-0.5-seed0" / "checkpoints" / "model.pt").stat().st_mtime == first_child
+    # the continued child has the weights of the same training uninterrupted
     legacy = "ceVAE (λ=0.5) + legacy_likelihood"
-    assert {r["variant"] for r in rows} == {"ceVAE (λ=0.5)", legacy}
     child = out / "runs" / "cevae-0.5-legacy_likelihood-seed0"
     trained = json.loads((child / "checkpoints" / "config.json").read_text())
     assert (trained["reconstruction"], trained["kl_weight"], trained["overlay_name"]) == ("l2", 1.0, legacy.split()[-1])
+    run_bundle(tmp_path / "straight", tiny_demo, ("train.json", "legacy_likelihood.json"), epochs=2, ce_weight=0.5)
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    resumed = torch.load(child / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["trainer"]["iteration"] == straight["trainer"]["iteration"]
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    # the tables: every child's own metrics, with their bootstrap intervals
+    rows = read_csv(out / "comparison.csv")
+    assert {r["variant"] for r in rows} == {"ceVAE (λ=0.5)", legacy}
     by_key = {(r["variant"], r["metric"]): r for r in rows}
-    for variant, child in (("ceVAE (λ=0.5)", "cevae-0.5-seed0"), (legacy, "cevae-0.5-legacy_likelihood-seed0")):
-        metrics = json.loads((out / "runs" / child / "eval" / "metrics.json").read_text())
+    for variant, name in (("ceVAE (λ=0.5)", "cevae-0.5-seed0"), (legacy, "cevae-0.5-legacy_likelihood-seed0")):
+        metrics = json.loads((out / "runs" / name / "eval" / "metrics.json").read_text())
         row = by_key[(variant, "eval/paper/pixel_auroc/combined")]
         assert row["n"] == "1" and row["seeds"] == "0"
         assert float(row["mean"]) == pytest.approx(metrics["paper"]["pixel_auroc"]["combined"], rel=1e-5)
@@ -47,48 +150,34 @@ def test_compare_through_mlflow_server_and_rebuild(server_comparison, tmp_path):
     assert "| pixel AUROC combined, lesion vs healthy |" in table
     for name in ("roc.png", "bars.png"):
         assert (out / name).stat().st_size > 1000
-    # the children share one slice cache: the second preprocesses nothing
-    logs = [
-        (out / "runs" / child / "training.log").read_text()
-        for child in ("cevae-0.5-seed0", "cevae-0.5-legacy_likelihood-seed0")
-    ]
+    # the children share one slice cache: the second preprocesses nothing (its resumed training neither)
+    logs = [(out / "runs" / name / "training.log").read_text() for name in ("cevae-0.5-seed0", child.name)]
     found = [re.findall(r"slice cache (\S+): (\d+) of (\d+) volumes preprocessed", log) for log in logs]
     assert len(found[0]) == len(found[1]) == 2 and {f[0] for f in found[0] + found[1]} == {
         str(out / "runs" / "slice_cache")
     }
     assert all(built == total for _, built, total in found[0]) and all(built == "0" for _, built, _ in found[1])
-
-    # the same table again, from the server alone: no training, no files of the first call
-    again = tmp_path / "again"
-    assert (
-        main(
-            [
-                "--from-mlflow",
-                "latest",
-                "--experiment",
-                "tiny",
-                "--tracking-uri",
-                mlflow_server.uri,
-                "--output-dir",
-                str(again),
-            ]
-        )
-        == 0
-    )
+    # the README's `mlflow ui`, run where `make demo` was: the runs and their artifacts over HTTP
+    with readme_mlflow_ui(tmp_path) as uri:
+        api = f"{uri}/api/2.0/mlflow"
+        experiment = rest(f"{api}/experiments/get-by-name?experiment_name=cevae-compare")["experiment"]
+        assert experiment["artifact_location"] == (out / "mlruns").as_uri()
+        parent = json.loads((out / "parent_run.json").read_text())["run_id"]
+        client = MlflowClient(uri)
+        children = client.search_runs([experiment["experiment_id"]], f"tags.mlflow.parentRunId = '{parent}'")
+        assert sorted(r.info.run_name for r in children) == ["cevae-0.5-legacy_likelihood-seed0", "cevae-0.5-seed0"]
+        assert len(client.search_runs([experiment["experiment_id"]])) == 3, "the parent and its children, once each"
+        listed = rest(f"{api}/artifacts/list?run_id={parent}&path=comparison")["files"]
+        assert {"comparison/comparison.md", "comparison/roc.png"} <= {f["path"] for f in listed}
+        # the same tables again, from the server alone: no training, no files of the first call
+        again = tmp_path / "again"
+        rebuild = ["--from-mlflow", "latest", "--tracking-uri", uri, "--output-dir", str(again)]
+        assert main(rebuild) == 0
     assert (again / "comparison.md").read_text() == table
     assert read_csv(again / "comparison.csv") == rows
     assert not (again / "runs").exists()
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(mlflow_server.uri)
-    parent = json.loads((out / "parent_run.json").read_text())["run_id"]
-    assert {a.path for a in client.list_artifacts(parent, "comparison")} >= {
-        "comparison/comparison.md",
-        "comparison/roc.png",
-    }
-    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(r.info.run_name for r in children) == ["cevae-0.5-legacy_likelihood-seed0", "cevae-0.5-seed0"]
+    assert (out / "mlruns" / parent / "artifacts" / "comparison" / "comparison.md").is_file()
+    assert not (tmp_path / "mlruns").exists(), "no artifacts in the working folder"
 
 
 def test_compare_reports_failures_in_one_line(tiny_demo, tmp_path, capsys):

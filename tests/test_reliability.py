@@ -1,24 +1,19 @@
 """Nothing trained is lost or silently mixed: output-folder guard and lock, artefacts bound to their checkpoint,
-tracking-server outages, an interrupted comparison that resumes, a full disk."""
+tracking-server outages, a full disk (an interrupted comparison: test_compare.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from bundle_helpers import BUNDLE_RUN, CLI_ENV, TRAIN_CLI, initialized_workflow, run_bundle
-from conftest import REPO, MlflowServer, comparison_args, input_error, script_main
+from conftest import REPO, MlflowServer, input_error, script_main
 from ignite.engine import Events
 from mlflow import MlflowClient
 
@@ -230,92 +225,6 @@ def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tw
         assert not spool.exists() and sync([str(out)]) == 0 and "nothing to send" in capsys.readouterr().out
     finally:
         server.stop()
-
-
-# ------------------------------------------------------------------------------------------ 4. compare --resume
-def comparison_values(folder):
-    with open(folder / "comparison.csv") as handle:
-        return {(r["variant"], r["metric"]): r["values"] for r in csv.DictReader(handle)}
-
-
-def readme_mlflow_ui_serves_the_comparison(out, cwd):
-    """The README's ``mlflow ui`` command, run from ``cwd`` after a comparison into ``cwd/runs/demo`` (as after
-    ``make demo``), serves the comparison's runs and their artifacts, which lie under ``runs/demo/mlruns``."""
-    (command,) = re.findall(r"^mlflow ui .*$", (REPO / "README.md").read_text(), flags=re.M)
-    server = MlflowServer(cwd)
-    env = {**CLI_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    server.process = subprocess.Popen(
-        ["bash", "-c", f"{command} --host 127.0.0.1 --port {server.port}"],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        server.wait_until_up()
-        api = f"{server.uri}/api/2.0/mlflow"
-        experiment = rest(f"{api}/experiments/get-by-name?experiment_name=cevae-compare")["experiment"]
-        runs = rest(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
-        parent = json.loads((out / "parent_run.json").read_text())["run_id"]
-        children = sorted(r["info"]["run_name"] for r in runs if r["info"]["run_id"] != parent)
-        assert len(runs) == 3 and children == [
-            "cevae-0.5-legacy_likelihood-seed0",
-            "cevae-0.5-seed0",
-        ], runs  # the parent and its children
-        assert experiment["artifact_location"] == (out / "mlruns").as_uri()
-        listed = rest(f"{api}/artifacts/list?run_id={parent}&path=comparison")["files"]
-        assert "comparison/comparison.md" in {f["path"] for f in listed}
-        assert (out / "mlruns" / parent / "artifacts" / "comparison" / "comparison.md").is_file()
-    finally:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        server.process.wait()
-    assert not (cwd / "mlruns").exists(), "no artifacts in the working folder"
-
-
-def rest(url, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-@pytest.mark.slow
-def test_an_interrupted_comparison_resumes_to_the_same_tables(
-    server_comparison, tiny_demo, two_test_subjects, tmp_path, capsys
-):
-    """Killed in the middle of its second child's training, a comparison is refused a plain restart, resumes with
-    ``--resume`` (the first child reused, the second continued from its ``last.pt``) and ends with the tables of
-    the same comparison run uninterrupted (``server_comparison``, through a server: the store does not matter)."""
-    args = comparison_args(tiny_demo, two_test_subjects)
-    interrupted = tmp_path / "runs" / "demo"  # where `make demo` writes, relative to tmp_path
-    process = subprocess.Popen(
-        [sys.executable, "scripts/compare.py", *args, "--output-dir", str(interrupted)],
-        cwd=REPO,
-        env=CLI_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,  # its own process group: the comparison and the trainings it starts
-    )
-    assert process.stdout.readline().startswith("cevae-0.5-seed0: trained and evaluated")
-    killed = interrupted / "runs" / "cevae-0.5-legacy_likelihood-seed0" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not killed.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the comparison dies in the middle of its second child's training,
-    process.wait()  # and that training with it (the same process group, and no other process)
-    first_child = (interrupted / "runs" / "cevae-0.5-seed0" / "checkpoints" / "model.pt").stat().st_mtime
-    assert not (interrupted / "comparison.csv").exists()
-    compare = script_main("compare")
-    capsys.readouterr()
-    assert compare(args + ["--output-dir", str(interrupted)]) == 2
-    assert "holds the comparison" in capsys.readouterr().err, "a plain restart is refused"
-    assert compare(["--resume", "--output-dir", str(interrupted)]) == 0
-    assert "cevae-0.5-seed0: done before, reused" in capsys.readouterr().out
-    assert (interrupted / "runs" / "cevae-0.5-seed0" / "checkpoints" / "model.pt").stat().st_mtime == first_child
-    assert comparison_values(interrupted) == comparison_values(server_comparison[0])
-    readme_mlflow_ui_serves_the_comparison(interrupted, cwd=tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ 5. write errors

@@ -399,30 +399,6 @@ def test_amp_dtype_is_checked_and_bfloat16_needs_no_loss_scaling():
 
 
 @pytest.mark.slow
-def test_bundle_cli_from_the_repository_root(tiny_demo, tmp_path):
-    cmd = [
-        *TRAIN_CLI,
-        "--datalist",
-        str(tiny_demo),
-        "--output_dir",
-        str(tmp_path),
-        "--epochs",
-        "1",
-        "--batch_size",
-        "16",
-        "--z_dim",
-        "16",
-        "--synthetic_volumes",
-        "2",
-        "--progress_bar",
-        "False",
-    ]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=CLI_ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "checkpoints" / "model.pt").is_file()
-
-
-@pytest.mark.slow
 def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
     """torchrun with 2 CPU processes (gloo): DDP + DistributedSampler; only rank 0 saves and tracks."""
     configs = "['bundles/cevae/configs/train.json','bundles/cevae/configs/multi_gpu_train.json']"
