@@ -86,6 +86,16 @@ def test_connected_components_and_slice_labels():
     seg[8, 8, 3] = True  # 1 voxel
     kept = remove_small_components(seg, min_size=5)
     assert kept.sum() == 9 and not kept[8, 8, 3]
+    # reference: scipy's labelling of the whole volume, on segmentations of a smooth random field at many levels
+    field = ndimage.gaussian_filter(np.random.default_rng(0).random((24, 28, 20)), 1.2)
+    for fraction in (1e-3, 0.01, 0.05, 0.2, 0.6):
+        seg = field >= np.quantile(field, 1 - fraction)
+        before = seg.copy()
+        components, _ = ndimage.label(seg, structure=np.ones((3, 3, 3)))
+        sizes = np.bincount(components.ravel())
+        reference = seg & (sizes[components] >= 7)
+        np.testing.assert_array_equal(remove_small_components(seg, 7), reference, err_msg=str(fraction))
+        np.testing.assert_array_equal(seg, before)  # the input is left as it was
     label = np.zeros((10, 10, 4), bool)
     label[:5, :5, 1] = True  # 25 pixels -> anomalous
     label[:2, :2, 2] = True  # 4 pixels -> excluded
