@@ -49,7 +49,7 @@ from pipeline.healthy import (
     healthy_brain_maps,
     healthy_thresholds,
 )
-from pipeline.metrics import CONNECTIVITY
+from pipeline.metrics import CONNECTIVITY, bounding_box
 from pipeline.operating_point import OperatingPoint
 from pipeline.scoring import SCORE_NAMES, ScoreOptions, Unchanged, on_volume
 from pipeline.thresholds import quantile_key
@@ -79,9 +79,10 @@ def component_size_dice_counts(
     inside ``brain`` with 3D components under each minimum size removed (as :func:`pipeline.scoring.segment`), against
     ``truth`` ``T``; one labelling serves every size."""
     found = (volume >= threshold) & brain
-    labels, n = ndimage.label(found, structure=CONNECTIVITY)
+    box = bounding_box(found) if found.any() else ...
+    labels, n = ndimage.label(found[box], structure=CONNECTIVITY)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    hits = np.bincount(labels[truth].ravel(), minlength=n + 1)  # lesion voxels in each component
+    hits = np.bincount(labels[truth[box]].ravel(), minlength=n + 1)  # lesion voxels in each component
     counts = np.zeros((len(min_sizes), 2), dtype=np.int64)
     for i, size in enumerate(min_sizes):
         keep = sizes >= max(int(size), 1)

@@ -27,6 +27,7 @@ __all__ = [
     "bootstrap_weights",
     "dice",
     "lesion_detection",
+    "bounding_box",
     "remove_small_components",
     "segmented_fraction_grid",
     "slice_labels",
@@ -108,19 +109,21 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((prediction & truth).sum()) / total
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every true voxel of a non-empty ``mask``, as slices (labelling a segmentation there
+    gives its components, at a fraction of the cost when it covers a small part of the volume)."""
+    axes = range(mask.ndim)
+    kept = [np.flatnonzero(mask.any(axis=tuple(a for a in axes if a != k))) for k in axes]
+    return tuple(slice(int(k[0]), int(k[-1]) + 1) for k in kept)
+
+
 def remove_small_components(segmentation: np.ndarray, min_size: int) -> np.ndarray:
     """Drop 3D connected components (26-connectivity) with fewer than ``min_size`` voxels. Labels only the bounding
     box of the segmented voxels (threshold searches segment mostly small parts of a volume) and returns
     ``segmentation`` itself when nothing is dropped."""
     if min_size <= 1 or not segmentation.any():
         return segmentation
-    box = tuple(
-        slice(int(i[0]), int(i[-1]) + 1)
-        for i in (
-            np.flatnonzero(segmentation.any(axis=tuple(a for a in range(segmentation.ndim) if a != k)))
-            for k in range(segmentation.ndim)
-        )
-    )
+    box = bounding_box(segmentation)
     components, n = ndimage.label(segmentation[box], structure=CONNECTIVITY)
     small = np.bincount(components.ravel(), minlength=n + 1) < min_size
     small[0] = False
