@@ -21,7 +21,7 @@ from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slices import brain_slice_indices
-from pipeline.evaluation import AnomalyEvaluation
+from pipeline.evaluation import AnomalyEvaluation, DefaultSegmentation, LabelledSet
 from pipeline.evaluation.option_set_metrics import coverage_warnings
 from pipeline.evaluation.segmentation import counts_at, dice_entry_of, dice_search
 from pipeline.evaluation.subjects import ScoredSubject, pooled_dice, segmentation_counts
@@ -78,6 +78,25 @@ def test_slice_metrics_use_the_slices_training_would_use(evaluated_run, tiny_dem
     )
     assert metrics["n_slices_scored"] == expected < metrics["n_slices"]
     assert metrics["n_slices_normal"] + metrics["n_slices_anomalous"] <= expected
+
+
+def test_evaluation_settings_check_names_and_name_the_test_set_by_its_content(tiny_demo, tmp_path):
+    """A test set's name and label groups become MLflow key parts: '/' or empty is refused (control: plain names
+    pass); its identity is the datalist's SHA-256 and key, not its path (a copy has the same identity, another key
+    does not); the default segmentation keys its quantile as threshold.json does."""
+    for bad in ({"name": "a/b"}, {"name": ""}, {"label_groups": {"core/x": [1]}}):
+        with pytest.raises(ValueError, match="non-empty without '/'"):
+            LabelledSet(tiny_demo, **bad)
+    plain = LabelledSet(str(tiny_demo), name="brats", label_groups={"core": [1.0, 3]})
+    assert plain.label_groups == {"core": [1, 3]} and plain.datalist == tiny_demo
+    copy = tmp_path / "copy.json"
+    copy.write_bytes(tiny_demo.read_bytes())
+    assert LabelledSet(copy).identity() == LabelledSet(tiny_demo).identity() != LabelledSet(tiny_demo, "x").identity()
+    assert DefaultSegmentation("normative", "rec", 0.995).to_dict() == {
+        "option_set": "normative",
+        "score": "rec",
+        "quantile": "0.995",
+    }
 
 
 def test_dice_healthy_uses_the_thresholds_of_the_healthy_subjects(evaluated_run):
@@ -170,12 +189,12 @@ def test_evaluation_recalibrates_when_its_option_sets_change(evaluated_run, tiny
         ev = AnomalyEvaluation(
             model,
             checkpoint,
-            tiny_demo,
+            LabelledSet(tiny_demo),
             brain_volume_transform(),
             tmp_path / "eval",
+            default=DefaultSegmentation(option_set="paper"),
             healthy_data=healthy_data,
             calibration=LabelFreeCalibration(synthetic_volumes=2),
-            default_option_set="paper",
         )
         model.load(checkpoint, reference="optional")
         return ev.healthy()

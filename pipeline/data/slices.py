@@ -10,6 +10,7 @@ import logging
 import os
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from pipeline.data.slice_cache import CachedVolume, SliceCache
 __all__ = [
     "BrainSliceDataset",
     "InMemoryVolume",
+    "SliceSelection",
     "VolumeSlices",
     "brain_slice_indices",
     "slices_to_volume",
@@ -54,6 +56,19 @@ def brain_slice_indices(brainmask: torch.Tensor, min_brain_fraction: float = 0.1
         return []
     first, last = int(brain[0]) + border_slices, int(brain[-1]) - border_slices
     return [i for i in range(first, last + 1) if float(area[i]) >= min_brain_fraction]
+
+
+@dataclass(frozen=True)
+class SliceSelection:
+    """Which axial slices of a volume training uses (:func:`brain_slice_indices`), as one object: evaluation's
+    slice-level metrics use the same slices."""
+
+    min_brain_fraction: float = 0.1
+    border_slices: int = 0
+
+    def indices(self, brainmask: torch.Tensor) -> list[int]:
+        """:func:`brain_slice_indices` of a ``(1, H, W, D)`` brain mask."""
+        return brain_slice_indices(brainmask, self.min_brain_fraction, self.border_slices)
 
 
 class InMemoryVolume:

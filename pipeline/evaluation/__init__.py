@@ -29,7 +29,8 @@ subjects when the file is missing or was made for another checkpoint. Metrics ar
 ``<name>/<option set>/<metric>/<score>`` (e.g. ``eval/paper/pixel_auroc/combined``) and ``<name>/<metric>``, files
 under the artifact folder ``evaluation/<name>``; ``name`` tells test sets apart.
 
-Modules: :mod:`~pipeline.evaluation.core` (scoring, the test split, outputs),
+Modules: :mod:`~pipeline.evaluation.core` (scoring, the test split, outputs), :mod:`~pipeline.evaluation.settings` (what
+an evaluation is told: the labelled set, the reporting, the default segmentation),
 :mod:`~pipeline.evaluation.option_set_metrics` (the metrics of one option set: pure functions, run side by side in
 threads), :mod:`~pipeline.evaluation.subjects`
 (what is kept of each subject), :mod:`~pipeline.evaluation.segmentation` (Dice, best threshold, lesion detection:
@@ -38,5 +39,6 @@ pure functions of the subjects), :mod:`~pipeline.evaluation.report` (curves, per
 """
 
 from pipeline.evaluation.core import AnomalyEvaluation
+from pipeline.evaluation.settings import DefaultSegmentation, LabelledSet, Reporting
 
-__all__ = ["AnomalyEvaluation"]
+__all__ = ["AnomalyEvaluation", "DefaultSegmentation", "LabelledSet", "Reporting"]

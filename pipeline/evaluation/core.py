@@ -15,25 +15,20 @@ import torch
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.calibration import LabelFreeCalibration
 from pipeline.data.datalist import load_datalist
-from pipeline.data.slices import brain_slice_indices
+from pipeline.data.slices import SliceSelection
 from pipeline.data.validation import InputError
 from pipeline.evaluation.figures import plot_curves, plot_panels
 from pipeline.evaluation.mlflow_report import log_to_mlflow, mlflow_metrics
 from pipeline.evaluation.option_set_metrics import TestSplit, coverage_warnings, option_set_metrics
 from pipeline.evaluation.report import pixel_curves, write_per_subject
 from pipeline.evaluation.segmentation import detection_of, dice_entry_of, segment_subject
+from pipeline.evaluation.settings import DefaultSegmentation, LabelledSet, Reporting
 from pipeline.evaluation.subjects import ScoredSubject, pooled_dice, segmentation_counts
-from pipeline.healthy import (
-    DEFAULT_OPTION_SET,
-    DEFAULT_QUANTILE,
-    DEFAULT_SCORE,
-    active_units,
-)
-from pipeline.io import atomic_write_json, file_sha256
+from pipeline.healthy import active_units
+from pipeline.io import atomic_write_json
 from pipeline.metrics import bootstrap_weights, slice_labels, split_calibration
 from pipeline.operating_point import OperatingPoint
 from pipeline.scoring import SCORE_NAMES, brain_voxels
-from pipeline.thresholds import quantile_key
 from pipeline.tracking import tracking_off
 
 __all__ = ["AnomalyEvaluation"]
@@ -42,81 +37,58 @@ logger = logging.getLogger(__name__)
 
 
 class AnomalyEvaluation:
-    """Evaluate ``checkpoint`` on the ``key`` entries of ``datalist`` (see the module docstring).
+    """Evaluate ``checkpoint`` on a labelled test set (see the package docstring).
 
     Args:
         model: the :class:`~pipeline.anomaly_map.AnomalyMap` of the checkpoint's architecture, with the option sets
             to report side by side.
         checkpoint: ``model.pt`` (``{"model", "loss"}``), loaded with ``weights_only=True``.
-        datalist: datalist JSON with ``image``, ``label`` and optionally ``brainmask`` entries under ``key``.
+        labelled: the test data (:class:`~pipeline.evaluation.settings.LabelledSet`).
         transform: the volume chain used in training.
         output_dir: where outputs go.
-        min_slice_pixels: annotated pixels above which a slice counts as anomalous.
-        min_brain_fraction, border_slices: the slice selection of training (slice-level metrics use those slices).
-        calibration_fraction, seed: the subject split of the Dice threshold (``seed`` also seeds the bootstrap).
+        slices: the slice selection of training (:class:`~pipeline.data.slices.SliceSelection`): slice-level metrics
+            use those slices.
+        reporting: the threshold split, bootstrap and panels (:class:`~pipeline.evaluation.settings.Reporting`).
+        default: the segmentation inference makes by default
+            (:class:`~pipeline.evaluation.settings.DefaultSegmentation`).
         tracking_uri, experiment_name: MLflow destination when the checkpoint's training run is unknown
             (``tracking_uri`` ``"none"``: nothing is logged to MLflow).
-        name: the test set's name in MLflow (metric prefix and artifact sub-folder) and in ``threshold.json``.
-        label_groups: optional ``{group: [label values]}``; adds ``pixel_auroc_<group>`` / ``pixel_auprc_<group>``.
         healthy_data: healthy validation entries, to compute the healthy thresholds when ``threshold.json`` lacks
             them for this checkpoint (None: such a file is required).
         calibration: how they are computed then (:class:`~pipeline.calibration.LabelFreeCalibration`: the healthy
             quantiles, the synthetic lesions).
-        default_option_set, default_score, default_quantile: the segmentation inference makes by default, reported
-            for lesion detection and shown in the panels.
-        n_bootstrap: bootstrap resamples of the intervals.
     """
 
     def __init__(
         self,
         model: AnomalyMap,
         checkpoint: str | os.PathLike,
-        datalist: str | os.PathLike,
+        labelled: LabelledSet,
         transform: Callable,
         output_dir: str | os.PathLike,
-        min_slice_pixels: int = 20,
-        min_brain_fraction: float = 0.1,
-        border_slices: int = 0,
-        calibration_fraction: float = 0.2,
-        seed: int = 0,
-        key: str = "test",
-        n_panels: int = 4,
+        slices: SliceSelection | None = None,
+        reporting: Reporting | None = None,
+        default: DefaultSegmentation | None = None,
         tracking_uri: str | None = None,
         experiment_name: str = "cevae",
-        name: str = "eval",
-        label_groups: Mapping[str, Sequence[int]] | None = None,
         healthy_data: Sequence[dict] | None = None,
         calibration: LabelFreeCalibration | None = None,
-        default_option_set: str = DEFAULT_OPTION_SET,
-        default_score: str = DEFAULT_SCORE,
-        default_quantile: float = DEFAULT_QUANTILE,
-        n_bootstrap: int = 1000,
     ) -> None:
-        for text in (name, *(label_groups or {})):
-            if not text or "/" in text:
-                raise ValueError(f"evaluation and label group names must be non-empty without '/', got {text!r}.")
-        self.label_groups = {g: [int(v) for v in values] for g, values in (label_groups or {}).items()}
-        self.model, self.checkpoint, self.datalist = model, Path(checkpoint), Path(datalist)
+        self.model, self.checkpoint, self.labelled = model, Path(checkpoint), labelled
         self.transform, self.output_dir = transform, Path(output_dir)
         self.configs = dict(model.option_sets)
-        if default_option_set not in self.configs or default_score not in SCORE_NAMES:
+        default = DefaultSegmentation() if default is None else default
+        if default.option_set not in self.configs or default.score not in SCORE_NAMES:
             raise InputError(
-                f"the default segmentation {default_option_set}/{default_score} is not among the option "
-                f"sets {sorted(self.configs)} and scores {SCORE_NAMES}; fix --default_option_set or "
-                "--default_score."
+                f"the default segmentation {default.option_set}/{default.score} is not among the option "
+                f"sets {sorted(self.configs)} and scores {SCORE_NAMES}; fix --option_set or --score."
             )
-        self.min_slice_pixels = min_slice_pixels
-        self.min_brain_fraction, self.border_slices = min_brain_fraction, border_slices
-        self.calibration_fraction, self.seed, self.key, self.n_panels = calibration_fraction, seed, key, n_panels
-        self.tracking_uri, self.experiment_name, self.name = tracking_uri, experiment_name, name
+        self.default = default.to_dict()
+        self.slices = SliceSelection() if slices is None else slices
+        self.reporting = Reporting() if reporting is None else reporting
+        self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
         self.healthy_data = healthy_data
         self.calibration = LabelFreeCalibration() if calibration is None else calibration
-        self.default = {
-            "option_set": default_option_set,
-            "score": default_score,
-            "quantile": quantile_key(default_quantile),
-        }
-        self.n_bootstrap = n_bootstrap
 
     # ----------------------------------------------------------------------------------------------- scoring
     def healthy(self) -> dict:
@@ -167,16 +139,14 @@ class AnomalyEvaluation:
         brain = np.asarray(data["brainmask"][0] > 0)
         label = np.asarray(data["label"][0] > 0) & brain
         classes = None
-        if self.label_groups:
+        if self.labelled.label_groups:
             if "label_classes" not in data:
                 raise ValueError(
                     "label_groups needs the label's classes: build the transform with class_key='label_classes'."
                 )
             classes = np.rint(np.asarray(data["label_classes"][0])[brain]).astype(np.int16)
         subject = ScoredSubject(name, brain, label, classes)
-        subject.scored_slices = brain_slice_indices(
-            torch.as_tensor(brain[None]), self.min_brain_fraction, self.border_slices
-        )
+        subject.scored_slices = self.slices.indices(torch.as_tensor(brain[None]))
         terms, maps = self.model(image, brain, self.configs)
         subject.slice_terms = {k: terms[k].numpy() for k in ("rec", "kl", "neg_elbo", "mu")}
         brain_pixels = np.maximum(brain.sum(axis=(0, 1)), 1)
@@ -191,14 +161,19 @@ class AnomalyEvaluation:
     def metrics(self, subjects: list[ScoredSubject], curves: dict, healthy: dict) -> dict:
         """All metrics, per option set (see the module docstring); ``curves`` from :meth:`curves`, ``healthy`` the
         healthy section of ``threshold.json``."""
+        report = self.reporting
         if len(subjects) > 1:
-            calibration, reported = split_calibration([s.name for s in subjects], self.calibration_fraction, self.seed)
+            calibration, reported = split_calibration(
+                [s.name for s in subjects], report.calibration_fraction, report.seed
+            )
         else:  # the threshold still comes from the data, but no held-out Dice can be reported
             logger.warning("only one test subject: its Dice threshold is calibrated on it; Dice 20/80 is not reported")
             calibration, reported = [s.name for s in subjects], []
         cal = [s for s in subjects if s.name in calibration]
         rep = [s for s in subjects if s.name in reported]
-        slice_y = np.concatenate([slice_labels(s.label, self.min_slice_pixels)[s.scored_slices] for s in subjects])
+        slice_y = np.concatenate(
+            [slice_labels(s.label, self.labelled.min_slice_pixels)[s.scored_slices] for s in subjects]
+        )
         kl = np.concatenate([s.slice_terms["kl"] for s in subjects])
         mu = np.concatenate([s.slice_terms["mu"] for s in subjects])
         lesion_voxels = sum(int(s.label.sum()) for s in subjects)
@@ -214,12 +189,12 @@ class AnomalyEvaluation:
             subjects=subjects,
             calibration=cal,
             reported=rep,
-            weights=bootstrap_weights(len(subjects), self.n_bootstrap, self.seed) if len(subjects) > 1 else None,
-            weights_rep=bootstrap_weights(len(rep), self.n_bootstrap, self.seed) if len(rep) > 1 else None,
+            weights=bootstrap_weights(len(subjects), report.n_bootstrap, report.seed) if len(subjects) > 1 else None,
+            weights_rep=bootstrap_weights(len(rep), report.n_bootstrap, report.seed) if len(rep) > 1 else None,
             slice_y=slice_y,
             baselines=baselines,
             default_quantile=self.default["quantile"],
-            label_groups=self.label_groups,
+            label_groups=self.labelled.label_groups,
         )
         results: dict = {
             "n_subjects": len(subjects),
@@ -233,7 +208,7 @@ class AnomalyEvaluation:
             "calibration_subjects": calibration,
             "checkpoint": str(self.checkpoint),
             "checkpoint_sha256": self.model.checkpoint_sha256,
-            "datalist": str(self.datalist),
+            "datalist": str(self.labelled.datalist),
             "healthy_quantiles": list(healthy["thresholds"][next(iter(self.configs))]["rec"]),
             "default": {
                 **self.default,
@@ -271,28 +246,25 @@ class AnomalyEvaluation:
         return {**point.to_dict(), **dice_entry, **detection_of(found, subjects, point.threshold)}
 
     # ----------------------------------------------------------------------------------------------- outputs
-    def test_set(self) -> str:
-        """The test set's identity: SHA-256 of the datalist file and its key."""
-        return f"{file_sha256(self.datalist)}#{self.key}"
-
     def check_name_is_free(self) -> None:
         """Refuse to evaluate a test set under a name that already holds another test set's results for this
         checkpoint (MLflow metrics ``<name>/...`` of its run, ``calibrated.<name>`` of ``threshold.json``): they would
         be overwritten. Re-evaluating the same test set under its name is allowed. Needs the loaded model (its
         reference holds no calibration when ``threshold.json`` is missing or was made for other weights)."""
-        previous = self.model.reference.get("calibrated", {}).get(self.name)
+        name, datalist = self.labelled.name, self.labelled.datalist
+        previous = self.model.reference.get("calibrated", {}).get(name)
         if previous is None:
             return
         same = (
-            previous["test_set"] == self.test_set()
+            previous["test_set"] == self.labelled.identity()
             if "test_set" in previous
-            else Path(previous["datalist"]).resolve() == Path(self.datalist).resolve()
+            else Path(previous["datalist"]).resolve() == datalist.resolve()
         )
         if not same:
             raise InputError(
-                f"the evaluation name {self.name!r} already holds the results of the test set "
-                f"{previous['datalist']} for {self.checkpoint} (MLflow metrics {self.name}/..., threshold.json "
-                f"calibrated.{self.name}); evaluating {self.datalist} under it would overwrite them. Name this "
+                f"the evaluation name {name!r} already holds the results of the test set "
+                f"{previous['datalist']} for {self.checkpoint} (MLflow metrics {name}/..., threshold.json "
+                f"calibrated.{name}); evaluating {datalist} under it would overwrite them. Name this "
                 "test set with --eval_name NAME."
             )
 
@@ -301,7 +273,7 @@ class AnomalyEvaluation:
         self.model.load(self.checkpoint, reference="optional")
         self.check_name_is_free()
         healthy = self.healthy()
-        entries = load_datalist(self.datalist, self.key, required=("image", "label"))
+        entries = load_datalist(self.labelled.datalist, self.labelled.key, required=("image", "label"))
         subjects, panels = [], []
         for i, entry in enumerate(entries):
             name = entry.get("name") or Path(entry["image"]).name.split(".nii")[0]
@@ -309,15 +281,15 @@ class AnomalyEvaluation:
                 name = f"{name}_{i}"
             subject, slices = self.score_subject(name, self.transform(entry))
             subjects.append(subject)
-            if len(panels) < self.n_panels and subject.label.any():
+            if len(panels) < self.reporting.n_panels and subject.label.any():
                 panels.append((subject, slices, int(subject.label.sum(axis=(0, 1)).argmax())))
             logger.info("scored %s (%d/%d)", name, i + 1, len(entries))
         curves = pixel_curves(subjects, self.configs)
         results = self.metrics(subjects, curves, healthy)
         calibrated = {c: {s: results[c]["dice_split"][s]["threshold"] for s in SCORE_NAMES} for c in self.configs}
-        test_set = {"datalist": str(self.datalist), "test_set": self.test_set()}
+        test_set = {"datalist": str(self.labelled.datalist), "test_set": self.labelled.identity()}
         entry = {**test_set, "subjects": results["calibration_subjects"], "thresholds": calibrated}
-        self.model.record(self.configs, calibrated={self.name: entry})  # refuses if model.pt changed meanwhile
+        self.model.record(self.configs, calibrated={self.labelled.name: entry})  # refuses if model.pt changed meanwhile
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(results, self.output_dir / "metrics.json")
         write_per_subject(
@@ -326,7 +298,10 @@ class AnomalyEvaluation:
         atomic_write_json(curves, self.output_dir / "curves.json")
         plot_curves(curves, list(self.configs), self.output_dir / "roc_pr.png")
         plot_panels(panels, results, self.configs, self.default, self.output_dir / "panels.png")
-        metrics = mlflow_metrics(self.name, list(self.configs), self.label_groups, self.default["quantile"], results)
+        name = self.labelled.name
+        metrics = mlflow_metrics(
+            name, list(self.configs), self.labelled.label_groups, self.default["quantile"], results
+        )
         if not tracking_off(self.tracking_uri):
-            log_to_mlflow(metrics, self.name, self.checkpoint, self.output_dir, self.tracking_uri, self.experiment_name)
+            log_to_mlflow(metrics, name, self.checkpoint, self.output_dir, self.tracking_uri, self.experiment_name)
         return results
