@@ -18,7 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from bundle_helpers import BUNDLE_RUN, CLI_ENV, CONFIGS
-from conftest import REPO
+from conftest import REPO, input_error
+from monai.bundle import ConfigWorkflow
 
 from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.tracking.scan_model import example_scan
@@ -163,9 +164,18 @@ def test_evaluations_on_two_test_sets_keep_both_results(tracked, tiny_demo, tmp_
     before = client.get_run(run_id).data.metrics
     common = ["--datalist", str(tiny_demo), "--output_dir", str(out), "--eval_datalist", str(other), *TINY]
     common += ["--eval_output_dir", str(tmp_path / "other")]
-    refused = bundle_run("evaluating", "--config_file", EVALUATE, *common)  # the default name 'eval' is taken
-    assert refused.returncode == 2 and "already holds the results of the test set" in refused.stderr
-    assert "--eval_name" in refused.stderr and "Traceback" not in refused.stderr
+    settings = {  # the tracked training's settings (TINY), in-process
+        **{"z_dim": 16, "channels": [8, 16, 32, 64], "batch_size": 16, "progress_bar": False, "synthetic_volumes": 2},
+        **{"datalist": str(tiny_demo), "output_dir": str(out), "eval_datalist": str(other)},
+        "eval_output_dir": str(tmp_path / "other"),
+    }
+    workflow = ConfigWorkflow([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")], **settings)
+    workflow.initialize()
+    with pytest.raises(RuntimeError) as refused:  # the default name 'eval' is taken (MONAI wraps the error)
+        workflow.run()
+    workflow.finalize()
+    message = str(input_error(refused.value))
+    assert "already holds the results of the test set" in message and "--eval_name" in message
     np.testing.assert_equal(client.get_run(run_id).data.metrics, before, "nothing was overwritten")  # NaN == NaN
     named = bundle_run("evaluating", "--config_file", EVALUATE, *common, "--eval_name", "other")
     assert named.returncode == 0, named.stderr[-3000:]

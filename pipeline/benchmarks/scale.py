@@ -158,7 +158,7 @@ def scale_benchmark(quick: bool, sizes: Sequence[int], workers: int, datalist: P
             return figures
 
         runs = {str(n): child(n, str(tmp / "cache_0_workers")) for n in sizes}
-        in_memory = {str(n): child(n, "none")["rss_mb"] for n in (sizes[0], sizes[-1])}
+        in_memory = {str(n): child(n, "none")["rss_mb"] for n in dict.fromkeys((sizes[0], sizes[-1]))}
     per_slice = [r["epoch_s"] / r["slices"] for r in runs.values()]
     rss = [r["rss_mb"] for r in runs.values()]
     result.update(
