@@ -16,7 +16,7 @@ CLI_ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 BUNDLE_RUN = [sys.executable, "-m", "monai.bundle", "run"]
 TRAIN_CLI = [*BUNDLE_RUN, "training", "--config_file", "bundles/cevae/configs/train.json"]
 
-TINY = {  # small enough for CI: ~100 slices of 64x64, a narrow net, 2 synthetic lesions for the operating point
+TINY = {  # small enough for CI: ~100 slices of 64x64, a narrow net, 1 synthetic lesion for the operating point
     "batch_size": 16,
     "z_dim": 16,
     "channels": [8, 16, 32, 64],
@@ -24,7 +24,7 @@ TINY = {  # small enough for CI: ~100 slices of 64x64, a narrow net, 2 synthetic
     "val_fraction": 0.34,
     "min_brain_fraction": 0.3,
     "progress_bar": False,
-    "synthetic_volumes": 2,
+    "synthetic_volumes": 1,
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import runpy
+import importlib
 import socket
 import subprocess
 import sys
@@ -28,8 +28,8 @@ def input_error(exc: BaseException):
 
 
 def script_main(name: str):
-    """The ``main(argv)`` function of ``scripts/<name>.py``, loaded in-process (scripts/ is not a package)."""
-    return runpy.run_path(str(REPO / "scripts" / f"{name}.py"), run_name=f"scripts_{name}")["main"]
+    """The ``main(argv)`` function of ``scripts/<name>.py``, imported (``scripts`` is a package)."""
+    return importlib.import_module(f"scripts.{name}").main
 
 
 def brain_phantom(shape=(48, 56, 40), seed=0, lesion=True):

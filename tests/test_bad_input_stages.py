@@ -114,7 +114,7 @@ def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
         "--z_dim",
         "16",
         "--synthetic_volumes",
-        "2",
+        "1",
         "--progress_bar",
         "False",
         "--tracking_uri",

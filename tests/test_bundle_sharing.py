@@ -27,7 +27,7 @@ from pipeline.networks import CeVAEReconstruction
 from pipeline.scoring import OPTION_SETS
 
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # copy of the Model Zoo schema, for offline checks
-TINY_NET = ["--z_dim", "16", "--channels", "[8,16,32,64]", "--synthetic_volumes", "2"]
+TINY_NET = ["--z_dim", "16", "--channels", "[8,16,32,64]", "--synthetic_volumes", "1"]
 
 
 def bundle_command(*args, cwd=BUNDLE):

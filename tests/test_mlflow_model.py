@@ -25,7 +25,7 @@ from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.tracking.scan_model import example_scan
 
 EPOCHS = 2
-TINY = [  # a narrow net; 2 synthetic lesions for the operating point
+TINY = [  # a narrow net; 1 synthetic lesion for the operating point
     "--z_dim",
     "16",
     "--channels",
@@ -35,7 +35,7 @@ TINY = [  # a narrow net; 2 synthetic lesions for the operating point
     "--progress_bar",
     "False",
     "--synthetic_volumes",
-    "2",
+    "1",
 ]
 EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
 
@@ -165,7 +165,7 @@ def test_evaluations_on_two_test_sets_keep_both_results(tracked, tiny_demo, tmp_
     common = ["--datalist", str(tiny_demo), "--output_dir", str(out), "--eval_datalist", str(other), *TINY]
     common += ["--eval_output_dir", str(tmp_path / "other")]
     settings = {  # the tracked training's settings (TINY), in-process
-        **{"z_dim": 16, "channels": [8, 16, 32, 64], "batch_size": 16, "progress_bar": False, "synthetic_volumes": 2},
+        **{"z_dim": 16, "channels": [8, 16, 32, 64], "batch_size": 16, "progress_bar": False, "synthetic_volumes": 1},
         **{"datalist": str(tiny_demo), "output_dir": str(out), "eval_datalist": str(other)},
         "eval_output_dir": str(tmp_path / "other"),
     }

@@ -21,7 +21,7 @@ from pipeline.tracking.scan_model import example_scan
 
 TINY_ARGS = [
     "--synthetic_volumes",
-    "2",
+    "1",
     "--epochs",
     "1",
     "--batch_size",
