@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from bundle_helpers import CLI_ENV, TINY, run_bundle
-from conftest import REPO, MlflowServer, script_main
+from conftest import REPO, SERVER_ENV, MlflowServer, script_main
 from mlflow import MlflowClient
 
 COMPARISON_ARGS = [  # one seed, two epochs, ceVAE with and without the legacy likelihood overlay, a label group
@@ -58,7 +58,7 @@ def readme_mlflow_ui(cwd):
     """The README's ``mlflow ui`` command, run from ``cwd`` (as after ``make demo``): yields its URI."""
     (command,) = re.findall(r"^mlflow ui .*$", (REPO / "README.md").read_text(), flags=re.M)
     server = MlflowServer(cwd)
-    env = {**CLI_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**CLI_ENV, **SERVER_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     server.process = subprocess.Popen(
         ["bash", "-c", f"{command} --host 127.0.0.1 --port {server.port}"],
         cwd=cwd,
@@ -71,8 +71,7 @@ def readme_mlflow_ui(cwd):
         server.wait_until_up()
         yield server.uri
     finally:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        server.process.wait()
+        server.stop()
 
 
 def kill_in_second_child(args, out):

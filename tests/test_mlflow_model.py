@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def test_the_logged_model_takes_a_scan_is_served_and_equals_run_inference(tracke
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group: the CLI and its uvicorn workers, ended together below
     )
     try:
         deadline = time.monotonic() + 120
@@ -142,7 +144,7 @@ def test_the_logged_model_takes_a_scan_is_served_and_equals_run_inference(tracke
         )
         answer = json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGKILL)
         server.wait(30)
     np.testing.assert_array_equal(np.asarray(answer["segmentation"], dtype=np.uint8), expected_seg)
     np.testing.assert_allclose(np.asarray(answer["anomaly"], dtype=np.float32), expected_map, rtol=1e-5, atol=1e-6)
