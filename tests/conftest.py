@@ -111,7 +111,7 @@ def evaluated_run(tiny_demo, tmp_path_factory):
 
 
 # a tracking server only: MLflow 3's server otherwise starts a job runner and 7 huey consumer processes (GenAI jobs,
-# trace roll-ups), ~15 s of CPU on a 2-core machine at every start, taken from the tests running beside it
+# trace roll-ups), over 10 s of CPU (ps) on a 2-core machine at every start, taken from the tests running beside it
 SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
