@@ -113,6 +113,8 @@ def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
         "16",
         "--z_dim",
         "16",
+        "--channels",
+        "[8,16,32,64]",
         "--synthetic_volumes",
         "1",
         "--progress_bar",

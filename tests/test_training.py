@@ -424,6 +424,8 @@ def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
         "8",
         "--z_dim",
         "16",
+        "--channels",
+        "[8,16,32,64]",
         "--synthetic_volumes",
         "1",
         "--progress_bar",
@@ -432,7 +434,7 @@ def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=CLI_ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = torch.load(tmp_path / "checkpoints" / "model.pt", weights_only=True)["model"]
-    net = CeVAE(z_dim=16)
+    net = CeVAE(z_dim=16, channels=(8, 16, 32, 64))
     net.load_state_dict(state)  # saved without the DDP "module." prefix
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
     runs = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
