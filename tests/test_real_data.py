@@ -9,7 +9,7 @@ import torch
 
 from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
-from pipeline.data.slices import BrainSliceDataset, brain_slice_indices
+from pipeline.data.slices import BrainSliceDataset, SliceSelection, brain_slice_indices
 
 # folder, layout, modality, expects a label
 CASES = [
@@ -47,7 +47,7 @@ def test_real_volume_gives_in_range_brain_slices(shared_data, folder, layout, mo
 def test_slice_dataset_on_two_ixi_volumes(shared_data):
     entries = prepare_entries("ixi", shared_data / "ixi_t1", skip_incomplete=True)[:2]
     ds = BrainSliceDataset(
-        entries, brain_volume_transform(image_size=64), min_brain_fraction=0.1, border_slices=3, progress=False
+        entries, brain_volume_transform(image_size=64), SliceSelection(0.1, border_slices=3), progress=False
     )
     assert ds.stacked("image").shape[1:] == (1, 64, 64) and len(ds) == ds.stacked("image").shape[0]
     assert set(ds.subject.tolist()) == {0, 1}

@@ -16,7 +16,7 @@ from conftest import REPO
 
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slice_cache import SliceCache
-from pipeline.data.slices import BrainSliceDataset, VolumeSlices
+from pipeline.data.slices import BrainSliceDataset, SliceSelection, VolumeSlices
 from pipeline.io import WriteError
 
 
@@ -54,7 +54,7 @@ def dataset(entries, cache_dir, image_size=32, **kwargs):
     return BrainSliceDataset(
         entries,
         brain_volume_transform(image_size=image_size),
-        min_brain_fraction=0.1,
+        SliceSelection(min_brain_fraction=0.1),
         progress=False,
         cache_dir=cache_dir,
         **kwargs,

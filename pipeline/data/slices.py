@@ -99,14 +99,12 @@ class VolumeSlices(torch.utils.data.Dataset):
         self,
         data: Sequence[dict],
         transform: Callable,
-        min_brain_fraction: float,
-        border_slices: int,
+        selection: SliceSelection,
         keys: Sequence[str],
         mask_key: str,
         cache: SliceCache | None,
     ) -> None:
-        self.data, self.transform, self.cache = list(data), transform, cache
-        self.min_brain_fraction, self.border_slices = min_brain_fraction, border_slices
+        self.data, self.transform, self.selection, self.cache = list(data), transform, selection, cache
         self.keys, self.mask_key = tuple(keys), mask_key
 
     def __len__(self) -> int:
@@ -139,7 +137,7 @@ class VolumeSlices(torch.utils.data.Dataset):
     def preprocess(self, entry: dict, keys: Sequence[str]) -> tuple[dict[str, np.ndarray], list[int], int]:
         """``(arrays, slices, depth)`` of one datalist entry: ``image`` float32, masks and labels uint8 0/1."""
         item = self.transform(dict(entry))
-        picked = brain_slice_indices(item[self.mask_key], self.min_brain_fraction, self.border_slices)
+        picked = self.selection.indices(item[self.mask_key])
         arrays = {}
         for key in keys:
             if item.get(key) is not None:
@@ -165,7 +163,7 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         data: datalist entries (``image`` and optionally ``brainmask``, ``label``).
         transform: the volume chain, e.g. :func:`pipeline.data.preprocessing.brain_volume_transform`; with
             ``cache_dir`` it must carry ``cache_settings`` (what makes its output what it is).
-        min_brain_fraction, border_slices: see :func:`brain_slice_indices`.
+        selection: which slices of each volume (:class:`SliceSelection`; default: brain in >= 10 % of a slice).
         keys: keys to keep.
         num_workers: processes for the preprocessing pass.
         cache_dir: the slice cache's folder (None: in memory).
@@ -175,8 +173,7 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         self,
         data: Sequence[dict],
         transform: Callable,
-        min_brain_fraction: float = 0.1,
-        border_slices: int = 0,
+        selection: SliceSelection | None = None,
         keys: Sequence[str] = ("image", "brainmask", "label"),
         mask_key: str = "brainmask",
         num_workers: int = 0,
@@ -185,6 +182,7 @@ class BrainSliceDataset(torch.utils.data.Dataset):
     ) -> None:
         if len(data) == 0:
             raise ValueError("BrainSliceDataset got an empty data list; check the datalist and its key.")
+        selection = SliceSelection() if selection is None else selection
         cache = None
         if cache_dir is not None:
             settings = getattr(transform, "cache_settings", None)
@@ -197,12 +195,12 @@ class BrainSliceDataset(torch.utils.data.Dataset):
                 cache_dir,
                 {
                     "transform": settings,
-                    "min_brain_fraction": min_brain_fraction,
-                    "border_slices": border_slices,
+                    "min_brain_fraction": selection.min_brain_fraction,
+                    "border_slices": selection.border_slices,
                     "mask_key": mask_key,
                 },
             )
-        passes = VolumeSlices(data, transform, min_brain_fraction, border_slices, keys, mask_key, cache)
+        passes = VolumeSlices(data, transform, selection, keys, mask_key, cache)
         # its own generator: the loader draws a seed for its workers, which must not shift training's random stream
         loader = torch.utils.data.DataLoader(
             passes,
