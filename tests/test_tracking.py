@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import threading
 import time
@@ -41,14 +42,14 @@ def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, monkeypatch):
 
 class BrokenApiServer:
     """A real HTTP server on 127.0.0.1 that answers ``/health`` with 200 and every other path with ``api_status``
-    (500: a tracking server whose backend store fails; 404: one whose API answers, if not this call)."""
+    (500: a tracking server whose backend store fails; 404: one whose API answers, if not this call) and ``body``."""
 
-    def __init__(self, api_status: int) -> None:
+    def __init__(self, api_status: int, body: bytes = b"Internal error: database is locked") -> None:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
                 self.send_response(200 if self.path == "/health" else api_status)
                 self.end_headers()
-                self.wfile.write(b"OK" if self.path == "/health" else b"Internal error: database is locked")
+                self.wfile.write(b"OK" if self.path == "/health" else body)
 
             do_POST = do_GET  # noqa: N815
 
@@ -104,6 +105,39 @@ class FlakyStore:
 
     def set_terminated(self, run_id, status=None, end_time=None):
         self._receive("terminated", status)
+
+
+def test_a_server_that_fails_with_5xx_in_the_middle_of_a_run_is_an_outage_and_a_4xx_is_not(tmp_path, monkeypatch):
+    """A tracking server whose API starts failing with HTTP 5xx during a run (a locked or full store: MLflow's JSON
+    error, or a proxy's plain page) is treated as an outage: the write is spooled, the run goes on. Negative control:
+    a 4xx rejects the write itself and is raised, not spooled."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as bounded_http() sets it in a run
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    internal = json.dumps({"error_code": "INTERNAL_ERROR", "message": "database is locked"}).encode()
+    rejected = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad metric"}).encode()
+    servers = {  # 500 and 503 come back as MLflow's RetryError, 507 as the server's own error (not retried by MLflow)
+        "json 500": BrokenApiServer(500, internal),
+        "plain 503": BrokenApiServer(503, b"<html>Service Unavailable</html>"),
+        "json 507": BrokenApiServer(507, json.dumps({"error_code": "INTERNAL_ERROR", "message": "disk full"}).encode()),
+        "plain 507": BrokenApiServer(507, b"Insufficient Storage"),
+        "json 400": BrokenApiServer(400, rejected),
+    }
+    try:
+        for name, server in servers.items():
+            client = SpooledClient(MlflowClient(server.uri), tmp_path / name / "tracking_spool", retry_s=3600)
+            if name == "json 400":
+                with pytest.raises(MlflowException, match="bad metric"):
+                    client.log_batch("r", metrics=[Metric("loss", 1.0, 0, 1)])
+                assert client.pending == 0, "a rejected write is not kept for later"
+            else:
+                client.log_batch("r", metrics=[Metric("loss", 1.0, 0, 1)])
+                client.log_param("r", "lr", "0.001")  # the next write waits in the spool too, in order
+                assert client.pending == 2, name
+    finally:
+        for server in servers.values():
+            server.close()
 
 
 def test_spooled_writes_keep_their_order_and_content(tmp_path):

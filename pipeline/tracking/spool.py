@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import urllib.error
@@ -44,15 +45,21 @@ def bounded_http() -> None:
 
 
 def is_unreachable(err: BaseException) -> bool:
-    """Whether ``err`` (or its cause chain) says the tracking server could not be reached or is unavailable."""
+    """Whether ``err`` (or its cause chain) says the tracking server could not be reached or is unavailable: no
+    connection, a timeout, or an answer with an HTTP 5xx status (the server's own failure, e.g. a locked or full
+    backend store: worth retrying, unlike a 4xx that rejects the write itself). MLflow's HTTP adapter turns the
+    statuses it deems transient (408, 429, 500, 502-504) into a ``RetryError`` once its retries are spent."""
     import requests
 
     while err is not None:
+        if _server_error(err):
+            return True
         if isinstance(
             err,
             (
                 requests.exceptions.ConnectionError,
                 requests.exceptions.Timeout,
+                requests.exceptions.RetryError,
                 ConnectionError,
                 TimeoutError,
                 urllib.error.URLError,
@@ -63,6 +70,17 @@ def is_unreachable(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def _server_error(err: BaseException) -> bool:
+    """Whether ``err`` is the server's answer with an HTTP 5xx status: MLflow raises a ``RestException`` for an
+    error body in JSON, and an ``MlflowException`` that names the status otherwise (a proxy's page, plain text).
+    Errors the client raises itself are neither."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(err, RestException):
+        return err.get_http_status_code() >= 500
+    return isinstance(err, MlflowException) and re.search(r"failed with error code 5\d\d\b", str(err)) is not None
 
 
 def _server_answers(uri: str) -> bool:
