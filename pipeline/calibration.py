@@ -79,7 +79,7 @@ def component_size_dice_counts(
     inside ``brain`` with 3D components under each minimum size removed (as :func:`pipeline.scoring.segment`), against
     ``truth`` ``T``; one labelling serves every size."""
     found = (volume >= threshold) & brain
-    box = bounding_box(found) if found.any() else ...
+    box = bounding_box(found)
     labels, n = ndimage.label(found[box], structure=CONNECTIVITY)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     hits = np.bincount(labels[truth[box]].ravel(), minlength=n + 1)  # lesion voxels in each component

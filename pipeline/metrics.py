@@ -25,9 +25,9 @@ __all__ = [
     "bootstrap_dice",
     "bootstrap_pixel_metrics",
     "bootstrap_weights",
+    "bounding_box",
     "dice",
     "lesion_detection",
-    "bounding_box",
     "remove_small_components",
     "segmented_fraction_grid",
     "slice_labels",
@@ -110,11 +110,12 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box holding every true voxel of a non-empty ``mask``, as slices (labelling a segmentation there
-    gives its components, at a fraction of the cost when it covers a small part of the volume)."""
+    """The smallest box holding every true voxel of ``mask``, as slices (labelling a segmentation there gives its
+    components, at a fraction of the cost when it covers a small part of the volume); an empty box for an empty
+    mask."""
     axes = range(mask.ndim)
     kept = [np.flatnonzero(mask.any(axis=tuple(a for a in axes if a != k))) for k in axes]
-    return tuple(slice(int(k[0]), int(k[-1]) + 1) for k in kept)
+    return tuple(slice(int(k[0]), int(k[-1]) + 1) if k.size else slice(0, 0) for k in kept)
 
 
 def remove_small_components(segmentation: np.ndarray, min_size: int) -> np.ndarray:

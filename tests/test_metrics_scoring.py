@@ -18,6 +18,7 @@ from pipeline.metrics import (
     bootstrap_dice,
     bootstrap_pixel_metrics,
     bootstrap_weights,
+    bounding_box,
     dice,
     lesion_detection,
     remove_small_components,
@@ -96,6 +97,7 @@ def test_connected_components_and_slice_labels():
         reference = seg & (sizes[components] >= 7)
         np.testing.assert_array_equal(remove_small_components(seg, 7), reference, err_msg=str(fraction))
         np.testing.assert_array_equal(seg, before)  # the input is left as it was
+    assert [(b.start, b.stop) for b in bounding_box(np.zeros((4, 5, 6), bool))] == [(0, 0)] * 3, "empty mask"
     label = np.zeros((10, 10, 4), bool)
     label[:5, :5, 1] = True  # 25 pixels -> anomalous
     label[:2, :2, 2] = True  # 4 pixels -> excluded
