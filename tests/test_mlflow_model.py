@@ -26,18 +26,14 @@ from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.tracking.scan_model import example_scan
 
 EPOCHS = 2
-TINY = [  # a narrow net; 1 synthetic lesion for the operating point
-    "--z_dim",
-    "16",
-    "--channels",
-    "[8,16,32,64]",
-    "--batch_size",
-    "16",
-    "--progress_bar",
-    "False",
-    "--synthetic_volumes",
-    "1",
-]
+TINY_SETTINGS = {
+    "z_dim": 16,
+    "channels": [8, 16, 32, 64],
+    "batch_size": 16,
+    "progress_bar": False,
+    "synthetic_volumes": 1,
+}
+TINY = [arg for key, value in TINY_SETTINGS.items() for arg in (f"--{key}", str(value).replace(" ", ""))]  # as CLI args
 EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
 
 
@@ -166,8 +162,8 @@ def test_evaluations_on_two_test_sets_keep_both_results(tracked, tiny_demo, tmp_
     before = client.get_run(run_id).data.metrics
     common = ["--datalist", str(tiny_demo), "--output_dir", str(out), "--eval_datalist", str(other), *TINY]
     common += ["--eval_output_dir", str(tmp_path / "other")]
-    settings = {  # the tracked training's settings (TINY), in-process
-        **{"z_dim": 16, "channels": [8, 16, 32, 64], "batch_size": 16, "progress_bar": False, "synthetic_volumes": 1},
+    settings = {  # the tracked training's settings, in-process
+        **TINY_SETTINGS,
         **{"datalist": str(tiny_demo), "output_dir": str(out), "eval_datalist": str(other)},
         "eval_output_dir": str(tmp_path / "other"),
     }
