@@ -30,7 +30,15 @@ import torch
 from pipeline.data.validation import InputError
 from pipeline.losses import CeVAELoss
 from pipeline.operating_point import OperatingPoint
-from pipeline.scoring import OPTION_SETS, SCORE_NAMES, ScoreOptions, Unchanged, score_volume
+from pipeline.scoring import (
+    OPTION_SETS,
+    SCORE_NAMES,
+    ScoreOptions,
+    Unchanged,
+    kl_gradient,
+    raw_scores,
+    score_volume,
+)
 from pipeline.thresholds import (
     checkpoint_sha256,
     read_thresholds,
@@ -127,7 +135,7 @@ class AnomalyMap(torch.nn.Module):
         ``"none"``: not read). Returns the module."""
         if reference not in ("required", "optional", "none"):
             raise ValueError(f"reference must be 'required', 'optional' or 'none', got {reference!r}.")
-        load_trained(checkpoint, self.network, self.loss, self.device)
+        self._load_weights(checkpoint)
         self.to(self.device).eval()
         self.checkpoint, self.checkpoint_sha256 = Path(checkpoint), checkpoint_sha256(checkpoint)
         self.unread_reference = None
@@ -142,6 +150,9 @@ class AnomalyMap(torch.nn.Module):
             if threshold_path(checkpoint).is_file():  # one made for other weights; a missing one is no surprise
                 logger.warning("%s; using the option sets as configured", err)
         return self
+
+    def _load_weights(self, checkpoint: str | os.PathLike) -> None:
+        load_trained(checkpoint, self.network, self.loss, self.device)
 
     def record(self, options: Mapping[str, ScoreOptions] | None = None, **sections: dict) -> dict:
         """Adopt ``options`` (fitted option sets, merged into the stored ones) and reference ``sections``
@@ -166,14 +177,12 @@ class AnomalyMap(torch.nn.Module):
     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
         """:func:`pipeline.scoring.score_volume` of one volume for ``configs`` (default: :attr:`option_sets`)."""
         configs = self.option_sets if configs is None else configs
-        return score_volume(
-            self.network,
-            image,
-            brainmask,
-            configs,
-            self.loss,
-            self.batch_size,
-            scores=scores,
-            device=self.device,
-            unchanged=unchanged,
-        )
+        return score_volume(self.raw_scores, image, brainmask, configs, self.batch_size, scores, self.device, unchanged)
+
+    def raw_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:func:`pipeline.scoring.raw_scores` of the slices ``x`` ``(B, 1, H, W)`` (on :attr:`device`)."""
+        return raw_scores(self.network, x, self.loss)
+
+    def kl_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """``|dKL/dx|`` ``(B, 1, H, W)`` of the slices ``x`` (:func:`pipeline.scoring.kl_gradient`)."""
+        return kl_gradient(self.network, x)

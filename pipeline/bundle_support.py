@@ -19,10 +19,11 @@ from pipeline.data.demo import make_demo_dataset
 from pipeline.data.validation import InputError
 from pipeline.io import WriteError, atomic_write_json
 from pipeline.networks import ARCHITECTURE_KEYS
-from pipeline.run_record import EXECUTED_CONFIG, training_config
+from pipeline.run_record import EVALUATION_KEYS, EXECUTED_CONFIG, SCORING_KEYS, training_config
 from pipeline.weights import load_trained
 
 __all__ = [
+    "EVALUATION_KEYS",
     "active_config_parser",
     "barrier",
     "check_config_keys",
@@ -231,10 +232,6 @@ def defer_monai_tracking() -> None:
             "nothing is logged twice",
             ", ".join(disabled),
         )
-
-
-SCORING_KEYS = ("image_size", "normalization", "reconstruction", "sigma", "kl_weight", "z_dim", "channels", "norm")
-EVALUATION_KEYS = (*SCORING_KEYS, "min_brain_fraction", "border_slices")
 
 
 def start_distributed(distributed: bool, device: torch.device) -> None:

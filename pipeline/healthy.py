@@ -28,7 +28,7 @@ from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.slices import BrainSliceDataset, volume_to_slices
 from pipeline.losses import kl_divergence
 from pipeline.normative import NormativeAccumulator
-from pipeline.scoring import SCORE_NAMES, ScoreOptions, brain_voxels, kl_gradient
+from pipeline.scoring import SCORE_NAMES, ScoreOptions, brain_voxels
 from pipeline.thresholds import quantile_key
 
 __all__ = [
@@ -75,7 +75,7 @@ def fit_grad_normalization(
     for data in volumes:
         slices = volume_to_slices(_image_and_brain(data)[0])
         step = model.batch_size
-        grads = [kl_gradient(model.network, slices[i : i + step].to(model.device)) for i in range(0, len(slices), step)]
+        grads = [model.kl_gradient(slices[i : i + step].to(model.device)) for i in range(0, len(slices), step)]
         lows.append(float(min(g.min() for g in grads)))
         highs.append(float(max(g.max() for g in grads)))
     low, high = float(np.median(lows)), float(np.median(highs))

@@ -9,9 +9,12 @@ from pathlib import Path
 
 from pipeline.data.validation import read_json
 
-__all__ = ["EXECUTED_CONFIG", "training_config"]
+__all__ = ["EVALUATION_KEYS", "EXECUTED_CONFIG", "SCORING_KEYS", "training_config"]
 
 EXECUTED_CONFIG = "config.json"  # the training's executed config, next to its checkpoints
+# the settings a checkpoint must be scored with (preprocessing, network, likelihood, slice score) ...
+SCORING_KEYS = ("image_size", "normalization", "reconstruction", "sigma", "kl_weight", "z_dim", "channels", "norm")
+EVALUATION_KEYS = (*SCORING_KEYS, "min_brain_fraction", "border_slices")  # ... and evaluated on (the slice selection)
 
 
 def training_config(checkpoint: str | os.PathLike) -> dict:

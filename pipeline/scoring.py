@@ -34,7 +34,7 @@ the removal of small connected components acts on thresholded segmentations (:fu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
@@ -311,11 +311,10 @@ def _postprocess(
 
 
 def score_volume(
-    network: torch.nn.Module,
+    raw_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     image: torch.Tensor,
     brainmask: np.ndarray,
     configs: Mapping[str, ScoreOptions],
-    loss: CeVAELoss,
     batch_size: int = 64,
     scores: Sequence[str] = SCORE_NAMES,
     device: str | torch.device = "cpu",
@@ -325,11 +324,12 @@ def score_volume(
     set from the whole volume's raw scores.
 
     Args:
+        raw_of: the :func:`raw_scores` of a batch of slices ``(B, 1, H, W)`` (one model's, with its trained loss,
+            whose ``neg_elbo`` is the slice score: :meth:`pipeline.anomaly_map.AnomalyMap.raw_scores`; or an
+            ensemble's).
         image: ``(1, H, W, D)`` volume (axial slices last).
         brainmask: ``(H, W, D)`` boolean brain mask.
         configs: option sets to derive maps for (the network passes are shared by all of them).
-        loss: the training loss (:class:`~pipeline.losses.CeVAELoss` with its trained state): the slice score is
-            its ``neg_elbo``.
         scores: the maps to keep, among :data:`SCORE_NAMES`.
         unchanged: the maps of a volume this one equals outside some slices (:class:`Unchanged`; same results, less
             filtering).
@@ -342,7 +342,7 @@ def score_volume(
     slices = volume_to_slices(image)
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, slices.shape[0], batch_size):
-        raw = raw_scores(network, slices[start : start + batch_size].to(device), loss)
+        raw = raw_of(slices[start : start + batch_size].to(device))
         for key, value in raw.items():
             chunks.setdefault(key, []).append(value.cpu())
     raw = {key: torch.cat(parts) for key, parts in chunks.items()}

@@ -10,6 +10,7 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.transforms import equalize_in_brain
 from pipeline.losses import CeVAELoss
 from pipeline.metrics import (
@@ -198,11 +199,12 @@ def test_option_sets_that_post_process_the_intensity_alike_share_its_map_and_eac
     brain[8:56, 12:52, 1:11] = True
     base = replace(POSTPROCESSED, grad_low=0.0, grad_high=1.0)
     configs = {"a": base, "b": replace(base, grad_sigma=1.0), "c": replace(base, median_size=3)}
-    _, together = score_volume(network, image, brain, configs, CeVAELoss(reconstruction="l2"))
+    model = AnomalyMap(network, CeVAELoss(reconstruction="l2"))
+    _, together = score_volume(model.raw_scores, image, brain, configs)
     assert together["a"]["intensity"] is together["b"]["intensity"]
     assert not np.array_equal(together["a"]["intensity"], together["c"]["intensity"])
     for name, options in configs.items():
-        _, alone = score_volume(network, image, brain, {name: options}, CeVAELoss(reconstruction="l2"))
+        _, alone = score_volume(model.raw_scores, image, brain, {name: options})
         for score, volume in alone[name].items():
             np.testing.assert_array_equal(together[name][score], volume, err_msg=f"{name}/{score}")
 
