@@ -179,9 +179,9 @@ class AnomalyMap(torch.nn.Module):
         configs = self.option_sets if configs is None else configs
         return score_volume(self.raw_scores, image, brainmask, configs, self.batch_size, scores, self.device, unchanged)
 
-    def raw_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def raw_scores(self, x: torch.Tensor, inpaint_tiles: Sequence[int] = ()) -> dict[str, torch.Tensor]:
         """:func:`pipeline.scoring.raw_scores` of the slices ``x`` ``(B, 1, H, W)`` (on :attr:`device`)."""
-        return raw_scores(self.network, x, self.loss)
+        return raw_scores(self.network, x, self.loss, inpaint_tiles)
 
     def kl_gradient(self, x: torch.Tensor) -> torch.Tensor:
         """``|dKL/dx|`` ``(B, 1, H, W)`` of the slices ``x`` (:func:`pipeline.scoring.kl_gradient`)."""

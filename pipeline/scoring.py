@@ -14,6 +14,9 @@ slices ``(B, 1, H, W)``:
 * ``combined``: ``rec * kl_grad``, the paper's Eq. 2;
 * ``intensity``: the normalised input itself, the thresholding baseline.
 
+With ``inpaint_tile`` (:class:`ScoreOptions`) an option set's ``rec`` measures ``x`` against :func:`inpainted`, each
+pixel reconstructed from its context with its own tile hidden, instead of against ``g(mu(x))``.
+
 Three option sets (:data:`OPTION_SETS`) are reported side by side by the bundle's evaluation and thresholded by
 inference:
 
@@ -45,6 +48,7 @@ from scipy import ndimage
 
 from pipeline.data.slices import volume_to_slices
 from pipeline.data.transforms import equalize_in_brain
+from pipeline.inpainting import inpainted
 from pipeline.losses import CeVAELoss, kl_divergence
 from pipeline.metrics import remove_small_components
 from pipeline.normative import NormativeReference
@@ -101,6 +105,10 @@ class ScoreOptions:
             volume-level options.
         normative_reference: the healthy means and spreads of ``normative`` (None until fitted,
             :func:`pipeline.healthy.fit_normative`): ``{score: NormativeReference.to_dict()}``.
+        inpaint_tile: side in pixels of the tiles of :func:`inpainted` (0 = off): ``rec`` (and ``combined``) then
+            measure ``x`` against the reconstruction of each tile from its context with the tile itself replaced by
+            noise, as the ceVAE's context-encoding branch was trained to, instead of against ``g(mu(x))``; an
+            anomaly cannot be copied through from the input. A multiple of 2; 8 network passes per slice.
     """
 
     positive_residuals: bool = False
@@ -116,8 +124,11 @@ class ScoreOptions:
     grad_low: float | None = None
     grad_high: float | None = None
     normative_reference: dict | None = None
+    inpaint_tile: int = 0
 
     def __post_init__(self) -> None:
+        if self.inpaint_tile < 0 or self.inpaint_tile % 2:
+            raise ValueError(f"inpaint_tile must be 0 (off) or a positive even number, got {self.inpaint_tile}.")
         if self.grad_normalization not in GRAD_NORMALIZATIONS:
             raise ValueError(
                 f"grad_normalization must be one of {GRAD_NORMALIZATIONS}, got " f"{self.grad_normalization!r}."
@@ -193,15 +204,19 @@ def kl_gradient(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _encode_with_kl_gradient(_encoder_decoder(network), x)[2]
 
 
-def raw_scores(network: torch.nn.Module, x: torch.Tensor, loss: CeVAELoss) -> dict[str, torch.Tensor]:
+def raw_scores(
+    network: torch.nn.Module, x: torch.Tensor, loss: CeVAELoss, inpaint_tiles: Sequence[int] = ()
+) -> dict[str, torch.Tensor]:
     """What every score is made of: the :func:`elbo_terms` plus the raw ``kl_grad`` map, from one encoder pass,
-    one backward pass and one decoder pass."""
+    one backward pass and one decoder pass; and for each tile side in ``inpaint_tiles`` the :func:`inpainted`
+    image ``inpainted_<side>``."""
     net = _encoder_decoder(network)
     mu, logvar, grad = _encode_with_kl_gradient(net, x)
     with torch.no_grad():
         recon = net.decode(mu)
         terms = loss.terms(x, recon, mu, logvar)
-    return {"recon": recon, "mu": mu, **terms, "kl_grad": grad}
+        inpaintings = {f"inpainted_{tile}": inpainted(net, x, tile) for tile in inpaint_tiles}
+    return {"recon": recon, "mu": mu, **terms, "kl_grad": grad, **inpaintings}
 
 
 def _min_max(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -212,7 +227,7 @@ def _min_max(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 def score_maps(raw: dict[str, torch.Tensor], x: torch.Tensor, options: ScoreOptions) -> dict[str, torch.Tensor]:
     """The pixel maps of one option set from :func:`raw_scores` of the slices ``x`` ``(B, 1, H, W)`` (cheap: no
     network pass). ``grad_normalization="volume"`` normalises over all ``B`` slices: give it a whole volume."""
-    residual = x - raw["recon"]
+    residual = x - raw[f"inpainted_{options.inpaint_tile}" if options.inpaint_tile else "recon"]
     rec = residual.clamp_min(0) if options.positive_residuals else residual.abs()
     grad = raw["kl_grad"]
     if options.grad_normalization == "healthy":
@@ -324,9 +339,9 @@ def score_volume(
     set from the whole volume's raw scores.
 
     Args:
-        raw_of: the :func:`raw_scores` of a batch of slices ``(B, 1, H, W)`` (one model's, with its trained loss,
-            whose ``neg_elbo`` is the slice score: :meth:`pipeline.anomaly_map.AnomalyMap.raw_scores`; or an
-            ensemble's).
+        raw_of: ``raw_of(slices, inpaint_tiles)``, the :func:`raw_scores` of a batch of slices ``(B, 1, H, W)``
+            (one model's, with its trained loss, whose ``neg_elbo`` is the slice score:
+            :meth:`pipeline.anomaly_map.AnomalyMap.raw_scores`; or an ensemble's).
         image: ``(1, H, W, D)`` volume (axial slices last).
         brainmask: ``(H, W, D)`` boolean brain mask.
         configs: option sets to derive maps for (the network passes are shared by all of them).
@@ -340,9 +355,10 @@ def score_volume(
         (option sets that post-process the intensity alike share its array: read the maps, do not modify them).
     """
     slices = volume_to_slices(image)
+    tiles = sorted({o.inpaint_tile for o in configs.values() if o.inpaint_tile})
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, slices.shape[0], batch_size):
-        raw = raw_of(slices[start : start + batch_size].to(device))
+        raw = raw_of(slices[start : start + batch_size].to(device), tiles)
         for key, value in raw.items():
             chunks.setdefault(key, []).append(value.cpu())
     raw = {key: torch.cat(parts) for key, parts in chunks.items()}
@@ -364,7 +380,7 @@ def score_volume(
             maps[config][score] = _postprocess(volume, brainmask, options, score, unchanged, config)
             if shared is not None:
                 intensity[shared] = maps[config][score]
-    return {k: v for k, v in raw.items() if k != "kl_grad"}, maps
+    return {k: v for k, v in raw.items() if k != "kl_grad" and not k.startswith("inpainted_")}, maps
 
 
 def _intensity_key(options: ScoreOptions) -> tuple:
