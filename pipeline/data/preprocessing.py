@@ -6,9 +6,11 @@ Output of :func:`brain_volume_transform` for a data dict ``{"image": path, "brai
   (:class:`~pipeline.data.transforms.BrainIntensityNormalize`) and everything outside the brain mask set to 0
   **before** any interpolation, so a skull (images that are not skull-stripped, given with a brain mask) or a
   negative background (z-scored files) never bleeds into the brain rim. Then cropped to the brain bounding box
-  (+ ``margin``), padded to a square in-plane and resized in-plane to ``S = image_size`` (Gaussian anti-aliasing
-  first, as in skimage; the slice axis, last and axial, keeps its voxels), and masked again with the resized mask:
-  background exactly 0. A whole-head image with its brain mask and its skull-stripped twin give the same output.
+  (+ ``margin``; where the field of view cuts the brain in-plane, padded to a healthy brain's extent:
+  :mod:`pipeline.data.field_of_view`), padded to a square in-plane and resized in-plane to ``S = image_size``
+  (Gaussian anti-aliasing first, as in skimage; the slice axis, last and axial, keeps its voxels), and masked
+  again with the resized mask: background exactly 0. A whole-head image with its brain mask and its skull-stripped
+  twin give the same output.
 * ``brainmask``: ``(1, S, S, D)`` float32 0/1: the given mask (``> 0``, so label maps work) or, without one, the
   image foreground (:class:`~pipeline.data.transforms.ForegroundMask`).
 * ``label``: ``(1, S, S, D)`` float32 0/1 (``label > 0``), through the same spatial chain with nearest-neighbour
@@ -35,12 +37,13 @@ from monai.transforms import (
     Spacingd,
 )
 
+from pipeline.data.field_of_view import CutFieldOfViewPadd
 from pipeline.data.transforms import AntiAliasd, Binarized, BrainIntensityNormalized, ForegroundMaskd, SquarePadd
 from pipeline.data.validation import CheckVolumesd, LoadVolumed
 
 __all__ = ["PREPROCESSING_VERSION", "brain_volume_transform"]
 
-PREPROCESSING_VERSION = 2  # bump whenever the chain below changes what it outputs: cached slices are then rebuilt
+PREPROCESSING_VERSION = 3  # bump whenever the chain below changes what it outputs: cached slices are then rebuilt
 
 
 def brain_volume_transform(
@@ -99,6 +102,7 @@ def brain_volume_transform(
             image_key, mask_key=mask_key, mode=normalization, lower=lower_percentile, upper=upper_percentile
         ),
         CropForegroundd(keys, source_key=mask_key, margin=margin, allow_smaller=True, allow_missing_keys=True),
+        CutFieldOfViewPadd(keys, mask_key=mask_key, allow_missing_keys=True),  # a cut brain framed as an uncut one
         SquarePadd(keys, allow_missing_keys=True),
         AntiAliasd(image_key, spatial_size=(image_size, image_size, -1)),  # = MONAI's anti-aliasing, faster
         Resized(keys, spatial_size=(image_size, image_size, -1), mode=spatial_modes, allow_missing_keys=True),
