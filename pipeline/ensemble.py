@@ -134,8 +134,8 @@ def write_ensemble(ckpt_dir: str | os.PathLike, runs: Sequence[str | os.PathLike
     Refused in one line: fewer than two runs, a run without ``checkpoints/model.pt``, members trained with other
     scoring settings (:data:`EVALUATION_KEYS` of their ``config.json``), a ``healthy`` subject (the validation
     entries the ensemble will be calibrated on) that a member did not hold out, and a ``ckpt_dir`` that holds
-    another ensemble (its thresholds would be silently rebound). The same members again: the manifest is kept, with
-    the ``threshold.json`` fitted for it."""
+    another ensemble or a training run (their thresholds and config would be silently replaced). The same members
+    again: the manifest is kept, with the ``threshold.json`` fitted for it."""
     if len(runs) < 2:
         raise InputError(f"--ensemble needs at least two training runs, got {list(map(str, runs))}.")
     members, configs = [], []
@@ -161,6 +161,9 @@ def write_ensemble(ckpt_dir: str | os.PathLike, runs: Sequence[str | os.PathLike
         if _members(manifest) != members:
             raise InputError(f"{manifest} holds another ensemble; choose another --output_dir.")
         return manifest
+    taken = [name for name in ("model.pt", EXECUTED_CONFIG) if (folder / name).exists()]
+    if taken:
+        raise InputError(f"{folder} holds a training run ({taken[0]}); give the ensemble another --output_dir.")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(configs[0], folder / EXECUTED_CONFIG)
     atomic_write_json(content, manifest)

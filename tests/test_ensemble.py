@@ -90,14 +90,15 @@ def test_an_ensemble_of_two_copies_of_a_run_evaluates_and_infers_as_the_run(
 ):
     """``run evaluating --ensemble A B`` with B a copy of A calibrates the ensemble anew on the healthy validation
     subject and gets A's healthy constants, thresholds and operating point; ``run inference --ckpt .../ensemble.json`` writes
-    A's maps. Unsound ensembles are refused in one line: a member changed since, another ensemble in the folder, a
-    healthy subject a member was not validated on, a single run."""
+    A's maps. Unsound ensembles are refused in one line: a member changed since, another ensemble or a training run in
+    the folder, a healthy subject a member was not validated on, a single run."""
     run_a, _ = evaluated_run
     run_b = tmp_path / "b"
     shutil.copytree(run_a / "checkpoints", run_b / "checkpoints")
     out = tmp_path / "ensemble"
     ensemble = [str(run_a), str(run_b)]
-    run_bundle(out, tiny_demo, ("train.json", "evaluate.json"), ensemble=ensemble, eval_datalist=two_test_subjects)
+    evaluation = {"ensemble": ensemble, "eval_datalist": two_test_subjects, "n_bootstrap": 20}  # no metric compared
+    run_bundle(out, tiny_demo, ("train.json", "evaluate.json"), **evaluation)
     manifest = out / "checkpoints" / "ensemble.json"
     ours, theirs = (json.loads((d / "threshold.json").read_text()) for d in (manifest.parent, run_a / "checkpoints"))
     assert ours["checkpoint_sha256"] != theirs["checkpoint_sha256"]  # bound to the manifest, fitted here
@@ -128,6 +129,8 @@ def test_an_ensemble_of_two_copies_of_a_run_evaluates_and_infers_as_the_run(
     healthy = [{"image": e} for e in ours["healthy"]["subjects"]]
     with pytest.raises(InputError, match="holds another ensemble"):
         write_ensemble(manifest.parent, [run_b, run_a], healthy)
+    with pytest.raises(InputError, match="holds a training run"):
+        write_ensemble(run_b / "checkpoints", [run_a, run_b], healthy)
     training = load_datalist(tiny_demo, "training")
     trained_on = next(e for e in training if e["image"] not in ours["healthy"]["subjects"])
     with pytest.raises(InputError, match="was not validated on it"):
