@@ -49,3 +49,16 @@ def run_bundle(output_dir, datalist, config_files=("train.json",), **overrides) 
     workflow.run()
     workflow.finalize()
     return workflow
+
+
+def inference_workflow(**settings) -> ConfigWorkflow:
+    """The bundle's inference workflow (``configs/inference.json``) with ``settings``, initialised."""
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        run_id="inference",
+        **settings,
+    )
+    workflow.initialize()
+    return workflow

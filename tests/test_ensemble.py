@@ -11,8 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import CONFIGS, run_bundle
-from monai.bundle import ConfigWorkflow
+from bundle_helpers import inference_workflow, run_bundle
 
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.datalist import load_datalist
@@ -111,17 +110,7 @@ def test_an_ensemble_of_two_copies_of_a_run_evaluates_and_infers_as_the_run(
     case = next(e for e in load_datalist(tiny_demo, "test") if e["kind"] == "tumour")
     written = {}
     for name, ckpt in (("ensemble", manifest), ("single", run_a / "checkpoints" / "model.pt")):
-        workflow = ConfigWorkflow(
-            config_file=str(CONFIGS / "inference.json"),
-            meta_file=str(CONFIGS / "metadata.json"),
-            logging_file=False,
-            run_id="inference",
-            ckpt=str(ckpt),
-            input_image=case["image"],
-            output_dir=str(tmp_path / name),
-        )
-        workflow.initialize()
-        workflow.run()
+        inference_workflow(ckpt=str(ckpt), input_image=case["image"], output_dir=str(tmp_path / name)).run()
         (anomaly,) = (tmp_path / name).glob("*_anomaly.nii.gz")
         written[name] = np.asanyarray(nib.load(anomaly).dataobj)
     np.testing.assert_allclose(written["ensemble"], written["single"], rtol=1e-4, atol=1e-5)  # its own reference

@@ -9,9 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import CONFIGS, run_bundle
+from bundle_helpers import inference_workflow, run_bundle
 from conftest import input_error
-from monai.bundle import ConfigWorkflow
 from scipy import ndimage
 
 from pipeline.anomaly_map import AnomalyMap
@@ -205,32 +204,10 @@ def test_bundle_inference_config_single_and_batch(evaluated_run, tiny_demo, tumo
     out, _ = evaluated_run
     common = {"ckpt": str(out / "checkpoints" / "model.pt")}  # network and likelihood: from the training's config
     for mode, extra in (("single", {"input_image": tumour_case["image"]}), ("batch", {"datalist": str(tiny_demo)})):
-        workflow = ConfigWorkflow(
-            config_file=str(CONFIGS / "inference.json"),
-            meta_file=str(CONFIGS / "metadata.json"),
-            logging_file=False,
-            run_id="inference",
-            output_dir=str(tmp_path / mode),
-            **common,
-            **extra,
-        )
-        workflow.initialize()
-        workflow.run()
+        inference_workflow(output_dir=str(tmp_path / mode), **common, **extra).run()
     assert len(list((tmp_path / "single").glob("*_anomaly.nii.gz"))) == 1
     assert len(list((tmp_path / "batch").glob("*_seg.nii.gz"))) == 4
     assert torch.load(out / "checkpoints" / "model.pt", weights_only=True)["model"]
-
-
-def inference_workflow(**settings) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        run_id="inference",
-        **settings,
-    )
-    workflow.initialize()
-    return workflow
 
 
 def test_inference_takes_scoring_settings_from_the_training_run(evaluated_run, tumour_case, tmp_path):
