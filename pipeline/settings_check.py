@@ -40,7 +40,7 @@ def _image_size(value: object) -> bool:
 
 # setting -> (valid?, what it must be, an example of a valid value: the bundle's default)
 RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
-    "epochs": (*_whole(1), "60"),
+    "epochs": (*_whole(1), "150"),
     "batch_size": (*_whole(1), "64"),
     "z_dim": (*_whole(1), "256"),
     "seed": (*_whole(0), "0"),
