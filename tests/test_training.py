@@ -633,3 +633,31 @@ def test_tracking_uri_none_turns_mlflow_off(cevae_run, tiny_demo, two_test_subje
         assert not (out / absent).exists(), absent
     assert not (tmp_path / "from_environment.db").exists()
     assert (cevae_run[1] / "mlruns.db").is_file() and (cevae_run[1] / "checkpoints" / "mlflow_run.json").is_file()
+
+
+def test_the_reconstruction_figure_shows_the_kept_checkpoint_not_the_last_epoch(tmp_path):
+    """At the end of training the figure draws with ``model.pt`` (the best validation ELBO, what every later stage
+    uses), loaded into a copy: the live network keeps its last-epoch weights (negative control: they differ); without
+    the file it draws the live network. The PNG is written and its title says which."""
+    from ignite.engine import Engine
+
+    from pipeline.engines.figures import ReconstructionFigure
+
+    torch.manual_seed(0)
+    live, kept = CeVAE(z_dim=8, channels=(4, 8, 8, 8)), CeVAE(z_dim=8, channels=(4, 8, 8, 8))
+    torch.save({"model": kept.state_dict(), "loss": CeVAELoss().state_dict()}, tmp_path / "model.pt")
+    slices = [{"image": torch.rand(1, 64, 64)} for _ in range(6)]
+    figure = ReconstructionFigure(tmp_path / "r.png", live, slices, checkpoint=tmp_path / "model.pt")
+    shown, what = figure.shown_network()
+    assert what.startswith("model.pt") and shown is not live
+    for name, value in shown.state_dict().items():
+        assert torch.equal(value, kept.state_dict()[name]), name
+    assert any(not torch.equal(v, kept.state_dict()[k]) for k, v in live.state_dict().items())
+    assert (
+        ReconstructionFigure(tmp_path / "r.png", live, slices, checkpoint=tmp_path / "none.pt").shown_network()[0]
+        is live
+    )
+    engine = Engine(lambda *_: None)
+    engine.state.epoch = 7
+    figure(engine)
+    assert (tmp_path / "r.png").stat().st_size > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,16 +13,21 @@ from ignite.engine import Engine, Events
 
 from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.io import atomic_path
+from pipeline.weights import load_trained
 
 __all__ = ["ReconstructionFigure"]
 
 
 class ReconstructionFigure:
-    """At the end of training, save a figure of input, reconstruction, CE-masked input and its reconstruction.
+    """At the end of training, save a figure of input, reconstruction, CE-masked input and its reconstruction, drawn
+    with the kept checkpoint.
 
     Args:
         path: PNG to write (atomically).
         network: the trained :class:`~pipeline.networks.CeVAE`.
+        checkpoint: the kept ``model.pt`` (the best validation ELBO): when it exists at the end, the figure shows its
+            weights (in a copy of ``network``), the model that calibration, evaluation and inference use, not the
+            last epoch's; None or missing: ``network`` as trained.
         dataset: slices to show from (items with ``image`` ``(1, H, W)``), e.g. the validation slices.
         context_encoding: the CE noise used in training.
         n_slices: slices shown (evenly spaced through ``dataset``).
@@ -36,20 +42,32 @@ class ReconstructionFigure:
         context_encoding: ContextEncodingNoise | None = None,
         n_slices: int = 4,
         seed: int = 0,
+        checkpoint: str | os.PathLike | None = None,
     ) -> None:
         self.path, self.network, self.dataset = Path(path), network, dataset
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.context_encoding = context_encoding or ContextEncodingNoise()
         self.n_slices, self.seed = n_slices, seed
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
+    def shown_network(self) -> tuple[torch.nn.Module, str]:
+        """The network the figure shows and what it is: ``checkpoint``'s weights in a copy of ``network`` when the
+        file exists, else ``network`` itself."""
+        net = getattr(self.network, "module", self.network)
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return net, "the last epoch's network"
+        kept = copy.deepcopy(net)
+        load_trained(self.checkpoint, kept, device=next(net.parameters()).device)
+        return kept, f"{self.checkpoint.name} (best validation ELBO)"
+
     @torch.no_grad()
     def __call__(self, engine: Engine) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        net = getattr(self.network, "module", self.network)
+        net, shown = self.shown_network()
         device = next(net.parameters()).device
         picks = torch.linspace(0, len(self.dataset) - 1, self.n_slices).round().long().unique().tolist()
         x = torch.stack([self.dataset[i]["image"] for i in picks]).to(device)
@@ -66,7 +84,7 @@ class ReconstructionFigure:
                 axes[r, c].set_xticks([])
                 axes[r, c].set_yticks([])
             axes[r, 0].set_ylabel(name)
-        fig.suptitle(f"epoch {engine.state.epoch}")
+        fig.suptitle(f"{shown}, after {engine.state.epoch} epochs")
         fig.tight_layout()
         with atomic_path(self.path, ".png") as tmp:
             fig.savefig(tmp)
