@@ -86,6 +86,6 @@ def test_a_cut_brain_is_framed_like_the_uncut_one_and_inverted_back(tmp_path, mo
     recovered = np.asarray(inverted[0]) > 0.5
     assert (recovered & original).sum() / (recovered | original).sum() > 0.9
 
-    monkeypatch.setattr(field_of_view, "cut_padding", lambda *args, **kwargs: ((0, 0),) * 4)
+    monkeypatch.setattr(field_of_view, "_padding", lambda *args, **kwargs: ((0, 0),) * 4)
     unpadded, _ = chain_output(cut, tmp_path, "unpadded")
     assert extent(unpadded, 0)[1] - extent(unpadded, 0)[0] > extent(whole, 0)[1] - extent(whole, 0)[0] + 4

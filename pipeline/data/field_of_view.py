@@ -56,7 +56,13 @@ def cut_padding(
     """``((0, 0), (lr_low, lr_high), (ap_low, ap_high), (0, 0))``: the padding of the cut in-plane faces (voxels) of an
     ``(X, Y, Z)`` RAS brain mask cropped to its brain with a margin (as the volume chain crops it: an uncut brain's
     faces then hold no brain); all 0 for an uncut brain or one cut along both axes (the module docstring)."""
-    faces, extents = _cut_faces(mask, min_face_fraction)
+    return _padding(*_cut_faces(mask, min_face_fraction), spacing, ratio)
+
+
+def _padding(
+    faces: dict[int, list[bool]], extents: dict[int, int], spacing: tuple[float, float, float], ratio: float
+) -> tuple[tuple[int, int], ...]:
+    """:func:`cut_padding` from the faces and extents of :func:`_cut_faces`."""
     pad = {LR: (0, 0), AP: (0, 0)}
     cut_axes = [axis for axis in (LR, AP) if any(faces[axis])]
     if len(cut_axes) == 1:
@@ -89,7 +95,8 @@ class CutFieldOfViewPad(Pad):
         """The padding :meth:`__call__` applies for this ``(1, X, Y, Z)`` brain mask; logs a warning for a cut."""
         array = np.asarray(mask[0].detach().cpu()) > 0
         spacing = tuple(float(s) for s in getattr(mask, "pixdim", (1.0, 1.0, 1.0))[:3])
-        widths = cut_padding(array, spacing, self.ratio, self.min_face_fraction)
+        faces, extents = _cut_faces(array, self.min_face_fraction)
+        widths = _padding(faces, extents, spacing, self.ratio)
         if any(any(w) for w in widths):
             logger.warning(
                 "%s: the field of view cuts the brain in-plane; padded by %s voxels (left/right, posterior/anterior) "
@@ -97,7 +104,7 @@ class CutFieldOfViewPad(Pad):
                 _name(mask),
                 [list(w) for w in widths[1:3]],
             )
-        elif all(any(f) for f in _cut_faces(array, self.min_face_fraction)[0].values()):
+        elif all(any(f) for f in faces.values()):
             logger.warning(
                 "%s: the field of view cuts the brain along both in-plane axes; its extent is not restored",
                 _name(mask),
