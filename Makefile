@@ -25,11 +25,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python scripts/compare.py --demo-dir $(DEMO_DIR) --output-dir runs/demo --seeds $(DEMO_SEEDS) --epochs $(DEMO_EPOCHS)
 
-# black, isort and flake8 at the Model Zoo's settings (pyproject.toml, .flake8); `make format` applies the first two.
+# black, isort, flake8 and pytype, as the Model Zoo's code-format check runs them (pyproject.toml, .flake8; pytype at
+# its defaults, on the library that the bundle ships and the entry points); `make format` applies the first two.
+# pytype runs on Python <= 3.12 only (its last release); its cache is .pytype/.
 lint: $(STAMP)
 	$(BIN)/black --check --quiet .
 	$(BIN)/isort --check --quiet .
 	$(BIN)/flake8 .
+	@if [ -x $(BIN)/pytype ]; then $(BIN)/pytype --jobs auto pipeline scripts; \
+	else echo "pytype skipped: it does not run on $$($(BIN)/python --version)"; fi
 
 format: $(STAMP)
 	$(BIN)/black --quiet .

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from monai.handlers import CheckpointLoader
@@ -87,7 +88,7 @@ def validation_entries(datalist: str | os.PathLike, val_fraction: float, seed: i
 def restore_training_state(
     resume: bool,
     checkpoint: str | os.PathLike,
-    objects: Mapping[str, object],
+    objects: Mapping[str, Any],
     device: str | torch.device = "cpu",
     pretrained: str | os.PathLike | None = None,
 ) -> None:
@@ -128,7 +129,10 @@ def restore_training_state(
     logger.info("resumed from %s at epoch %d", checkpoint, trainer.state.epoch)
 
 
-def _active(kind: type) -> object:
+Active = TypeVar("Active")
+
+
+def _active(kind: type[Active]) -> Active:
     """The instance of ``kind`` that is executing on the call stack (a config expression's caller)."""
     frame = inspect.currentframe()
     while frame is not None:

@@ -188,11 +188,10 @@ def mean_brain_check(
     """
     net = getattr(network, "module", network)
     train_bins = (train.position * n_bins).long().clamp(max=n_bins - 1)
-    sums, counts = None, torch.bincount(train_bins, minlength=n_bins).double()
+    counts = torch.bincount(train_bins, minlength=n_bins).double()
+    sums = torch.zeros((n_bins, *train.read("image", 0).shape), dtype=torch.float64)
     for batch in _index_batches(len(train), batch_size):  # streamed: the training set need not fit in memory
-        images = torch.stack([train.read("image", i) for i in batch]).double()
-        sums = torch.zeros((n_bins, *images.shape[1:]), dtype=torch.float64) if sums is None else sums
-        sums.index_add_(0, train_bins[batch], images)
+        sums.index_add_(0, train_bins[batch], torch.stack([train.read("image", i) for i in batch]).double())
     overall = sums.sum(dim=0, keepdim=True) / counts.sum()
     counts = counts.view(-1, *([1] * (sums.ndim - 1)))
     mean_brain = torch.where(counts > 0, sums / counts.clamp_min(1), overall).float()

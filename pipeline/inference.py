@@ -37,6 +37,7 @@ from pipeline.data.validation import InputError
 from pipeline.healthy import DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE
 from pipeline.io import atomic_save_nifti, atomic_write_json
 from pipeline.operating_point import OperatingPoint
+from pipeline.score_options import ScoreOptions
 from pipeline.scoring import SCORE_NAMES, segment
 
 __all__ = ["AnomalyInference", "inference_entries"]
@@ -85,6 +86,8 @@ class AnomalyInference:
         overwrite: replace the outputs of an earlier inference of the same input in ``output_dir`` (else refused,
             as training and evaluation refuse to replace results without ``--overwrite True``).
     """
+
+    options: ScoreOptions  # the scoring options in use, known once the checkpoint is loaded (``_prepare``)
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import isort
 import torch
 
 from pipeline.io import atomic_write_json, atomic_write_text
@@ -30,8 +31,21 @@ NOT_SHIPPED = ("benchmarks", "experiments", "release.py")  # tools of this repos
 PACKAGE_REFERENCE = re.compile(r"\bpipeline(?=[.\s])")
 
 
+# The Model Zoo's import order (its setup.cfg: isort profile black, line length 120, first party `models`). In a Zoo
+# checkout the bundle's `scripts` package is not found from the checkout's root, so isort files it among the
+# third-party imports; said explicitly here so the export does not depend on where isort would look.
+ZOO_IMPORT_ORDER = isort.Config(
+    profile="black", line_length=120, known_first_party=["models"], known_third_party=["scripts"]
+)
+
+
 def _rewrite(text: str) -> str:
     return PACKAGE_REFERENCE.sub("scripts", text)
+
+
+def _rewrite_code(text: str) -> str:
+    """A module of ``pipeline`` as the bundle's ``scripts`` module, its imports in the Zoo's order."""
+    return isort.code(_rewrite(text), config=ZOO_IMPORT_ORDER)
 
 
 def export_weights(checkpoint: Path, models: Path) -> None:
@@ -82,7 +96,7 @@ def build(out_dir: Path, checkpoint: Path | None = None, weights_url: str = "") 
             continue
         target = scripts / source.relative_to(LIBRARY)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(_rewrite(source.read_text()))
+        target.write_text(_rewrite_code(source.read_text()))
     if checkpoint is not None:
         models = root / "models"
         models.mkdir(exist_ok=True)

@@ -239,7 +239,7 @@ def _postprocess(
 
 
 def score_volume(
-    raw_of: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    raw_of: Callable[[torch.Tensor, Sequence[int]], dict[str, torch.Tensor]],
     image: torch.Tensor,
     brainmask: np.ndarray,
     configs: Mapping[str, ScoreOptions],

@@ -14,17 +14,22 @@ from pipeline.networks.cevae import downsampling_layers
 __all__ = ["RULES", "check_settings"]
 
 
-def _whole(minimum: int) -> tuple[Callable[[object], bool], str]:
+Rule = tuple[Callable[[object], bool], str, str]  # (valid?, what it must be, an example of a valid value)
+
+
+def _whole(minimum: int, example: str) -> Rule:
     return (
         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
         f"a whole number >= {minimum}",
+        example,
     )
 
 
-def _number(ok: Callable[[float], bool], text: str) -> tuple[Callable[[object], bool], str]:
+def _number(ok: Callable[[float], bool], text: str, example: str) -> Rule:
     return (
         lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v),
         f"a finite number {text}",
+        example,
     )
 
 
@@ -39,24 +44,24 @@ def _image_size(value: object) -> bool:
 
 
 # setting -> (valid?, what it must be, an example of a valid value: the bundle's default)
-RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
-    "epochs": (*_whole(1), "150"),
-    "batch_size": (*_whole(1), "64"),
-    "z_dim": (*_whole(1), "256"),
-    "seed": (*_whole(0), "0"),
-    "border_slices": (*_whole(0), "0"),
+RULES: dict[str, Rule] = {
+    "epochs": _whole(1, "150"),
+    "batch_size": _whole(1, "64"),
+    "z_dim": _whole(1, "256"),
+    "seed": _whole(0, "0"),
+    "border_slices": _whole(0, "0"),
     "image_size": (
         _image_size,
         "a whole number >= 8 divisible by the network's downsampling (64, 128, 192, 256)",
         "64",
     ),
-    "lr": (*_number(lambda v: v > 0, "> 0"), "2e-4"),
-    "kl_weight": (*_number(lambda v: v >= 0, ">= 0"), "1.0"),
-    "ce_weight": (*_number(lambda v: 0 <= v <= 1, "in [0, 1]"), "0.5"),
-    "val_fraction": (*_number(lambda v: 0 <= v < 1, "in [0, 1)"), "0.1"),
-    "min_brain_fraction": (*_number(lambda v: 0 <= v <= 1, "in [0, 1]"), "0.1"),
+    "lr": _number(lambda v: v > 0, "> 0", "2e-4"),
+    "kl_weight": _number(lambda v: v >= 0, ">= 0", "1.0"),
+    "ce_weight": _number(lambda v: 0 <= v <= 1, "in [0, 1]", "0.5"),
+    "val_fraction": _number(lambda v: 0 <= v < 1, "in [0, 1)", "0.1"),
+    "min_brain_fraction": _number(lambda v: 0 <= v <= 1, "in [0, 1]", "0.1"),
     "augment": (lambda v: v in AUGMENT_CHOICES, f"one of {', '.join(AUGMENT_CHOICES)}", "none"),
-    "synthetic_volumes": (*_whole(1), "32"),
+    "synthetic_volumes": _whole(1, "32"),
 }
 
 

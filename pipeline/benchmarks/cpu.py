@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -56,6 +57,9 @@ from pipeline.losses import CeVAELoss, kl_divergence
 from pipeline.networks import CeVAE, CeVAEReconstruction
 from pipeline.scoring import POSTPROCESSED, kl_gradient
 from pipeline.thresholds import update_thresholds
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigWorkflow
 
 __all__ = ["KEYS", "TRAINING_VARIANTS", "cpu_benchmark"]
 
@@ -199,7 +203,7 @@ class _OneEpochAtATime:
 
 def _variant(
     name: str, tmp: Path, datalist: Path, epochs: int, default_workflow, images: torch.Tensor, settings: dict
-) -> tuple[_OneEpochAtATime, object]:
+) -> tuple[_OneEpochAtATime, ConfigWorkflow | None]:
     overrides = TRAINING_VARIANTS[name]
     if overrides is not None:
         if name == "bundle":

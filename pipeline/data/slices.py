@@ -110,7 +110,7 @@ class VolumeSlices(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> tuple[CachedVolume | InMemoryVolume, bool] | list[Exception]:
+    def __getitem__(self, index: int) -> tuple[CachedVolume | InMemoryVolume, bool] | list[BaseException]:
         """``(volume, preprocessed)``: ``preprocessed`` is False where the cache already held the volume. An error is
         returned, not raised, as the list of its chain of causes (:func:`_raise_chain` raises it again): a
         ``DataLoader`` worker would re-raise it in a multi-line message of its own, and the causes (the
@@ -120,7 +120,7 @@ class VolumeSlices(torch.utils.data.Dataset):
             return self._volume(index)
         except Exception as err:  # noqa: BLE001 - handed to the main process, which raises it
             err.add_note(traceback.format_exc())
-            chain = [err]
+            chain: list[BaseException] = [err]
             while (chain[-1].__cause__ or chain[-1].__context__) is not None:
                 chain.append(chain[-1].__cause__ or chain[-1].__context__)
             return chain

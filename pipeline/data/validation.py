@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -32,7 +33,7 @@ def read_json(path: str | os.PathLike, fix: str, what: str = "") -> object:
         raise InputError(f"{what + ' ' if what else ''}{path} is not valid JSON ({err}); {fix}") from err
 
 
-def source_of(img: object) -> str:
+def source_of(img: Any) -> str:
     """The file an image was loaded from (``"<in-memory image>"`` otherwise)."""
     if isinstance(img, MetaTensor):
         return str(img.meta.get("filename_or_obj", "<in-memory image>"))

@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from ignite.engine import Engine, Events
@@ -42,6 +43,14 @@ __all__ = [
     "RNGState",
     "save_checkpoint",
 ]
+
+
+class Stateful(Protocol):
+    """What a checkpoint holds: a module, an optimizer, an engine or a handler (``state_dict`` / ``load_state_dict``)."""
+
+    def state_dict(self) -> Any:
+        """The state to save."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +91,7 @@ class BestMetric:
         self.validator.state.best_metric_epoch = int(state["best_metric_epoch"])
 
 
-def save_checkpoint(objects: Mapping[str, object], path: str | os.PathLike) -> Path:
+def save_checkpoint(objects: Mapping[str, Stateful], path: str | os.PathLike) -> Path:
     """``torch.save({name: obj.state_dict()})`` to ``path`` atomically."""
     return write_state({name: obj.state_dict() for name, obj in objects.items()}, path)
 
@@ -162,7 +171,7 @@ class AtomicCheckpointSaver:
         engine.add_event_handler(Events.COMPLETED, self.completed)
         engine.add_event_handler(Events.TERMINATE, self.terminated)
 
-    def _save(self, objects: Mapping[str, object], path: Path) -> None:
+    def _save(self, objects: Mapping[str, Stateful], path: Path) -> None:
         """Copy the state of ``objects`` now and write it to ``path`` in the background."""
         self.writer.submit(write_state, copy.deepcopy({name: obj.state_dict() for name, obj in objects.items()}), path)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ __all__ = ["log_to_mlflow", "mlflow_metrics"]
 
 
 def mlflow_metrics(
-    name: str, configs: Sequence[str], label_groups: Sequence[str], default_quantile: str, results: dict
+    name: str, configs: Sequence[str], label_groups: Iterable[str], default_quantile: str, results: dict
 ) -> dict[str, float]:
     """The metrics logged to MLflow: ``<name>/<metric>``, ``<name>/operating_point/<metric>`` and
     ``<name>/<option set>/<metric>/<score>``."""

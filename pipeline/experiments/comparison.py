@@ -11,9 +11,13 @@ import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 __all__ = ["NO_OVERLAY", "Comparison", "variant_label"]
 
@@ -107,7 +111,7 @@ class Comparison:
                 int(r.data.params["seed"]),
             )
         )
-        self.variants: dict[str, list] = defaultdict(list)
+        self.variants: dict[str, list[Run]] = defaultdict(list)
         for run in runs:
             self.variants[variant_label(float(run.data.params["ce_weight"]), overlay(run))].append(run)
         self.values = {v: defaultdict(list) for v in self.variants}
@@ -128,7 +132,7 @@ class Comparison:
         )
         self.metrics = sorted(keys)
 
-    def group_rows(self, test_set: str) -> list[tuple[str, str]]:
+    def group_rows(self, test_set: str) -> list[tuple[str, str, str | None]]:
         """Headline rows of the label groups evaluated on ``test_set`` (``pixel_auroc_<group>``, see evaluation)."""
         groups = sorted(
             {
@@ -220,7 +224,7 @@ class Comparison:
                     )
         return buffer.getvalue()
 
-    def best_runs(self, primary: str) -> dict[str, object]:
+    def best_runs(self, primary: str) -> dict[str, Run]:
         """Per variant, the child run with the highest ``primary`` metric."""
         return {v: max(runs, key=lambda r: r.data.metrics.get(primary, -np.inf)) for v, runs in self.variants.items()}
 

@@ -78,8 +78,8 @@ def _server_error(err: BaseException) -> bool:
     Errors the client raises itself are neither."""
     from mlflow.exceptions import MlflowException, RestException
 
-    if isinstance(err, RestException):
-        return err.get_http_status_code() >= 500
+    if isinstance(err, RestException):  # pytype cannot see MLflow's classes (it reads them as Any): no narrowing
+        return err.get_http_status_code() >= 500  # pytype: disable=attribute-error
     return isinstance(err, MlflowException) and re.search(r"failed with error code 5\d\d\b", str(err)) is not None
 
 
