@@ -17,11 +17,12 @@ import isort
 import torch
 
 from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.networks.cevae import ARCHITECTURE_KEYS
 from pipeline.run_record import EXECUTED_CONFIG, training_config
 from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thresholds, threshold_path
 from pipeline.weights import split_trained
 
-__all__ = ["build", "export_torchscript", "export_weights"]
+__all__ = ["build", "export_torchscript", "export_weights", "ship_architecture"]
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cevae"
@@ -66,6 +67,15 @@ def export_weights(checkpoint: Path, models: Path) -> None:
         atomic_write_json(thresholds, models / THRESHOLD_FILENAME)
 
 
+def ship_architecture(checkpoint: Path, config_file: Path) -> None:
+    """Make the network that ``config_file`` (the bundle's ``train.json``) builds by default the trained one: what
+    ``monai.bundle.load`` with MONAI's default workflow type and fine-tuning from ``models/model.pt`` build."""
+    trained = training_config(checkpoint)
+    config = json.loads(config_file.read_text())
+    config.update({key: trained[key] for key in ARCHITECTURE_KEYS if key in trained})
+    atomic_write_text(json.dumps(config, indent=4) + "\n", config_file)
+
+
 def export_torchscript(root: Path) -> bool:
     """``models/model.ts`` through MONAI's own ``ckpt_export`` (in a fresh process, from the bundle folder, as the
     Zoo runs it); True if it was written and loads."""
@@ -101,6 +111,7 @@ def build(out_dir: Path, checkpoint: Path | None = None, weights_url: str = "") 
         models = root / "models"
         models.mkdir(exist_ok=True)
         export_weights(checkpoint, models)
+        ship_architecture(checkpoint, root / "configs" / "train.json")
         export_torchscript(root)
         digest = hashlib.md5((models / "model.pt").read_bytes()).hexdigest()
         text = (root / "large_files.yml").read_text()

@@ -14,6 +14,9 @@ With ``--checkpoint`` the bundle gets, in ``models/``:
   exported weights' SHA-256;
 * ``model.ts``: the TorchScript module of ``network_def`` (``monai.bundle ckpt_export``), when it exports and loads.
 
+and ``configs/train.json`` builds the trained network by default (its architecture settings are the training's), so
+``monai.bundle.load`` with MONAI's default workflow type and fine-tuning from ``models/model.pt`` get that network.
+
 ``large_files.yml`` gets the MD5 of ``model.pt`` and, with ``--weights-url``, the URL it will be served from: a
 Model Zoo pull request carries no weights, its CI downloads them from there.
 """
