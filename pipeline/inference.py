@@ -32,7 +32,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from pipeline.anomaly_map import AnomalyMap
-from pipeline.data.datalist import load_datalist
+from pipeline.data.datalist import SUBJECT_KEY, load_datalist, subject_name
 from pipeline.data.validation import InputError
 from pipeline.healthy import DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE
 from pipeline.io import atomic_save_nifti, atomic_write_json
@@ -50,17 +50,39 @@ def inference_entries(
     key: str = "test",
     image: str | os.PathLike | None = None,
     mask: str | os.PathLike | None = None,
+    dataset_dir: str | os.PathLike | None = None,
 ) -> list[dict[str, str]]:
-    """The volumes to score: every entry of ``datalist[key]`` (``image`` and optional ``brainmask``), the one
-    ``image`` (with its ``mask``), or none (a workflow built without input, e.g. by ``monai.bundle.load``)."""
+    """The volumes to score, from the first of these that is given: every entry of ``datalist[key]`` (``image`` and
+    optional ``brainmask``); the one ``image`` (with its ``mask``); the data folder ``dataset_dir`` (MONAI's
+    ``--dataset_dir``): the ``key`` entries of its ``datalist.json`` if it has one (as training finds its data),
+    else every NIfTI image in it, each a skull-stripped volume without a mask (as Model Zoo bundles glob their
+    ``dataset_dir``). None given: no volume (a workflow built without input, e.g. by ``monai.bundle.load``)."""
     if datalist:
         return load_datalist(datalist, key)
-    if not image:
+    if image:
+        for flag, path in (("--input_image", image), ("--input_mask", mask)):
+            if path is not None and not Path(path).is_file():
+                raise InputError(
+                    f"{flag} {path}: file not found; check the path (relative paths start at {Path.cwd()})."
+                )
+        return [{"image": str(image)} if mask is None else {"image": str(image), "brainmask": str(mask)}]
+    if not dataset_dir:
         return []
-    for flag, path in (("--input_image", image), ("--input_mask", mask)):
-        if path is not None and not Path(path).is_file():
-            raise InputError(f"{flag} {path}: file not found; check the path (relative paths start at {Path.cwd()}).")
-    return [{"image": str(image)} if mask is None else {"image": str(image), "brainmask": str(mask)}]
+    folder = Path(dataset_dir)
+    if not folder.is_dir():
+        raise InputError(
+            f"--dataset_dir {folder}: no such folder; check the path (relative paths start at {Path.cwd()})."
+        )
+    if (folder / "datalist.json").is_file():
+        return load_datalist(folder / "datalist.json", key)
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+    if not images:
+        raise InputError(
+            f"--dataset_dir {folder} holds neither a datalist.json nor NIfTI images; pass a folder of skull-stripped "
+            "scans, or --datalist / --input_image."
+        )
+    logger.info("--dataset_dir %s: scoring its %d NIfTI images as skull-stripped volumes", folder, len(images))
+    return [{"image": str(p)} for p in images]
 
 
 class AnomalyInference:
@@ -145,7 +167,10 @@ class AnomalyInference:
         """Score every item of ``dataset`` (preprocessed by ``transform``: ``image``, ``brainmask``); returns the
         paths written for each."""
         if not len(dataset):
-            raise InputError("nothing to score: pass --input_image IMAGE [--input_mask MASK] or --datalist DATALIST.")
+            raise InputError(
+                "nothing to score: pass --input_image IMAGE [--input_mask MASK], --datalist DATALIST or "
+                "--dataset_dir FOLDER."
+            )
         return [self.score(item) for item in dataset]
 
     def __call__(self, image: str | os.PathLike, mask: str | os.PathLike | None = None) -> dict[str, str]:
@@ -158,7 +183,7 @@ class AnomalyInference:
         image = Path(pre["image"].meta["filename_or_obj"])
         mask_file = pre["brainmask"].meta.get("filename_or_obj")
         mask = None if mask_file in (None, str(image)) else str(mask_file)  # a derived mask has the image's name
-        name = image.name.split(".nii")[0]
+        name = subject_name({"image": str(image), SUBJECT_KEY: pre.get(SUBJECT_KEY)})
         outputs = {
             "anomaly": self.output_dir / f"{name}_anomaly.nii.gz",
             "seg": self.output_dir / f"{name}_seg.nii.gz",

@@ -4,8 +4,9 @@
 
 The entries go under the layout's role (``training`` for healthy sets, ``test`` for labelled ones) unless
 ``--key`` says otherwise; other keys already in ``--out`` are kept, so one file can hold a healthy training list
-and a test list, and ``--append`` adds to a key's entries (e.g. two test sets in one list). Paths are written
-relative to the datalist's folder.
+and a test list, and ``--append`` adds to a key's entries (e.g. two test sets in one list; a subject already
+listed gets its id suffixed with the modality, e.g. ``patient01_FLAIR``). Paths are written relative to the
+datalist's folder.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
                     if entry.get(k) is not None:
                         entry[k] = str(base / entry[k])
         key = args.key or LAYOUTS[args.layout].role
-        datalist[key] = (datalist.get(key, []) if args.append else []) + entries
+        kept = datalist.get(key, []) if args.append else []
+        taken = {entry.get("subject") for entry in kept}
+        modality = (args.modality or LAYOUTS[args.layout].default_modality).upper()
+        for entry in entries:  # e.g. a second sequence of the same subjects: its outputs need their own names
+            if entry["subject"] in taken:
+                entry["subject"] = f"{entry['subject']}_{modality}"
+        datalist[key] = kept + entries
         write_datalist(datalist, out)
     except (InputError, OSError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -222,6 +222,8 @@ def test_evaluation_on_real_labelled_scans(evaluated_run, shared_data, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_subjects"] == 2 and metrics["n_slices"] > 200
     assert 0.0 <= metrics["pixel_auroc"]["combined"] <= 1.0
+    with open(tmp_path / "per_subject.csv", newline="") as table:  # named by the layouts' subject ids (case folders)
+        assert [row["subject"] for row in csv.DictReader(table)] == ["pat0001", "patient07"]
 
 
 def test_one_subject_and_label_groups(evaluated_run, tiny_demo, tmp_path):

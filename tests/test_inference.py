@@ -18,7 +18,7 @@ from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.validation import InputError
-from pipeline.inference import AnomalyInference
+from pipeline.inference import AnomalyInference, inference_entries
 from pipeline.metrics import dice
 from pipeline.networks import CeVAEReconstruction
 
@@ -200,13 +200,36 @@ def test_threshold_choices(evaluated_run, tumour_case, tmp_path):
             tiny_inference(checkpoint, tmp_path / "x", **kwargs)(tumour_case["image"])
 
 
-def test_bundle_inference_config_single_and_batch(evaluated_run, tiny_demo, tumour_case, tmp_path):
+def test_bundle_inference_config_single_batch_and_dataset_dir(evaluated_run, tumour_case, tmp_path):
+    """``--input_image``, ``--datalist`` (laid out as BraTS lays out its cases: every file named alike, the subject
+    id in the entry) and MONAI's ``--dataset_dir`` (here a folder of scans without a datalist)."""
     out, _ = evaluated_run
     common = {"ckpt": str(out / "checkpoints" / "model.pt")}  # network and likelihood: from the training's config
-    for mode, extra in (("single", {"input_image": tumour_case["image"]}), ("batch", {"datalist": str(tiny_demo)})):
+    scans = tmp_path / "scans"
+    for case in ("pat0001", "pat0002"):
+        (scans / case).mkdir(parents=True)
+        (scans / case / "T1c.nii.gz").symlink_to(tumour_case["image"])
+    cases = [{"subject": c, "image": str(scans / c / "T1c.nii.gz")} for c in ("pat0001", "pat0002")]
+    datalist = tmp_path / "cases.json"
+    datalist.write_text(json.dumps({"test": cases}))
+    (scans / "patient.nii.gz").symlink_to(tumour_case["image"])
+    for mode, extra in (
+        ("single", {"input_image": tumour_case["image"]}),
+        ("batch", {"datalist": str(datalist)}),
+        ("folder", {"dataset_dir": str(scans)}),
+    ):
         inference_workflow(output_dir=str(tmp_path / mode), **common, **extra).run()
     assert len(list((tmp_path / "single").glob("*_anomaly.nii.gz"))) == 1
-    assert len(list((tmp_path / "batch").glob("*_seg.nii.gz"))) == 4
+    assert sorted(p.name for p in (tmp_path / "batch").glob("*_seg.nii.gz")) == [
+        "pat0001_seg.nii.gz",
+        "pat0002_seg.nii.gz",
+    ]
+    assert [p.name for p in (tmp_path / "folder").glob("*_seg.nii.gz")] == ["patient_seg.nii.gz"]
+    # negative control: without subject ids the second case's outputs would replace the first's, which is refused
+    datalist.write_text(json.dumps({"test": [{"image": c["image"]} for c in cases]}))
+    with pytest.raises(Exception) as refused:
+        inference_workflow(output_dir=str(tmp_path / "nameless"), **common, datalist=str(datalist)).run()
+    assert "T1c_anomaly.nii.gz exists" in str(input_error(refused.value))
     assert torch.load(out / "checkpoints" / "model.pt", weights_only=True)["model"]
 
 
@@ -258,11 +281,25 @@ def test_training_on_real_scans_then_inference_on_a_patient(shared_data, tmp_pat
 
 
 def test_a_missing_input_names_the_flag_not_a_datalist(tumour_case, tmp_path):
-    from pipeline.inference import inference_entries
-
     assert inference_entries(image=tumour_case["image"]) == [{"image": tumour_case["image"]}]  # negative control
     with pytest.raises(InputError, match=r"^--input_image .*nope.nii.gz: file not found; check the path") as refused:
         inference_entries(image=tmp_path / "nope.nii.gz")
     assert "datalist" not in str(refused.value)
     with pytest.raises(InputError, match=r"^--input_mask .*mask.nii.gz: file not found"):
         inference_entries(image=tumour_case["image"], mask=tmp_path / "mask.nii.gz")
+
+
+def test_dataset_dir_entries_come_from_its_datalist_or_its_images(tiny_demo, tumour_case, tmp_path):
+    from_datalist = inference_entries(dataset_dir=Path(tiny_demo).parent)  # the demo folder: its datalist.json
+    assert from_datalist == load_datalist(tiny_demo, "test") and len(from_datalist) == 4
+    assert inference_entries(dataset_dir=Path(tiny_demo).parent, key="training") == load_datalist(tiny_demo, "training")
+    assert inference_entries(dataset_dir=None) == []  # a workflow built without input (monai.bundle.load)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"^--dataset_dir .*empty holds neither a datalist.json nor NIfTI images"):
+        inference_entries(dataset_dir=tmp_path / "empty")
+    with pytest.raises(InputError, match=r"^--dataset_dir .*absent: no such folder"):
+        inference_entries(dataset_dir=tmp_path / "absent")
+    # an explicit datalist or image wins over the folder
+    assert inference_entries(image=tumour_case["image"], dataset_dir=Path(tiny_demo).parent) == [
+        {"image": tumour_case["image"]}
+    ]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import REPO, save_nifti, script_main
 
-from pipeline.data.datalist import load_datalist
+from pipeline.data.datalist import load_datalist, subject_name
 from pipeline.data.preparers import LAYOUTS, prepare_entries
 from pipeline.data.validation import InputError
 
@@ -53,25 +53,26 @@ def make_tree(root, layout):
                 save_nifti(VOL, root / c / f"{m}.nii.gz")
 
 
-EXPECTED = {  # layout -> (modality, substring of every image name, keys of every entry)
-    "hcp": ("t1", "T1w_acpc_dc_restore_brain", {"image"}),
-    "ixi": (None, "_T1.nii.gz", {"image", "brainmask"}),
-    "brats2017": ("T1c", "_t1ce.nii.gz", {"image", "label"}),
-    "isles2015": ("flair", "MR_Flair", {"image", "label"}),
-    "brats2013-deepmedic": (None, "T1c_subtrMeanDivStd", {"image", "brainmask", "label"}),
-    "open-ms": ("T1C", "T1POST", {"image", "label"}),
-    "brats-toolkit": ("flair", "fla_bet", {"image", "label"}),
+EXPECTED = {  # layout -> (modality, substring of every image name, keys of every entry, subject ids)
+    "hcp": ("t1", "T1w_acpc_dc_restore_brain", {"image"}, ["100307", "100408"]),
+    "ixi": (None, "_T1.nii.gz", {"image", "brainmask"}, ["IXI002-Guys-0828", "IXI012-HH-1211"]),
+    "brats2017": ("T1c", "_t1ce.nii.gz", {"image", "label"}, ["Brats17_2013_2_1", "Brats17_TCIA_101_1"]),
+    "isles2015": ("flair", "MR_Flair", {"image", "label"}, ["1", "2"]),
+    "brats2013-deepmedic": (None, "T1c_subtrMeanDivStd", {"image", "brainmask", "label"}, ["pat0001", "pat0002"]),
+    "open-ms": ("T1C", "T1POST", {"image", "label"}, ["patient01", "patient02"]),
+    "brats-toolkit": ("flair", "fla_bet", {"image", "label"}, ["TCGA-DU-7294", "TCGA-DU-7300"]),
 }
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_each_layout_finds_its_cases(tmp_path, layout):
+def test_each_layout_finds_its_cases_with_their_subject_ids(tmp_path, layout):
     make_tree(tmp_path, layout)
-    modality, token, keys = EXPECTED[layout]
+    modality, token, keys, subjects = EXPECTED[layout]
     entries = prepare_entries(layout, tmp_path, modality)
     assert len(entries) == 2
     for entry in entries:
-        assert set(entry) == keys and token in entry["image"]
+        assert set(entry) == keys | {"subject"} and token in entry["image"]
+    assert [e["subject"] for e in entries] == subjects
 
 
 def test_missing_label_and_grid_mismatch_are_all_reported(tmp_path):
@@ -145,6 +146,7 @@ def test_cli_writes_relative_paths_and_merges_keys(tmp_path):
     assert len(content["training"]) == 2 and len(content["test"]) == 4
     assert content["test"][0]["image"] == "../ms/patient01/T1.nii.gz"
     assert load_datalist(out, "test")[3]["image"].endswith("patient02/FLAIR.nii.gz")
+    assert [e["subject"] for e in content["test"]] == ["patient01", "patient02", "patient01_FLAIR", "patient02_FLAIR"]
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
@@ -176,6 +178,9 @@ def test_cli_reports_errors_without_traceback(tmp_path):
         ('{"training": []}', "non-empty"),
         ('{"training": [{"brainmask": "m.nii.gz"}]}', "lacks \\['image'\\]"),
         ('{"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]}', "2 problem"),
+        ('{"training": [{"image": "a.nii.gz", "subject": "x/y"}]}', "'subject' must be a non-empty name without '/'"),
+        ('{"training": [{"image": "a.nii.gz", "subject": 7}]}', "'subject' must be a non-empty name"),
+        ('{"training": [{"image": "a.nii.gz", "subject": "s"}, {"image": "a.nii.gz", "subject": "s"}]}', "not unique"),
     ],
 )
 def test_datalist_errors(tmp_path, content, message):
@@ -199,3 +204,16 @@ def test_train_val_split_prefers_an_explicit_validation_list(tmp_path):
     path.write_text(json.dumps({"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}]}))
     training, validation = train_val_split(path, 0.5, seed=0)
     assert len(training) == 1 and len(validation) == 1
+
+
+def test_subject_ids_name_the_outputs_where_file_names_repeat(tmp_path):
+    """BraTS-like layouts name every subject's file alike: the entries' subject ids tell them apart (loaded
+    unchanged, used by subject_name); without one the file name is all there is (negative control)."""
+    for case in ("pat0001", "pat0002"):
+        save_nifti(VOL, tmp_path / case / "T1c.nii.gz")
+    entries = [{"subject": c, "image": f"{c}/T1c.nii.gz"} for c in ("pat0001", "pat0002")]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"test": entries}))
+    loaded = load_datalist(path, "test")
+    assert [subject_name(e) for e in loaded] == ["pat0001", "pat0002"]
+    assert [subject_name({"image": e["image"]}) for e in loaded] == ["T1c", "T1c"]

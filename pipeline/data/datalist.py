@@ -14,9 +14,10 @@ from pathlib import Path
 from pipeline.data.validation import InputError, read_json
 from pipeline.io import atomic_write_json
 
-__all__ = ["PATH_KEYS", "load_datalist", "split_subjects", "write_datalist"]
+__all__ = ["PATH_KEYS", "SUBJECT_KEY", "load_datalist", "split_subjects", "subject_name", "write_datalist"]
 
 PATH_KEYS = ("image", "brainmask", "label")
+SUBJECT_KEY = "subject"  # optional: the subject's id, which every output about the entry is named by
 
 
 def load_datalist(
@@ -50,6 +51,11 @@ def load_datalist(
             problems.append(f"entry {i} lacks {missing_keys}")
             continue
         item = dict(entry)
+        subject = item.get(SUBJECT_KEY)
+        if subject is not None and not _valid_subject(subject):
+            problems.append(f"entry {i} '{SUBJECT_KEY}' must be a non-empty name without '/', got {subject!r}")
+        elif subject is not None and any(other.get(SUBJECT_KEY) == subject for other in resolved):
+            problems.append(f"entry {i} '{SUBJECT_KEY}' {subject!r} is not unique")
         for k in PATH_KEYS:
             if item.get(k) is None:
                 continue
@@ -68,6 +74,21 @@ def load_datalist(
             "Fix the paths or regenerate the datalist."
         )
     return resolved
+
+
+def _valid_subject(subject: object) -> bool:
+    return (
+        isinstance(subject, str)
+        and subject.strip() not in ("", ".", "..")
+        and "/" not in subject
+        and "\\" not in subject
+    )
+
+
+def subject_name(entry: dict) -> str:
+    """What outputs about ``entry`` are named by: its ``subject`` id, else its image file's name without the NIfTI
+    extension (which layouts that name every subject's file alike, e.g. BraTS2013, do not tell apart)."""
+    return entry.get(SUBJECT_KEY) or Path(entry["image"]).name.split(".nii")[0]
 
 
 def write_datalist(datalist: Mapping[str, Sequence[dict]], path: str | os.PathLike) -> Path:

@@ -17,7 +17,8 @@ it for development (choosing options), not to report results.
 
 :func:`prepare_entries` finds the entries, then checks every one (files readable as 3D NIfTI, mask/label present,
 same shape and affine as the image) and raises one :class:`~pipeline.data.validation.InputError` listing every
-problem.
+problem. Every entry carries the ``subject`` id of its layout (the case folder, or the IXI subject), which the
+outputs about it are named by.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _one(folder: Path, pattern: str) -> Path | None:
 
 def _find_hcp(root: Path, token: str) -> tuple[list[dict], list[str]]:
     images = sorted(root.rglob(f"{token}_acpc_dc_restore_brain.nii.gz"))
-    return [{"image": str(p)} for p in images], []
+    return [{"subject": p.relative_to(root).parts[0], "image": str(p)} for p in images], []
 
 
 def _find_ixi(root: Path, token: str) -> tuple[list[dict], list[str]]:
@@ -79,7 +80,7 @@ def _find_ixi(root: Path, token: str) -> tuple[list[dict], list[str]]:
         if mask is None:
             problems.append(f"{image}: no mask or segmentation '{subject}_*' in {root / 'segmentations'}")
             continue
-        entries.append({"image": str(image), "brainmask": str(mask)})
+        entries.append({"subject": subject, "image": str(image), "brainmask": str(mask)})
     return entries, problems
 
 
@@ -91,7 +92,7 @@ def _find_brats2017(root: Path, token: str) -> tuple[list[dict], list[str]]:
         if not label.is_file():
             problems.append(f"{image}: label {label.name} is missing")
             continue
-        entries.append({"image": str(image), "label": str(label)})
+        entries.append({"subject": case, "image": str(image), "label": str(label)})
     return entries, problems
 
 
@@ -105,7 +106,7 @@ def _find_isles2015(root: Path, token: str) -> tuple[list[dict], list[str]]:
         if label is None:
             problems.append(f"{image}: no label VSD.Brain.XX.O.OT.* in {case}")
             continue
-        entries.append({"image": str(image), "label": str(label)})
+        entries.append({"subject": case.name, "image": str(image), "label": str(label)})
     return entries, problems
 
 
@@ -117,7 +118,14 @@ def _find_brats2013(root: Path, token: str) -> tuple[list[dict], list[str]]:
         if missing:
             problems.append(f"{image}: {missing} missing in {image.parent}")
             continue
-        entries.append({"image": str(image), "brainmask": str(found["brainmask"]), "label": str(found["label"])})
+        entries.append(
+            {
+                "subject": image.parent.name,
+                "image": str(image),
+                "brainmask": str(found["brainmask"]),
+                "label": str(found["label"]),
+            }
+        )
     return entries, problems
 
 
@@ -129,7 +137,7 @@ def _images_with_label(root: Path, pattern: str, label_name: str) -> tuple[list[
         if not label.is_file():
             problems.append(f"{image}: {label_name} is missing in {image.parent}")
             continue
-        entries.append({"image": str(image), "label": str(label)})
+        entries.append({"subject": image.parent.name, "image": str(image), "label": str(label)})
     return entries, problems
 
 

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.calibration import LabelFreeCalibration
-from pipeline.data.datalist import load_datalist
+from pipeline.data.datalist import load_datalist, subject_name
 from pipeline.data.slices import SliceSelection
 from pipeline.data.validation import InputError
 from pipeline.evaluation.figures import plot_curves, plot_panels
@@ -276,8 +276,8 @@ class AnomalyEvaluation:
         entries = load_datalist(self.labelled.datalist, self.labelled.key, required=("image", "label"))
         subjects, panels = [], []
         for i, entry in enumerate(entries):
-            name = entry.get("name") or Path(entry["image"]).name.split(".nii")[0]
-            if any(s.name == name for s in subjects):
+            name = subject_name(entry)
+            if any(s.name == name for s in subjects):  # file names without subject ids can repeat
                 name = f"{name}_{i}"
             subject, slices = self.score_subject(name, self.transform(entry))
             subjects.append(subject)
