@@ -9,9 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_data
 DEMO_EPOCHS ?= 15
 DEMO_SEEDS ?= 0 1 2
+SHARED_DATA ?= ../shared/data
+PRETRAINED_DIR ?= runs/pretrained
+WEIGHTS_URL ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean
+.PHONY: demo pretrained test lint format install clean
 
 install: $(STAMP)
 
@@ -24,6 +27,26 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python scripts/compare.py --demo-dir $(DEMO_DIR) --output-dir runs/demo --seeds $(DEMO_SEEDS) --epochs $(DEMO_EPOCHS)
+
+# The bundle's pretrained model: the defaults trained on the healthy IXI T1 cohort (seed 0; 36 training and 4
+# validation subjects), evaluated on the BraTS2013 T1c development cases and exported as the Zoo bundle
+# $(PRETRAINED_DIR)/cevae_ixi_t1.zip; WEIGHTS_URL is where its models/model.pt will be served (large_files.yml).
+# About 15 min on 2 CPU cores. docs/benchmarks.md, "The pretrained model", has its figures.
+PRETRAINED_RUN := $(PRETRAINED_DIR)/cevae_ixi_t1
+pretrained: $(STAMP)
+	$(BIN)/python scripts/prepare_datalist.py --layout ixi --root $(SHARED_DATA)/ixi_t1 --modality T1 --skip-incomplete \
+		--out $(PRETRAINED_DIR)/datalist.json
+	$(BIN)/python scripts/prepare_datalist.py --layout brats2013-deepmedic --root $(SHARED_DATA)/brats2013 --modality T1c \
+		--out $(PRETRAINED_DIR)/datalist.json
+	$(BIN)/python -m monai.bundle run training --config_file bundles/cevae/configs/train.json \
+		--datalist $(PRETRAINED_DIR)/datalist.json --output_dir $(PRETRAINED_RUN) --run_name cevae_ixi_t1 --progress_bar False
+	$(BIN)/python -m monai.bundle run evaluating \
+		--config_file "['bundles/cevae/configs/train.json','bundles/cevae/configs/evaluate.json']" \
+		--datalist $(PRETRAINED_DIR)/datalist.json --output_dir $(PRETRAINED_RUN) --run_name cevae_ixi_t1 \
+		--label_groups "{'core': [1, 3, 4], 'oedema': [2]}" --eval_name brats2013_t1c \
+		--eval_output_dir $(PRETRAINED_RUN)/brats2013_t1c
+	$(BIN)/python scripts/export_bundle.py --out $(PRETRAINED_DIR)/cevae_ixi_t1.zip \
+		--checkpoint $(PRETRAINED_RUN)/checkpoints/model.pt --weights-url "$(WEIGHTS_URL)"
 
 # black, isort, flake8 and pytype, as the Model Zoo's code-format check runs them (pyproject.toml, .flake8; pytype at
 # its defaults, on the library that the bundle ships and the entry points); `make format` applies the first two.
