@@ -303,7 +303,7 @@ def test_self_contained_zip_runs_without_the_repository_from_any_folder(exported
         [sys.executable, "-c", launcher, *training, *TINY_NET], cwd=caller, capture_output=True, text=True, env=CLI_ENV
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (root / "runs" / "cevae" / "checkpoints" / "model.pt").is_file()
+    assert (root / "runs" / "cevae-seed0" / "checkpoints" / "model.pt").is_file()  # runs/<variant>-seed<seed>
     assert list(caller.iterdir()) == []
 
 

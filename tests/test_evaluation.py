@@ -144,7 +144,7 @@ def test_outputs_threshold_and_mlflow(evaluated_run):
     assert calibrated["postprocessed"]["combined"] == metrics["postprocessed"]["dice_split"]["combined"]["threshold"]
     client = MlflowClient(f"sqlite:///{out}/mlruns.db")
     (run,) = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
-    assert run.info.run_name == "cevae", "evaluation logs into the run that trained the checkpoint"
+    assert run.info.run_name == "cevae-seed0", "evaluation logs into the run that trained the checkpoint"
     assert run.data.metrics["eval/paper/pixel_auroc/rec"] == pytest.approx(metrics["pixel_auroc"]["rec"])
     assert run.data.metrics["eval/operating_point/dice"] == pytest.approx(point["dice"])
     logged = run.data.metrics

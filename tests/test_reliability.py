@@ -17,6 +17,7 @@ from conftest import REPO, MlflowServer, input_error, script_main
 from ignite.engine import Events
 from mlflow import MlflowClient
 
+from pipeline.io import file_sha256
 from pipeline.tracking.scan_model import example_scan
 
 TINY_ARGS = [
@@ -212,6 +213,11 @@ def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tw
         assert logged_epochs(client, run_id, "val_neg_elbo") == [1, 2, 3, 4, 5, 6]
         assert "healthy_rec_mse" in run.data.metrics and "eval/paper/pixel_auroc/rec" in run.data.metrics
         assert run.info.status == "FINISHED"
+        inputs = {(i.dataset.digest, i.tags[0].value) for i in run.inputs.dataset_inputs}  # the test list: spooled
+        assert inputs == {
+            (file_sha256(tiny_demo)[:16], "training"),
+            (file_sha256(two_test_subjects)[:16], "evaluation"),
+        }
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert {"model.pt", "threshold.json", "evaluation"} <= artifacts
         mlflow.set_tracking_uri(server.uri)  # the MLflow model, logged while the server was down: sent by the sync

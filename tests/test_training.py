@@ -27,6 +27,7 @@ from pipeline.engines import CeVAETrainer
 from pipeline.engines.checkpoint import AtomicCheckpointSaver
 from pipeline.engines.handlers import HealthyCalibration, StopOnNonFiniteLoss, TrainingStopped, raise_if_stopped
 from pipeline.healthy import healthy_brain_maps, healthy_thresholds
+from pipeline.io import file_sha256
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES
@@ -77,7 +78,7 @@ def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
     client = MlflowClient(f"sqlite:///{out}/mlruns.db")
     experiment = client.get_experiment_by_name("cevae")
     (run,) = client.search_runs(experiment.experiment_id)
-    assert run.info.run_name == "cevae" and run.info.status == "FINISHED"
+    assert run.info.run_name == "cevae-seed0" and run.info.status == "FINISHED"  # <variant>-seed<seed>
     hyper = {
         "model_variant",
         "overlay_name",
@@ -119,6 +120,9 @@ def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
     }
     assert set(run.data.params) == hyper | extra
     assert run.data.params["model_variant"] == "cevae" and run.data.params["ce_weight"] == "0.5"
+    (data,) = run.inputs.dataset_inputs  # the healthy datalist as the run's dataset input, with its digest
+    assert data.dataset.digest == run.data.params["datalist_sha256"] == file_sha256(run.data.params["datalist"])[:16]
+    assert [(t.key, t.value) for t in data.tags] == [("mlflow.data.context", "training")]
     tags = run.data.tags  # as mlflow.start_run would tag it, plus this code's commit and a description
     try:
         user = getpass.getuser()
@@ -252,6 +256,7 @@ def test_vae_runs_one_forward_pass_per_step(tiny_demo, tmp_path):
         workflow.run()
         trainer = workflow.parser.get_parsed_content("train#trainer")
         counts[variant] = (counter, len(workflow.parser.get_parsed_content("train#dataset")), trainer.state.iteration)
+        assert workflow.parser.get_parsed_content("run_name") == f"{variant}-seed0"  # MLflow's run name
         workflow.finalize()
     for variant, per_slice in (("vae", 1), ("cevae", 2)):
         counter, slices, steps = counts[variant]

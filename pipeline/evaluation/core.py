@@ -303,5 +303,13 @@ class AnomalyEvaluation:
             name, list(self.configs), self.labelled.label_groups, self.default["quantile"], results
         )
         if not tracking_off(self.tracking_uri):
-            log_to_mlflow(metrics, name, self.checkpoint, self.output_dir, self.tracking_uri, self.experiment_name)
+            log_to_mlflow(
+                metrics,
+                name,
+                self.checkpoint,
+                self.output_dir,
+                self.tracking_uri,
+                self.experiment_name,
+                Path(self.labelled.datalist),
+            )
         return results

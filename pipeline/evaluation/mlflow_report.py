@@ -57,10 +57,12 @@ def log_to_mlflow(
     output_dir: Path,
     tracking_uri: str | None,
     experiment_name: str,
+    datalist: Path,
 ) -> None:
-    """Log ``metrics`` and the evaluation's files (artifact folder ``evaluation/<name>``) into the MLflow run that
-    trained ``checkpoint`` (its ``mlflow_run.json``), or into a new run ``evaluation`` closed at the end; through a
-    spool that survives a tracking outage."""
+    """Log ``metrics``, the test ``datalist`` (a dataset input, context ``evaluation``) and the evaluation's files
+    (artifact folder ``evaluation/<name>``) into the MLflow run that trained ``checkpoint`` (its
+    ``mlflow_run.json``), or into a new run ``evaluation`` closed at the end; through a spool that survives a
+    tracking outage."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -68,6 +70,7 @@ def log_to_mlflow(
         RUN_INFO_FILENAME,
         SPOOL_DIRNAME,
         SpooledClient,
+        datalist_input,
         experiment_id,
         report_pending,
         resolve_tracking_uri,
@@ -91,6 +94,7 @@ def log_to_mlflow(
     metrics = [Metric(key, value, now, 0) for key, value in metrics.items()]
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    client.log_inputs(run_id, [datalist_input(datalist, "evaluation")])
     folder = f"evaluation/{name}"
     for name in ("metrics.json", "per_subject.csv", "curves.json", "roc_pr.png", "panels.png"):
         if (output_dir / name).is_file():

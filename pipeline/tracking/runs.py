@@ -6,6 +6,7 @@ value, else a SQLite store ``<output_dir>/mlruns.db`` (MLflow 3 rejects the plai
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from mlflow.entities import RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri, path_to_uri
 
@@ -145,6 +146,19 @@ def datalist_fingerprint(path: str | os.PathLike) -> str:
     return file_sha256(path)[:16]
 
 
+def datalist_input(datalist: str | os.PathLike, context: str) -> DatasetInput:
+    """``datalist`` as an MLflow dataset input of a run (its "Datasets" on the run page): named by its folder and file,
+    with the fingerprint of :func:`datalist_fingerprint` as digest and ``context`` (``training``, ``evaluation``)."""
+    path = Path(datalist).resolve()
+    dataset = Dataset(
+        name=f"{path.parent.name}/{path.name}",
+        digest=datalist_fingerprint(path),
+        source_type="local",
+        source=json.dumps({"uri": str(path)}),
+    )
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(
@@ -222,6 +236,9 @@ class MLflowRunHandler(MLFlowHandler):
             self.cur_run = recorded or self.client.create_run(
                 experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags
             )
+            datalist = (self.experiment_param or {}).get("datalist")
+            if recorded is None and datalist:  # the healthy training data, with its digest
+                self.client.log_inputs(self.cur_run.info.run_id, [datalist_input(datalist, "training")])
             if self.run_info_path is not None:
                 atomic_write_json(
                     {

@@ -23,7 +23,7 @@ import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from pipeline.io import atomic_write_text, file_lock
 from pipeline.tracking.model import COMPANION_FILES, ModelLogging
@@ -130,6 +130,21 @@ class SpooledClient:
             {"op": "log_artifact", "run_id": run_id, "local_path": str(local_path), "artifact_path": artifact_path}
         )
 
+    def log_inputs(self, run_id: str, datasets: list[DatasetInput]) -> None:
+        self._write(
+            {
+                "op": "log_inputs",
+                "run_id": run_id,
+                "datasets": [
+                    {
+                        "dataset": [i.dataset.name, i.dataset.digest, i.dataset.source_type, i.dataset.source],
+                        "tags": [[t.key, t.value] for t in i.tags],
+                    }
+                    for i in datasets
+                ],
+            }
+        )
+
     def log_model(self, run_id: str, model_logging) -> None:
         """Log the trained model (:class:`~pipeline.tracking.model.ModelLogging`); spooled with a copy of its
         checkpoint, ``config.json`` and ``threshold.json``."""
@@ -174,6 +189,11 @@ class SpooledClient:
             self.client.log_artifact(entry["run_id"], entry["local_path"], entry["artifact_path"])
         elif op == "set_terminated":
             self.client.set_terminated(entry["run_id"], entry["status"], entry["end_time"])
+        elif op == "log_inputs":
+            datasets = [
+                DatasetInput(Dataset(*d["dataset"]), [InputTag(*t) for t in d["tags"]]) for d in entry["datasets"]
+            ]
+            self.client.log_inputs(entry["run_id"], datasets)
         elif op == "log_model":
             ModelLogging(entry["checkpoint"], entry["registered_name"])(self.client.tracking_uri, entry["run_id"])
         else:
