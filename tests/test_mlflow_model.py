@@ -23,6 +23,8 @@ from conftest import REPO, input_error
 from monai.bundle import ConfigWorkflow
 
 from pipeline.data.datalist import load_datalist, write_datalist
+from pipeline.data.validation import InputError
+from pipeline.tracking import ModelLogging
 from pipeline.tracking.scan_model import example_scan
 
 EPOCHS = 2
@@ -56,6 +58,8 @@ def tracked(tiny_demo, two_test_subjects, tmp_path_factory):
         *common,
         "--register_model",
         "cevae-tiny",
+        "--register_alias",
+        "champion",
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     evaluated = bundle_run("evaluating", "--config_file", EVALUATE, *common, "--eval_datalist", str(two_test_subjects))
@@ -84,8 +88,9 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def test_the_logged_model_takes_a_scan_is_served_and_equals_run_inference(tracked, tmp_path):
-    """The registered MLflow model is a pyfunc with the preprocessing, anomaly map and operating point inside:
+def test_the_logged_model_takes_a_scan_is_served_and_equals_run_inference(tracked, tiny_demo, tmp_path):
+    """The registered MLflow model (a version with a description, the alias asked for) is a pyfunc with the
+    preprocessing, anomaly map and operating point inside:
     ``mlflow models serve`` answers a request with a scan over loopback, and the mask it returns is ``run
     inference``'s on the same scan (non-empty, so that the comparison means something)."""
     out, _, client, run_id = tracked
@@ -111,6 +116,9 @@ def test_the_logged_model_takes_a_scan_is_served_and_equals_run_inference(tracke
     assert 0 < expected_seg.sum() < scan["brainmask"].sum()
     (version,) = client.search_model_versions("name='cevae-tiny'")
     assert version.run_id == run_id and version.status == "READY"
+    assert client.get_model_version_by_alias("cevae-tiny", "champion").version == version.version
+    assert version.description.startswith("cevae (ce_weight 0.5) trained on the healthy subjects of ")
+    assert str(tiny_demo) in version.description and run_id in version.description
     port = free_port()
     # as in an activated environment: MLflow starts `uvicorn` by name
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -185,3 +193,9 @@ def test_evaluations_on_two_test_sets_keep_both_results(tracked, tiny_demo, tmp_
     assert "other/postprocessed/pixel_auroc/combined" in after
     calibrated = json.loads((out / "checkpoints" / "threshold.json").read_text())["calibrated"]
     assert set(calibrated) == {"eval", "other"}
+
+
+def test_an_alias_without_a_registered_model_is_refused(tmp_path):
+    with pytest.raises(InputError, match="--register_alias champion names a version of a registered model"):
+        ModelLogging(tmp_path / "model.pt", None, "champion")
+    assert ModelLogging(tmp_path / "model.pt", "cevae", "champion").alias == "champion"  # negative control

@@ -18,7 +18,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.run_record import EXECUTED_CONFIG
+from pipeline.data.validation import InputError
+from pipeline.run_record import EXECUTED_CONFIG, training_config
 from pipeline.thresholds import THRESHOLD_FILENAME
 
 __all__ = ["COMPANION_FILES", "REQUIREMENTS", "ModelLogging"]
@@ -37,11 +38,29 @@ class ModelLogging:
 
     Args:
         checkpoint: the best epoch's ``model.pt`` (its ``config.json`` and ``threshold.json`` beside it).
-        registered_name: also register the model as a new version of this name in the Model Registry.
+        registered_name: also register the model as a new version of this name in the Model Registry, described by
+            what it was trained on (variant, datalist and its digest, seed, epochs) and the run that trained it.
+        alias: and point this alias of ``registered_name`` (e.g. ``champion``) at the new version.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, registered_name: str | None = None) -> None:
-        self.checkpoint, self.registered_name = Path(checkpoint), registered_name or None
+    def __init__(
+        self, checkpoint: str | os.PathLike, registered_name: str | None = None, alias: str | None = None
+    ) -> None:
+        if alias and not registered_name:
+            raise InputError(
+                f"--register_alias {alias} names a version of a registered model; add --register_model NAME."
+            )
+        self.checkpoint, self.registered_name, self.alias = Path(checkpoint), registered_name or None, alias or None
+
+    def description(self, run_id: str) -> str:
+        """The registered version's description: what trained it, from the checkpoint's executed config."""
+        trained = training_config(self.checkpoint)  # as written: values given, expressions unevaluated
+        ce_weight = trained.get("ce_weight", "?")
+        return (
+            f"{'vae' if ce_weight == 0 else 'cevae'} (ce_weight {ce_weight}) trained on the healthy "
+            f"subjects of {trained.get('datalist') or 'the demo data'}, seed {trained.get('seed', '?')}, "
+            f"{trained.get('epochs', '?')} epochs (best validation ELBO kept); MLflow run {run_id}."
+        )
 
     def __call__(self, tracking_uri: str, run_id: str) -> None:
         import mlflow
@@ -62,7 +81,7 @@ class ModelLogging:
             mlflow.set_tracking_uri(tracking_uri)
             try:
                 with mlflow.start_run(run_id=run_id):
-                    mlflow.pyfunc.log_model(
+                    logged = mlflow.pyfunc.log_model(
                         name="model",
                         python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
                         artifacts={"trained": str(trained)},
@@ -74,6 +93,12 @@ class ModelLogging:
                     )
             finally:
                 mlflow.set_tracking_uri(previous)
+        if self.registered_name:
+            client = mlflow.MlflowClient(tracking_uri)
+            version = str(logged.registered_model_version)
+            client.update_model_version(self.registered_name, version, description=self.description(run_id))
+            if self.alias:
+                client.set_registered_model_alias(self.registered_name, self.alias, version)
 
 
 def _pinned(distribution: str) -> str:

@@ -154,6 +154,7 @@ class SpooledClient:
                 "run_id": run_id,
                 "checkpoint": str(model_logging.checkpoint),
                 "registered_name": model_logging.registered_name,
+                "alias": model_logging.alias,
             }
         )
 
@@ -195,7 +196,8 @@ class SpooledClient:
             ]
             self.client.log_inputs(entry["run_id"], datasets)
         elif op == "log_model":
-            ModelLogging(entry["checkpoint"], entry["registered_name"])(self.client.tracking_uri, entry["run_id"])
+            logging_ = ModelLogging(entry["checkpoint"], entry["registered_name"], entry.get("alias"))
+            logging_(self.client.tracking_uri, entry["run_id"])
         else:
             raise ValueError(f"unknown spooled operation {op!r} in {self.spool}")
 
