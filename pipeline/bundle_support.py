@@ -21,6 +21,7 @@ from pipeline.data.validation import InputError
 from pipeline.io import WriteError, atomic_write_json
 from pipeline.networks import ARCHITECTURE_KEYS
 from pipeline.run_record import EVALUATION_KEYS, EXECUTED_CONFIG, SCORING_KEYS, training_config
+from pipeline.thresholds import THRESHOLD_FILENAME
 from pipeline.weights import load_trained
 
 __all__ = [
@@ -104,6 +105,12 @@ def restore_training_state(
             logger.info("fine-tuning: network weights from %s", pretrained)
         return
     if not Path(checkpoint).is_file():
+        if (Path(checkpoint).parent / THRESHOLD_FILENAME).is_file():  # written when a training completes
+            raise InputError(
+                f"--resume: the run in {Path(checkpoint).parent} completed and kept no {Path(checkpoint).name} "
+                "(it is removed at the end unless --keep_last True); train further from its weights with "
+                f"--pretrained {Path(checkpoint).parent / 'model.pt'} and another --output_dir."
+            )
         if not (Path(checkpoint).parent / "model.pt").is_file():
             raise FileNotFoundError(
                 f"--resume: no checkpoint {checkpoint}; run training without --resume first, or give "

@@ -162,6 +162,16 @@ def prepare_training_dir(output_dir: str | os.PathLike, resume: bool = False, ov
     return folder
 
 
+def drop_resume_state(ckpt_dir: str | os.PathLike, keep: bool = False) -> None:
+    """After a completed training: delete ``last.pt`` (optimizer, trainer and RNG state, about 3x ``model.pt``), which
+    only a resume needs, unless ``keep`` (``--keep_last True``: to train the run further with ``--resume``)."""
+    last = Path(ckpt_dir) / "last.pt"
+    if keep or not last.is_file():
+        return
+    last.unlink()
+    logger.info("training completed: removed %s, kept only to resume (--keep_last True keeps it)", last)
+
+
 def prepare_evaluation_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Claim ``output_dir`` for an evaluation and refuse to replace another evaluation's results in it silently
     (``overwrite`` deletes :data:`EVALUATION_OUTPUTS` first). Returns the folder."""

@@ -25,6 +25,7 @@ TINY = {  # small enough for CI: ~100 slices of 64x64, a narrow net, 1 synthetic
     "min_brain_fraction": 0.3,
     "progress_bar": False,
     "synthetic_volumes": 1,
+    "keep_last": True,  # the tests inspect and resume finished runs' last.pt (the default removes it at the end)
 }
 
 

@@ -311,6 +311,19 @@ def test_resume_after_the_last_epoch_finishes_the_run_without_training_again(tin
     assert trainer["iteration"] == 3 * trainer["epoch_length"]
 
 
+def test_a_completed_run_keeps_no_resume_state_unless_asked(tiny_demo, tmp_path):
+    """By default a completed training removes last.pt (only a resume needs it; the runs of this suite keep it with
+    --keep_last True, the negative control); resuming such a run says how to train further instead."""
+    out = tmp_path / "run"
+    run_bundle(out, tiny_demo, epochs=1, keep_last=False)
+    assert {p.name for p in (out / "checkpoints").iterdir()} >= {"model.pt", "threshold.json", "config.json"}
+    assert not (out / "checkpoints" / "last.pt").exists()
+    with pytest.raises(Exception) as info:
+        run_bundle(out, tiny_demo, epochs=2, resume=True)
+    message = str(input_error(info.value))
+    assert "completed and kept no last.pt" in message and f"--pretrained {out / 'checkpoints' / 'model.pt'}" in message
+
+
 def test_resume_without_checkpoint_says_what_to_do(tiny_demo, tmp_path):
     with pytest.raises(Exception) as info:
         run_bundle(tmp_path / "none", tiny_demo, epochs=1, resume=True)
