@@ -86,7 +86,11 @@ def kill_in_second_child(args, out):
         text=True,
         start_new_session=True,  # its own process group: the comparison and the trainings it starts
     )
-    assert process.stdout.readline().startswith("cevae-0.5-seed0: trained and evaluated")
+    first_child = out / "runs" / "cevae-0.5-seed0"
+    progress = [process.stdout.readline() for _ in range(3)]  # each step says where its log goes, then the result
+    assert progress[0] == f"[1/2] cevae-0.5-seed0: training, log {first_child / 'training.log'}\n"
+    assert progress[1].startswith("[1/2] cevae-0.5-seed0: evaluating on ") and str(first_child) in progress[1]
+    assert progress[2].startswith("[1/2] cevae-0.5-seed0: trained and evaluated")
     killed = out / "runs" / "cevae-0.5-legacy_likelihood-seed0" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not killed.exists() and time.monotonic() < deadline:
@@ -111,7 +115,7 @@ def test_a_killed_comparison_resumes_and_mlflow_serves_and_rebuilds_it(tiny_demo
     assert main(args + ["--output-dir", str(out)]) == 2
     assert "holds the comparison" in capsys.readouterr().err, "a plain restart is refused"
     assert main(["--resume", "--output-dir", str(out)]) == 0
-    assert "cevae-0.5-seed0: done before, reused" in capsys.readouterr().out
+    assert "[1/2] cevae-0.5-seed0: done before, reused" in capsys.readouterr().out
     assert (out / "runs" / "cevae-0.5-seed0" / "checkpoints" / "model.pt").stat().st_mtime == first_child
     # the continued child has the weights of the same training uninterrupted
     legacy = "ceVAE (λ=0.5) + legacy_likelihood"

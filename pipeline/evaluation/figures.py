@@ -32,7 +32,7 @@ def plot_curves(curves: dict, configs: Sequence[str], path: Path) -> None:
             ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -89,7 +89,10 @@ def plot_panels(
         ]
         for col, (title, img) in enumerate(zip(columns, images)):
             ax = axes[row, col]
-            ax.imshow(np.asarray(img, np.float32).T, cmap="gray" if col in (0, 1, 2, 6) else "magma", origin="lower")
+            is_map = col in (3, 4, 5)
+            shown = ax.imshow(np.asarray(img, np.float32).T, cmap="magma" if is_map else "gray", origin="lower")
+            if is_map:  # the maps' own scales: each subject's map is drawn from its minimum to its maximum
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -98,5 +101,5 @@ def plot_panels(
     fig.suptitle(heading, fontsize=9)
     fig.tight_layout()
     with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

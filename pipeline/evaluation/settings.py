@@ -55,7 +55,7 @@ class Reporting:
 
     calibration_fraction: float = 0.2
     n_bootstrap: int = 1000
-    n_panels: int = 4
+    n_panels: int = 8
     seed: int = 0
 
 

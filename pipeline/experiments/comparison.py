@@ -270,26 +270,34 @@ class Comparison:
         plt.close(fig)
 
     def plot_bars(self, path: Path) -> None:
+        """One row per (test set, option set), one column per metric of :data:`BARS`: a bar per variant (mean over
+        seeds) with its seeds as dots; the variants' colours in one legend above."""
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
 
-        panels = [(s, c, m) for s in self.sets for c in self.configs for m in BARS]
-        cols = len(BARS)
-        fig, axes = plt.subplots(
-            len(panels) // cols, cols, figsize=(3.2 * cols, 3 * len(panels) // cols), squeeze=False
-        )
-        for ax, (test_set, config, metric) in zip(axes.ravel(), panels):
-            key = f"{test_set}/{config}/{metric}"
-            for i, variant in enumerate(self.variants):
-                values = finite(self.values[variant].get(key))
-                if values:
-                    ax.bar(i, np.mean(values), color=f"C{i}", alpha=0.6)
-                    ax.plot(np.full(len(values), i), values, "k.", ms=5)
-            ax.set_xticks(range(len(self.variants)), list(self.variants), fontsize=6, rotation=15)
-            ax.set_title(key, fontsize=8)
-            ax.set_ylim(bottom=0)
-        fig.tight_layout()
-        fig.savefig(path, dpi=80)
+        rows = [(s, c) for s in self.sets for c in self.configs]
+        height = 2.4 * len(rows) + 0.7
+        fig, axes = plt.subplots(len(rows), len(BARS), figsize=(2.9 * len(BARS), height), squeeze=False)
+        for r, (test_set, config) in enumerate(rows):
+            for c, metric in enumerate(BARS):
+                ax = axes[r, c]
+                for i, variant in enumerate(self.variants):
+                    values = finite(self.values[variant].get(f"{test_set}/{config}/{metric}"))
+                    if values:
+                        ax.bar(i, np.mean(values), color=f"C{i}", alpha=0.6)
+                        ax.plot(np.full(len(values), i), values, "k.", ms=5)
+                ax.set_xticks([])
+                ax.set_ylim(bottom=0)
+                ax.tick_params(labelsize=8)
+                if r == 0:
+                    ax.set_title(metric.replace("/", "\n"), fontsize=9)
+                if c == 0:
+                    ax.set_ylabel(f"{test_set}\n{config}", fontsize=9)
+        legend = [Patch(color=f"C{i}", alpha=0.6, label=v) for i, v in enumerate(self.variants)]
+        fig.legend(handles=legend, loc="upper center", ncol=len(legend), fontsize=9, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
+        fig.savefig(path, dpi=110)
         plt.close(fig)
 
     def write(self, out: Path, primary: str) -> list[Path]:

@@ -152,18 +152,20 @@ def run_children(client, parent: str, settings: dict, out: Path, experiment: str
     """Train and evaluate every (seed, overlay, CE weight) child of ``parent`` through the bundle; with ``resume``
     only what an interrupted comparison left undone."""
     sets = settings["test_sets"]
+    total, done = len(settings["seeds"]) * len(settings["overlays"]) * len(settings["ce_weights"]), 0
     try:
         for seed in settings["seeds"]:
             for overlay in settings["overlays"]:
                 extra = overlay_files(overlay)
                 for ce_weight in settings["ce_weights"]:
+                    done += 1
                     name = child_name(ce_weight, seed, overlay)
                     child_dir = out / "runs" / name
                     training, to_evaluate = (
                         child_progress(client, parent, name, list(sets), child_dir) if resume else ({}, list(sets))
                     )
                     if training is None and not to_evaluate:
-                        print(f"{name}: done before, reused", flush=True)
+                        print(f"[{done}/{total}] {name}: done before, reused", flush=True)
                         continue
                     common = {
                         "datalist": settings["datalist_train"],
@@ -179,6 +181,8 @@ def run_children(client, parent: str, settings: dict, out: Path, experiment: str
                     }
                     start = time.perf_counter()
                     if training is not None:
+                        step = "resuming its training" if training.get("resume") else "training"
+                        print(f"[{done}/{total}] {name}: {step}, log {child_dir / 'training.log'}", flush=True)
                         bundle(
                             "training",
                             ["train.json", *extra],
@@ -186,10 +190,12 @@ def run_children(client, parent: str, settings: dict, out: Path, experiment: str
                             {**common, "parent_run_id": parent, **training},
                         )
                     for set_name in to_evaluate:
+                        log = child_dir / f"evaluating_{set_name}.log"
+                        print(f"[{done}/{total}] {name}: evaluating on {set_name}, log {log}", flush=True)
                         bundle(
                             "evaluating",
                             ["train.json", *extra, "evaluate.json"],
-                            child_dir / f"evaluating_{set_name}.log",
+                            log,
                             {
                                 **common,
                                 "eval_datalist": sets[set_name],
@@ -198,7 +204,10 @@ def run_children(client, parent: str, settings: dict, out: Path, experiment: str
                                 "overwrite": resume,
                             },
                         )
-                    print(f"{name}: trained and evaluated in {time.perf_counter() - start:.0f} s", flush=True)
+                    print(
+                        f"[{done}/{total}] {name}: trained and evaluated in {time.perf_counter() - start:.0f} s",
+                        flush=True,
+                    )
     except BaseException:
         client.set_terminated(parent, "FAILED")
         raise
