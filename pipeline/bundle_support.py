@@ -104,14 +104,15 @@ def restore_training_state(
             load_trained(pretrained, objects["model"], device=device)
             logger.info("fine-tuning: network weights from %s", pretrained)
         return
+    folder = Path(checkpoint).parent
     if not Path(checkpoint).is_file():
-        if (Path(checkpoint).parent / THRESHOLD_FILENAME).is_file():  # written when a training completes
+        if (folder / THRESHOLD_FILENAME).is_file():  # written when a training completes
             raise InputError(
-                f"--resume: the run in {Path(checkpoint).parent} completed and kept no {Path(checkpoint).name} "
+                f"--resume: the run in {folder} completed and kept no {Path(checkpoint).name} "
                 "(it is removed at the end unless --keep_last True); train further from its weights with "
-                f"--pretrained {Path(checkpoint).parent / 'model.pt'} and another --output_dir."
+                f"--pretrained {folder / 'model.pt'} and another --output_dir."
             )
-        if not (Path(checkpoint).parent / "model.pt").is_file():
+        if not (folder / "model.pt").is_file():
             raise FileNotFoundError(
                 f"--resume: no checkpoint {checkpoint}; run training without --resume first, or give "
                 "the --output_dir of the run to resume."
@@ -119,7 +120,7 @@ def restore_training_state(
         logger.warning(  # killed or out of disk during its first save: nothing to continue, nothing to lose
             "--resume: the run in %s saved its best model.pt but no %s (it stopped during its first save); "
             "training starts from its first epoch",
-            Path(checkpoint).parent,
+            folder,
             Path(checkpoint).name,
         )
         return

@@ -41,7 +41,7 @@ def load_datalist(
     entries = content[key]
     if not isinstance(entries, list) or not entries:
         raise InputError(f"datalist {path}: '{key}' must be a non-empty list of entries.")
-    problems, resolved = [], []
+    problems, resolved, subjects = [], [], set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             problems.append(f"entry {i} is not an object")
@@ -54,8 +54,10 @@ def load_datalist(
         subject = item.get(SUBJECT_KEY)
         if subject is not None and not _valid_subject(subject):
             problems.append(f"entry {i} '{SUBJECT_KEY}' must be a non-empty name without '/', got {subject!r}")
-        elif subject is not None and any(other.get(SUBJECT_KEY) == subject for other in resolved):
+        elif subject is not None and subject in subjects:
             problems.append(f"entry {i} '{SUBJECT_KEY}' {subject!r} is not unique")
+        elif subject is not None:
+            subjects.add(subject)
         for k in PATH_KEYS:
             if item.get(k) is None:
                 continue

@@ -7,6 +7,7 @@ reads the results back from MLflow."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -152,62 +153,56 @@ def run_children(client, parent: str, settings: dict, out: Path, experiment: str
     """Train and evaluate every (seed, overlay, CE weight) child of ``parent`` through the bundle; with ``resume``
     only what an interrupted comparison left undone."""
     sets = settings["test_sets"]
-    total, done = len(settings["seeds"]) * len(settings["overlays"]) * len(settings["ce_weights"]), 0
+    children = list(itertools.product(settings["seeds"], settings["overlays"], settings["ce_weights"]))
     try:
-        for seed in settings["seeds"]:
-            for overlay in settings["overlays"]:
-                extra = overlay_files(overlay)
-                for ce_weight in settings["ce_weights"]:
-                    done += 1
-                    name = child_name(ce_weight, seed, overlay)
-                    child_dir = out / "runs" / name
-                    training, to_evaluate = (
-                        child_progress(client, parent, name, list(sets), child_dir) if resume else ({}, list(sets))
-                    )
-                    if training is None and not to_evaluate:
-                        print(f"[{done}/{total}] {name}: done before, reused", flush=True)
-                        continue
-                    common = {
-                        "datalist": settings["datalist_train"],
-                        "output_dir": child_dir,
-                        "seed": seed,
-                        "ce_weight": ce_weight,
-                        "epochs": settings["epochs"],
-                        "run_name": name,
-                        "experiment_name": experiment,
-                        "tracking_uri": client.tracking_uri,
-                        "progress_bar": False,
-                        **settings["overrides"],
-                    }
-                    start = time.perf_counter()
-                    if training is not None:
-                        step = "resuming its training" if training.get("resume") else "training"
-                        print(f"[{done}/{total}] {name}: {step}, log {child_dir / 'training.log'}", flush=True)
-                        bundle(
-                            "training",
-                            ["train.json", *extra],
-                            child_dir / "training.log",
-                            {**common, "parent_run_id": parent, **training},
-                        )
-                    for set_name in to_evaluate:
-                        log = child_dir / f"evaluating_{set_name}.log"
-                        print(f"[{done}/{total}] {name}: evaluating on {set_name}, log {log}", flush=True)
-                        bundle(
-                            "evaluating",
-                            ["train.json", *extra, "evaluate.json"],
-                            log,
-                            {
-                                **common,
-                                "eval_datalist": sets[set_name],
-                                "eval_name": set_name,
-                                "eval_output_dir": child_dir / set_name,
-                                "overwrite": resume,
-                            },
-                        )
-                    print(
-                        f"[{done}/{total}] {name}: trained and evaluated in {time.perf_counter() - start:.0f} s",
-                        flush=True,
-                    )
+        for done, (seed, overlay, ce_weight) in enumerate(children, 1):
+            extra = overlay_files(overlay)
+            name = child_name(ce_weight, seed, overlay)
+            child_dir, tag = out / "runs" / name, f"[{done}/{len(children)}] {name}:"
+            training, to_evaluate = (
+                child_progress(client, parent, name, list(sets), child_dir) if resume else ({}, list(sets))
+            )
+            if training is None and not to_evaluate:
+                print(f"{tag} done before, reused", flush=True)
+                continue
+            common = {
+                "datalist": settings["datalist_train"],
+                "output_dir": child_dir,
+                "seed": seed,
+                "ce_weight": ce_weight,
+                "epochs": settings["epochs"],
+                "run_name": name,
+                "experiment_name": experiment,
+                "tracking_uri": client.tracking_uri,
+                "progress_bar": False,
+                **settings["overrides"],
+            }
+            start = time.perf_counter()
+            if training is not None:
+                step = "resuming its training" if training.get("resume") else "training"
+                print(f"{tag} {step}, log {child_dir / 'training.log'}", flush=True)
+                bundle(
+                    "training",
+                    ["train.json", *extra],
+                    child_dir / "training.log",
+                    {**common, "parent_run_id": parent, **training},
+                )
+            for set_name in to_evaluate:
+                log = child_dir / f"evaluating_{set_name}.log"
+                print(f"{tag} evaluating on {set_name}, log {log}", flush=True)
+                bundle(
+                    "evaluating",
+                    ["train.json", *extra, "evaluate.json"],
+                    log,
+                    {
+                        **common,
+                        "eval_datalist": sets[set_name],
+                        "eval_name": set_name,
+                        "eval_output_dir": child_dir / set_name,
+                        "overwrite": resume,
+                    },
+                )
+            print(f"{tag} trained and evaluated in {time.perf_counter() - start:.0f} s", flush=True)
     except BaseException:
         client.set_terminated(parent, "FAILED")
         raise

@@ -18,8 +18,10 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
 from pipeline.data.validation import InputError
-from pipeline.run_record import EXECUTED_CONFIG, training_config
+from pipeline.run_record import EXECUTED_CONFIG
 from pipeline.thresholds import THRESHOLD_FILENAME
 
 __all__ = ["COMPANION_FILES", "REQUIREMENTS", "ModelLogging"]
@@ -39,7 +41,7 @@ class ModelLogging:
     Args:
         checkpoint: the best epoch's ``model.pt`` (its ``config.json`` and ``threshold.json`` beside it).
         registered_name: also register the model as a new version of this name in the Model Registry, described by
-            what it was trained on (variant, datalist and its digest, seed, epochs) and the run that trained it.
+            the training run's own description (variant, datalist and its digest, seed, epochs, overlay) and its id.
         alias: and point this alias of ``registered_name`` (e.g. ``champion``) at the new version.
     """
 
@@ -51,16 +53,6 @@ class ModelLogging:
                 f"--register_alias {alias} names a version of a registered model; add --register_model NAME."
             )
         self.checkpoint, self.registered_name, self.alias = Path(checkpoint), registered_name or None, alias or None
-
-    def description(self, run_id: str) -> str:
-        """The registered version's description: what trained it, from the checkpoint's executed config."""
-        trained = training_config(self.checkpoint)  # as written: values given, expressions unevaluated
-        ce_weight = trained.get("ce_weight", "?")
-        return (
-            f"{'vae' if ce_weight == 0 else 'cevae'} (ce_weight {ce_weight}) trained on the healthy "
-            f"subjects of {trained.get('datalist') or 'the demo data'}, seed {trained.get('seed', '?')}, "
-            f"{trained.get('epochs', '?')} epochs (best validation ELBO kept); MLflow run {run_id}."
-        )
 
     def __call__(self, tracking_uri: str, run_id: str) -> None:
         import mlflow
@@ -96,7 +88,8 @@ class ModelLogging:
         if self.registered_name:
             client = mlflow.MlflowClient(tracking_uri)
             version = str(logged.registered_model_version)
-            client.update_model_version(self.registered_name, version, description=self.description(run_id))
+            note = client.get_run(run_id).data.tags.get(MLFLOW_RUN_NOTE, "")  # what trained it, as the run says
+            client.update_model_version(self.registered_name, version, description=f"{note} MLflow run {run_id}.")
             if self.alias:
                 client.set_registered_model_alias(self.registered_name, self.alias, version)
 
