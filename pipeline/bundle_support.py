@@ -28,6 +28,7 @@ __all__ = [
     "EVALUATION_KEYS",
     "active_config_parser",
     "barrier",
+    "bundle_root",
     "check_config_keys",
     "check_matches_training",
     "defer_monai_tracking",
@@ -151,6 +152,19 @@ def _active(kind: type[Active]) -> Active:
     raise RuntimeError(f"no {kind.__name__} on the call stack: call this from a MONAI bundle config expression.")
 
 
+def bundle_root() -> str:
+    """The folder of the running bundle: the one above the workflow's ``configs/`` (MONAI's own rule, by which
+    ``ConfigWorkflow.run`` puts it on ``sys.path``), so that a bundle started from any folder finds its
+    ``models/``; ``"."`` (MONAI's default ``bundle_root``) when no workflow runs (a plain ``ConfigParser``)."""
+    from monai.bundle import ConfigWorkflow
+
+    try:
+        configs = Path(_active(ConfigWorkflow).config_root_path).resolve()
+    except RuntimeError:
+        return "."
+    return str(configs.parent if configs.name == "configs" else configs)
+
+
 def active_config_parser():
     """The ``monai.bundle.ConfigParser`` resolving the running bundle config (found on the call stack)."""
     from monai.bundle import ConfigParser
@@ -172,7 +186,7 @@ def check_config_keys() -> None:
 
     MONAI's parser adds unknown command-line keys silently, so a mistyped hyper-parameter would be ignored.
     The known ids are those of every ``*.json`` in the folder of the first config file (the bundle's configs).
-    Called from the configs' ``initialize``; raises :class:`~pipeline.data.validation.InputError`.
+    Called from the start of the configs' ``run``; raises :class:`~pipeline.data.validation.InputError`.
     """
     from monai.bundle import ConfigWorkflow
 
@@ -226,7 +240,7 @@ def defer_monai_tracking() -> None:
     ``run_name`` and ``output_dir`` are kept, and its ``save_execute_config`` is off: the executed config is already
     ``checkpoints/config.json``). The bundle's own MLflow run (:class:`~pipeline.tracking.runs.MLflowRunHandler`) already
     records all of it, with the nested runs, outage spool and model logging that MONAI's handler lacks, so MONAI's
-    handlers are disabled here: one run per training, each value logged once. Called from the configs' ``initialize``.
+    handlers are disabled here: one run per training, each value logged once. Called at the start of the configs' ``run``.
     """
     parser = active_config_parser()
     disabled = []
@@ -236,7 +250,8 @@ def defer_monai_tracking() -> None:
             continue
         for i, handler in enumerate(handlers):
             if isinstance(handler, dict) and handler.get("_target_") in MONAI_TRACKING_HANDLERS:
-                parser[f"{handlers_id}#{i}#_disabled_"] = True
+                # in place, not `parser[id] = ...`: that resets the parser in the middle of resolving `run`
+                handler["_disabled_"] = True
                 disabled.append(f"{handlers_id}#{i}")
     if disabled:
         logger.info(
@@ -277,7 +292,7 @@ def stop_distributed(distributed: bool) -> None:
 
 def save_executed_config(path: str | os.PathLike) -> str:
     """Write the configuration being executed (all files merged, command-line overrides applied) as JSON, found
-    from the running config expression (:func:`active_config_parser`). Called from a bundle config's ``initialize``;
+    from the running config expression (:func:`active_config_parser`). Called from a bundle config's ``run``;
     returns the path (for MLflow's artifacts)."""
     atomic_write_json(active_config_parser().get(), path)
     return str(path)

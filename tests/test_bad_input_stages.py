@@ -11,7 +11,7 @@ import subprocess
 import nibabel as nib
 import numpy as np
 import pytest
-from bundle_helpers import CLI_ENV, CONFIGS, TINY, TRAIN_CLI, initialized_workflow
+from bundle_helpers import CLI_ENV, CONFIGS, TINY, TRAIN_CLI, run_bundle
 from conftest import REPO, input_error, script_main
 from mlflow import MlflowClient
 from monai.bundle import ConfigWorkflow
@@ -187,7 +187,7 @@ def test_command_line_tools_create_a_missing_output_folder(tmp_path):
 )
 def test_out_of_range_settings_stop_before_anything_is_built_in_one_line(tiny_demo, tmp_path, key, value, must_be):
     with pytest.raises(RuntimeError) as refused:  # MONAI wraps errors of config expressions
-        initialized_workflow(tmp_path / "run", tiny_demo, **{key: value})
+        run_bundle(tmp_path / "run", tiny_demo, **{key: value})
     error = input_error(refused.value)
     assert error is not None and re.match(
         rf"--{key} must be .*{must_be}.*, got {re.escape(repr(value))}; e\.g\. --", str(error)

@@ -208,6 +208,12 @@ import json, shutil, sys, torch, monai.bundle
 from pathlib import Path
 sys.modules["pipeline"] = None  # the repository's package is not there
 root, trained, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+try:  # negative control: MONAI only puts the bundle's folder on sys.path when a workflow runs
+    monai.bundle.load(name="cevae", bundle_dir=str(root.parent))
+    raise SystemExit("the bundle's scripts were found without the bundle on sys.path")
+except Exception as error:
+    assert "scripts" in str(error), error
+sys.path.insert(0, str(root))  # as the Model Zoo's own check does, and the bundle README says
 net = monai.bundle.load(name="cevae", bundle_dir=str(root.parent), workflow_type="inference")
 torch.save(net.state_dict(), work / "loaded.pt")
 net = monai.bundle.load(name="cevae", bundle_dir=str(root.parent))  # MONAI's default workflow type: train.json
@@ -233,8 +239,9 @@ def bundle_files(root):
 
 def test_monai_bundle_load_gives_the_trained_network_from_any_directory(exported, evaluated_run, tmp_path):
     """``monai.bundle.load`` in a fresh interpreter, called from a folder that is neither the bundle's nor the
-    repository, with the inference workflow and with MONAI's default (training) workflow: the trained network each
-    time, and nothing written to the caller's folder or the bundle."""
+    repository, with the bundle's folder on ``sys.path`` as for every Zoo bundle with a ``scripts`` package, with the
+    inference workflow and with MONAI's default (training) workflow: the trained network each time, and nothing
+    written to the caller's folder or the bundle."""
     _, root = exported
     out, _ = evaluated_run
     trained = out / "checkpoints" / "model.pt"

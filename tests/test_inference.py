@@ -242,7 +242,7 @@ def test_inference_takes_scoring_settings_from_the_training_run(evaluated_run, t
     assert (loss.kl_weight, loss.reconstruction) == (trained["kl_weight"], trained["reconstruction"])
     assert workflow.parser.get_parsed_content("z_dim") == 16
     with pytest.raises(Exception) as info:  # an override that contradicts the training is refused
-        inference_workflow(ckpt=ckpt, input_image=tumour_case["image"], output_dir=str(tmp_path), kl_weight=0.5)
+        inference_workflow(ckpt=ckpt, input_image=tumour_case["image"], output_dir=str(tmp_path), kl_weight=0.5).run()
     assert "kl_weight=0.5 (trained with 1.0)" in str(input_error(info.value))
 
 

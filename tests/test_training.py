@@ -575,8 +575,9 @@ def test_fine_tuning_starts_from_the_pretrained_weights(evaluated_run, tiny_demo
             network = workflow.parser.get_parsed_content("network")
             before = {k: v.clone() for k, v in network.state_dict().items()}
             steps = workflow.parser["run"]
+            first = next(i for i, step in enumerate(steps) if "prepare_training_dir" in step)  # after the checks
             restore = next(i for i, step in enumerate(steps) if "restore_training_state" in step)
-            for i in range(restore + 1):  # the run's steps up to restore_training_state, without training
+            for i in range(first, restore + 1):  # the run's steps up to restore_training_state, without training
                 workflow.parser.get_parsed_content(f"run#{i}")
             return before, network.state_dict()
         finally:
