@@ -105,8 +105,8 @@ def evaluated_run(tiny_demo, tmp_path_factory):
     from bundle_helpers import run_bundle
 
     out = tmp_path_factory.mktemp("evaluated")
-    run_bundle(out, tiny_demo, epochs=TRAIN_EPOCHS)
-    run_bundle(out, tiny_demo, ("train.json", "evaluate.json"))
+    run_bundle(out, tiny_demo, epochs=TRAIN_EPOCHS, tracking_uri=None)  # the shared run is tracked (its own store)
+    run_bundle(out, tiny_demo, ("train.json", "evaluate.json"), tracking_uri=None)
     return out, json.loads((out / "metrics.json").read_text())
 
 

@@ -20,14 +20,15 @@ import pytest
 import torch
 from bundle_helpers import BUNDLE, CLI_ENV
 from conftest import REPO, script_main
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 
 from pipeline.data.datalist import load_datalist
 from pipeline.networks import CeVAEReconstruction
 from pipeline.scoring import OPTION_SETS
 
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # copy of the Model Zoo schema, for offline checks
-TINY_NET = ["--z_dim", "16", "--channels", "[8,16,32,64]", "--synthetic_volumes", "1"]
+TINY_NET_SETTINGS = {"z_dim": 16, "channels": [8, 16, 32, 64], "synthetic_volumes": 1}
+TINY_NET = [f"--{k}={json.dumps(v)}" for k, v in TINY_NET_SETTINGS.items()]
 
 
 def bundle_command(*args, cwd=BUNDLE):
@@ -38,39 +39,36 @@ def bundle_command(*args, cwd=BUNDLE):
     return result
 
 
-def test_metadata_is_valid_against_the_model_zoo_schema():
-    result = bundle_command("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA))
-    assert "metadata is verified with no error" in result.stdout + result.stderr
+def test_metadata_is_valid_against_the_model_zoo_schema(tmp_path):
+    """MONAI's ``verify_metadata`` (in-process, what ``python -m monai.bundle verify_metadata`` runs) against the
+    Zoo's schema; a metadata without its ``version`` is refused (negative control)."""
+    configs = BUNDLE / "configs"
+    verify_metadata(meta_file=str(configs / "metadata.json"), filepath=str(SCHEMA))
+    broken = {k: v for k, v in json.loads((configs / "metadata.json").read_text()).items() if k != "version"}
+    (tmp_path / "metadata.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="version"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA))
 
 
 def test_verify_net_in_out():
-    bundle_command(
-        "verify_net_in_out",
-        "network_def",
-        "--meta_file",
-        "configs/metadata.json",
-        "--config_file",
-        "configs/inference.json",
+    configs = BUNDLE / "configs"
+    verify_net_in_out(
+        net_id="network_def", meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.json")
     )
 
 
 def test_torchscript_export_gives_the_same_reconstruction(evaluated_run, tmp_path):
     out, _ = evaluated_run
     checkpoint = out / "checkpoints" / "model.pt"
-    bundle_command(
-        "ckpt_export",
-        "network_def",
-        "--filepath",
-        str(tmp_path / "model.ts"),
-        "--ckpt_file",
-        str(checkpoint),
-        "--meta_file",
-        "configs/metadata.json",
-        "--config_file",
-        "configs/inference.json",
-        "--key_in_ckpt",
-        "model",
-        *TINY_NET,
+    configs = BUNDLE / "configs"
+    ckpt_export(  # in-process, as `python -m monai.bundle ckpt_export network_def ...` runs it
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(checkpoint),
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.json"),
+        key_in_ckpt="model",
+        **TINY_NET_SETTINGS,
     )
     scripted = torch.jit.load(str(tmp_path / "model.ts"))
     net = CeVAEReconstruction(z_dim=16, channels=(8, 16, 32, 64)).eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -138,6 +139,41 @@ def test_a_server_that_fails_with_5xx_in_the_middle_of_a_run_is_an_outage_and_a_
     finally:
         for server in servers.values():
             server.close()
+
+
+def sqlite_error(database: Path, statement: str, locked: bool) -> sqlite3.OperationalError:
+    """The error SQLite raises for ``statement`` on ``database`` (while another connection holds an exclusive lock on
+    it if ``locked``), as MLflow's store raises it (inside an ``MlflowException``), without MLflow's 20 s busy wait."""
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("CREATE TABLE IF NOT EXISTS runs (id TEXT)")
+    if locked:
+        holder.execute("BEGIN EXCLUSIVE")
+    try:
+        sqlite3.connect(database, timeout=0).execute(statement)
+    except sqlite3.OperationalError as error:
+        return error
+    finally:
+        holder.close()
+    raise AssertionError(f"{statement} did not fail")
+
+
+def test_a_locked_local_store_is_an_outage_and_a_broken_one_is_not(tmp_path):
+    """A local SQLite store that another process keeps locked (two trainings on one store on a loaded machine) is
+    treated as an outage, so the write is spooled and the training goes on; negative control: a store whose schema
+    is wrong (no such table) is an error of the store itself, raised."""
+    from pipeline.tracking.spool import is_unreachable
+
+    def as_mlflow_raises(error):
+        try:
+            raise MlflowException(str(error)) from error
+        except MlflowException as wrapped:
+            return wrapped
+
+    locked = sqlite_error(tmp_path / "s.db", "INSERT INTO runs VALUES ('a')", locked=True)
+    assert "database is locked" in str(locked)
+    assert is_unreachable(as_mlflow_raises(locked))
+    broken = sqlite_error(tmp_path / "s.db", "SELECT * FROM no_such_table", locked=False)
+    assert not is_unreachable(as_mlflow_raises(broken))
 
 
 def test_spooled_writes_keep_their_order_and_content(tmp_path):

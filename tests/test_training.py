@@ -56,7 +56,7 @@ def encoder_samples(network):
 @pytest.fixture(scope="module")
 def cevae_run(tiny_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("cevae_run")
-    return run_bundle(out, tiny_demo, epochs=3, synthetic_volumes=2), out  # 2: a paired standard error to check
+    return run_bundle(out, tiny_demo, epochs=3, synthetic_volumes=2, tracking_uri=None), out  # 2: a paired SE; tracked
 
 
 def test_training_lowers_the_loss_and_writes_checkpoints(cevae_run):
@@ -287,7 +287,7 @@ def test_resume_after_the_last_epoch_finishes_the_run_without_training_again(tin
     """A run killed after its last epoch (here: its MLflow run left RUNNING) resumes by closing, not by training
     the trained weights again (ignite restarts a finished engine), and keeps its best epoch."""
     out = tmp_path / "run"
-    straight = run_bundle(out, tiny_demo, epochs=2)
+    straight = run_bundle(out, tiny_demo, epochs=2, tracking_uri=None)
     best_epoch = straight.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch
     before = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     model_sha = checkpoint_sha256(out / "checkpoints" / "model.pt")
@@ -295,7 +295,7 @@ def test_resume_after_the_last_epoch_finishes_the_run_without_training_again(tin
     tracked = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())
     client = MlflowClient(tracked["tracking_uri"])
     client.update_run(tracked["run_id"], status="RUNNING")  # what a kill before the run's end leaves
-    resumed = run_bundle(out, tiny_demo, epochs=2, resume=True)
+    resumed = run_bundle(out, tiny_demo, epochs=2, resume=True, tracking_uri=None)
     after = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert after["trainer"]["iteration"] == before["trainer"]["iteration"]
     for key, value in before["model"].items():
@@ -595,7 +595,7 @@ def test_a_non_finite_loss_fails_the_run_in_one_line_and_in_mlflow(tiny_demo, tm
     """A diverging training (an absurd learning rate) stops at the first non-finite loss: the run raises the one-line
     error that the bundle's command line prints with exit status 2, and its MLflow run ends FAILED with the reason,
     with no model logged."""
-    workflow = initialized_workflow(tmp_path / "nan", tiny_demo, epochs=3, lr=1e38)
+    workflow = initialized_workflow(tmp_path / "nan", tiny_demo, epochs=3, lr=1e38, tracking_uri=None)
     with pytest.raises(RuntimeError) as raised:  # MONAI wraps errors of config expressions
         workflow.run()
     error = input_error(raised.value)

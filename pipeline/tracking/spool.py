@@ -48,11 +48,17 @@ def is_unreachable(err: BaseException) -> bool:
     """Whether ``err`` (or its cause chain) says the tracking server could not be reached or is unavailable: no
     connection, a timeout, or an answer with an HTTP 5xx status (the server's own failure, e.g. a locked or full
     backend store: worth retrying, unlike a 4xx that rejects the write itself). MLflow's HTTP adapter turns the
-    statuses it deems transient (408, 429, 500, 502-504) into a ``RetryError`` once its retries are spent."""
+    statuses it deems transient (408, 429, 500, 502-504) into a ``RetryError`` once its retries are spent. A local
+    SQLite store that another process keeps locked past MLflow's 20 s busy timeout (``database is locked``, e.g.
+    several trainings writing to one store on a loaded machine) is unavailable in the same sense."""
+    import sqlite3
+
     import requests
 
     while err is not None:
         if _server_error(err):
+            return True
+        if isinstance(err, sqlite3.OperationalError) and "database is locked" in str(err):
             return True
         if isinstance(
             err,
