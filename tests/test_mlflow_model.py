@@ -62,7 +62,16 @@ def tracked(tiny_demo, two_test_subjects, tmp_path_factory):
         "champion",
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    evaluated = bundle_run("evaluating", "--config_file", EVALUATE, *common, "--eval_datalist", str(two_test_subjects))
+    evaluated = bundle_run(
+        "evaluating",
+        "--config_file",
+        EVALUATE,
+        *common,
+        "--eval_datalist",
+        str(two_test_subjects),
+        "--n_bootstrap",
+        "100",
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     info = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())
     return out, trained.stdout + trained.stderr, mlflow.MlflowClient(info["tracking_uri"]), info["run_id"]
@@ -183,7 +192,7 @@ def test_evaluations_on_two_test_sets_keep_both_results(tracked, tiny_demo, tmp_
     message = str(input_error(refused.value))
     assert "already holds the results of the test set" in message and "--eval_name" in message
     np.testing.assert_equal(client.get_run(run_id).data.metrics, before, "nothing was overwritten")  # NaN == NaN
-    named = bundle_run("evaluating", "--config_file", EVALUATE, *common, "--eval_name", "other")
+    named = bundle_run("evaluating", "--config_file", EVALUATE, *common, "--eval_name", "other", "--n_bootstrap", "100")
     assert named.returncode == 0, named.stderr[-3000:]
     after = client.get_run(run_id).data.metrics
     np.testing.assert_equal(
