@@ -14,20 +14,23 @@ import sys
 from pathlib import Path
 
 import isort
+import matplotlib
 import torch
 
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.networks.cevae import ARCHITECTURE_KEYS
 from pipeline.run_record import EXECUTED_CONFIG, training_config
 from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thresholds, threshold_path
+from pipeline.tracking import RUN_INFO_FILENAME
 from pipeline.weights import split_trained
 
-__all__ = ["build", "export_torchscript", "export_weights", "ship_architecture"]
+__all__ = ["build", "export_torchscript", "export_training_curves", "export_weights", "ship_architecture"]
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cevae"
 LIBRARY = REPO / "pipeline"
 NOT_SHIPPED = ("benchmarks", "experiments", "release.py")  # tools of this repository, not part of the model
+CURVES = "training_curves.png"  # in the bundle's docs/: the shipped weights' training curves (its README shows it)
 # `pipeline.x` / `import pipeline` / `from pipeline` -> the bundle's own `scripts` package
 PACKAGE_REFERENCE = re.compile(r"\bpipeline(?=[.\s])")
 
@@ -92,6 +95,49 @@ def export_torchscript(root: Path) -> bool:
     return True
 
 
+def export_training_curves(checkpoint: Path, docs: Path) -> bool:
+    """Draw ``docs/training_curves.png`` from the MLflow run that trained ``checkpoint`` (its ``mlflow_run.json``):
+    the training loss and the validation negative ELBO per epoch, the kept epoch (the best validation ELBO, what
+    ``model.pt`` holds) marked. Without a tracked run, or with its store out of reach, the figure is removed (it
+    would show another training's curves) and ``False`` returned."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = docs / CURVES
+    figure.unlink(missing_ok=True)
+    info_path = checkpoint.parent / RUN_INFO_FILENAME
+    if not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text())
+    try:
+        client = MlflowClient(info["tracking_uri"])
+        history = {k: client.get_metric_history(info["run_id"], k) for k in ("train_loss", "val_neg_elbo")}
+    except (MlflowException, OSError):
+        return False
+    curves = {key: sorted((m.step, m.value) for m in metrics) for key, metrics in history.items()}
+    if not all(curves.values()):
+        return False
+    kept = min(curves["val_neg_elbo"], key=lambda point: point[1])[0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    titles = {"train_loss": "training loss (the ceVAE objective)", "val_neg_elbo": "validation negative ELBO"}
+    for ax, (key, points) in zip(axes, curves.items()):
+        ax.plot(*zip(*points), color="tab:blue" if key == "train_loss" else "tab:orange")
+        ax.axvline(kept, color="grey", linestyle="--", label=f"kept: epoch {kept}")
+        later = [value for _, value in points[len(points) // 10 :]]  # the scale of the plateau, not of epoch 1
+        low, high = min(later), max(later)
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+        ax.set(title=f"{titles[key]}, y from epoch {points[len(points) // 10][0]}", xlabel="epoch")
+        ax.legend()
+    fig.suptitle(f"MLflow run {info['run_id']}")
+    fig.tight_layout()
+    fig.savefig(figure, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def build(out_dir: Path, checkpoint: Path | None = None, weights_url: str = "") -> Path:
     """Write the self-contained bundle folder ``out_dir/cevae`` and return it."""
     root = out_dir / "cevae"
@@ -113,6 +159,7 @@ def build(out_dir: Path, checkpoint: Path | None = None, weights_url: str = "") 
         export_weights(checkpoint, models)
         ship_architecture(checkpoint, root / "configs" / "train.json")
         export_torchscript(root)
+        export_training_curves(checkpoint, root / "docs")
         digest = hashlib.md5((models / "model.pt").read_bytes()).hexdigest()
         text = (root / "large_files.yml").read_text()
         text = re.sub(r'hash_val: ".*"', f'hash_val: "{digest}"', text, count=1)

@@ -136,6 +136,26 @@ def test_export_ships_plain_weights_bound_thresholds_and_the_weights_url(exporte
     assert "pipeline." not in (root / "configs" / "inference.json").read_text()
 
 
+def test_the_export_draws_the_training_curves_of_its_own_run_only(exported, evaluated_run, tmp_path):
+    """The exported docs/training_curves.png is drawn from the MLflow run that trained the exported checkpoint (the
+    repository's copy shows the pretrained model's curves: a different image); a checkpoint without a tracked run
+    gets no figure rather than another training's (negative control)."""
+    from pipeline.release import CURVES, export_training_curves
+
+    _, root = exported
+    out, _ = evaluated_run
+    shipped = root / "docs" / CURVES
+    assert shipped.stat().st_size > 10_000 and shipped.read_bytes() != (BUNDLE / "docs" / CURVES).read_bytes()
+    untracked = tmp_path / "untracked" / "checkpoints"
+    untracked.mkdir(parents=True)
+    shutil.copy(out / "checkpoints" / "model.pt", untracked / "model.pt")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(shipped, docs / CURVES)
+    assert not export_training_curves(untracked / "model.pt", docs) and not (docs / CURVES).exists()
+    assert export_training_curves(out / "checkpoints" / "model.pt", docs) and (docs / CURVES).stat().st_size > 10_000
+
+
 ZOO_CI = REPO.parent / "shared" / "tools" / "model_zoo_ci"
 
 
