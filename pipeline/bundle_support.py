@@ -238,9 +238,10 @@ def defer_monai_tracking() -> None:
     MONAI's ``--tracking`` appends its own ``MLFlowHandler`` to ``train#handlers`` and ``validate#handlers`` and adds
     a few top-level keys (accepted by :func:`check_config_keys`; the bundle's ``tracking_uri``, ``experiment_name``,
     ``run_name`` and ``output_dir`` are kept, and its ``save_execute_config`` is off: the executed config is already
-    ``checkpoints/config.json``). The bundle's own MLflow run (:class:`~pipeline.tracking.runs.MLflowRunHandler`) already
-    records all of it, with the nested runs, outage spool and model logging that MONAI's handler lacks, so MONAI's
-    handlers are disabled here: one run per training, each value logged once. Called at the start of the configs' ``run``.
+    ``checkpoints/config.json``). The bundle's own MLflow run (:class:`~pipeline.tracking.runs.MLflowRunHandler`)
+    already records all of it, with the nested runs, outage spool and model logging that MONAI's handler lacks, so
+    MONAI's handlers are disabled here: one run per training, each value logged once. Called at the start of the
+    configs' ``run``.
     """
     parser = active_config_parser()
     disabled = []

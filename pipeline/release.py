@@ -128,7 +128,8 @@ def export_training_curves(checkpoint: Path, docs: Path) -> bool:
         ax.axvline(kept, color="grey", linestyle="--", label=f"kept: epoch {kept}")
         later = [value for _, value in points[len(points) // 10 :]]  # the scale of the plateau, not of epoch 1
         low, high = min(later), max(later)
-        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+        if high > low:
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
         ax.set(title=f"{titles[key]}, y from epoch {points[len(points) // 10][0]}", xlabel="epoch")
         ax.legend()
     fig.suptitle(f"MLflow run {info['run_id']}")
