@@ -18,7 +18,7 @@ import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
-from bundle_helpers import BUNDLE_RUN, CLI_ENV, CONFIGS
+from bundle_helpers import BUNDLE_RUN, CLI_ENV, CONFIGS, TINY_EVALUATION
 from conftest import REPO, input_error
 from monai.bundle import ConfigWorkflow
 
@@ -37,6 +37,7 @@ TINY_SETTINGS = {
 }
 TINY = [arg for key, value in TINY_SETTINGS.items() for arg in (f"--{key}", str(value).replace(" ", ""))]  # as CLI args
 EVALUATE = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'evaluate.json'}']"
+EVALUATION_ARGS = [arg for key, value in TINY_EVALUATION.items() for arg in (f"--{key}", str(value))]
 
 
 def bundle_run(*args):
@@ -69,8 +70,7 @@ def tracked(tiny_demo, two_test_subjects, tmp_path_factory):
         *common,
         "--eval_datalist",
         str(two_test_subjects),
-        "--n_bootstrap",
-        "100",
+        *EVALUATION_ARGS,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     info = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())
@@ -192,7 +192,7 @@ def test_evaluations_on_two_test_sets_keep_both_results(tracked, tiny_demo, tmp_
     message = str(input_error(refused.value))
     assert "already holds the results of the test set" in message and "--eval_name" in message
     np.testing.assert_equal(client.get_run(run_id).data.metrics, before, "nothing was overwritten")  # NaN == NaN
-    named = bundle_run("evaluating", "--config_file", EVALUATE, *common, "--eval_name", "other", "--n_bootstrap", "100")
+    named = bundle_run("evaluating", "--config_file", EVALUATE, *common, "--eval_name", "other", *EVALUATION_ARGS)
     assert named.returncode == 0, named.stderr[-3000:]
     after = client.get_run(run_id).data.metrics
     np.testing.assert_equal(
