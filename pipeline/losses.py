@@ -29,6 +29,18 @@ CALIBRATED = "calibrated"
 MIN_SIGMA = 1e-3  # floor of the calibrated sigma: 0.1 % of the [0, 1] intensity range (Rybkin et al. clip at e^-6)
 
 
+def _global_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over every process of a running ``torch.distributed`` group (each process's batch is
+    one shard of the global batch: the calibrated sigma is then the global batch's, equal on every rank, and so is the
+    objective that DDP averages); the local mean without a group. Only training batches (the loss in ``train()`` mode)
+    call it: every rank runs those in step."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values.mean()
+    total = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+    torch.distributed.all_reduce(total)
+    return total[0] / total[1]
+
+
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``KL(N(mu, exp(logvar)) || N(0, I))`` per sample: ``(B, Z)`` -> ``(B,)``."""
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=1)
@@ -134,7 +146,8 @@ class CeVAELoss(nn.Module):
         """The calibrated sigma of this batch (and the running value updated); None for a fixed likelihood."""
         if not self.calibrated:
             return None
-        batch = (x - recon).detach().pow(2).mean().sqrt().clamp_min(MIN_SIGMA)
+        squares = (x - recon).detach().pow(2)
+        batch = (_global_mean(squares) if self.training else squares.mean()).sqrt().clamp_min(MIN_SIGMA)
         if self.training:
             with torch.no_grad():
                 first = float(self.sigma) <= 0

@@ -38,7 +38,6 @@ the removal of small connected components acts on thresholded segmentations (:fu
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +49,7 @@ from pipeline.data.slices import volume_to_slices
 from pipeline.data.transforms import equalize_in_brain
 from pipeline.inpainting import inpainted
 from pipeline.losses import CeVAELoss, kl_divergence
+from pipeline.median import median_filter
 from pipeline.metrics import remove_small_components
 from pipeline.normative import NormativeReference
 from pipeline.score_options import (
@@ -75,7 +75,6 @@ __all__ = [
     "brain_voxels",
     "elbo_terms",
     "kl_gradient",
-    "median_filter",
     "on_volume",
     "postprocess_volume",
     "raw_scores",
@@ -161,37 +160,18 @@ def score_maps(raw: dict[str, torch.Tensor], x: torch.Tensor, options: ScoreOpti
     return {"rec": rec, "kl_grad": grad, "combined": rec * grad, "intensity": x.detach()}
 
 
-def median_filter(volume: np.ndarray, size: int, workers: int | None = None) -> np.ndarray:
-    """``scipy.ndimage.median_filter(volume, size)`` of an ``(H, W, D)`` volume, computed in ``workers`` threads
-    (default: torch's thread count) on slabs of the last axis that overlap by ``size // 2``: every voxel's window
-    lies inside its slab, so the result is exactly scipy's (which releases the GIL: 2x on 2 cores)."""
-    workers = max(1, min(workers or torch.get_num_threads(), volume.shape[-1]))
-    if workers == 1:
-        return ndimage.median_filter(volume, size=size)
-    depth, reach = volume.shape[-1], size // 2
-    bounds = np.linspace(0, depth, workers + 1).astype(int)
-
-    def slab(i: int) -> np.ndarray:
-        lo, hi = max(0, bounds[i] - reach), min(depth, bounds[i + 1] + reach)
-        return ndimage.median_filter(volume[..., lo:hi], size=size)[..., bounds[i] - lo : bounds[i + 1] - lo]
-
-    with ThreadPoolExecutor(workers) as pool:
-        return np.concatenate(list(pool.map(slab, range(workers))), axis=-1)
-
-
 def postprocess_volume(volume: np.ndarray, brainmask: np.ndarray, options: ScoreOptions) -> np.ndarray:
-    """Volume-level options on one ``(H, W, D)`` score map, in this order: the 3D median filter (on the whole map,
-    so that the brain's rim is filtered with its true neighbours), then the multiplication by the brain mask
-    (eroded)."""
-    out = volume
-    if options.median_size > 1:
-        out = median_filter(out, options.median_size)
+    """Volume-level options on one ``(H, W, D)`` score map: the 3D median filter of the whole map (the brain's rim is
+    filtered with its true neighbours), multiplied by the brain mask (eroded). The filter is computed only where the
+    mask keeps it (:func:`pipeline.median.median_filter`); the result is that of filtering first, then masking."""
+    mask = None
     if options.brain_mask:
         mask = brainmask > 0
         if options.mask_erosion > 0:
             mask = ndimage.binary_erosion(mask, iterations=options.mask_erosion)
-        out = out * mask
-    return out
+    if options.median_size > 1:
+        return median_filter(volume, options.median_size, mask)
+    return volume if mask is None else volume * mask
 
 
 @dataclass(frozen=True)

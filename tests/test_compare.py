@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundle_helpers import CLI_ENV, TINY
+from bundle_helpers import CLI_ENV, TINY, TINY_EVALUATION
 from conftest import REPO, SERVER_ENV, MlflowServer, script_main
 from mlflow import MlflowClient
 
@@ -37,7 +37,8 @@ COMPARISON_ARGS = [  # one seed, two epochs, ceVAE with and without the legacy l
 
 def comparison_args(tiny_demo, test_datalist) -> list[str]:
     """``scripts/compare.py`` options of the tests' comparisons (the bundle's tiny settings as ``--set``)."""
-    tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in TINY.items()]
+    settings = {**TINY, **TINY_EVALUATION}
+    tiny = [f"--set={key}={json.dumps(value) if isinstance(value, list) else value}" for key, value in settings.items()]
     return ["--datalist-train", str(tiny_demo), "--datalist-test", str(test_datalist), *COMPARISON_ARGS, *tiny]
 
 

@@ -13,6 +13,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.transforms import equalize_in_brain
 from pipeline.losses import CeVAELoss
+from pipeline.median import median_filter
 from pipeline.metrics import (
     ThresholdCurve,
     best_dice_threshold,
@@ -34,7 +35,6 @@ from pipeline.scoring import (
     ScoreOptions,
     elbo_terms,
     kl_gradient,
-    median_filter,
     postprocess_volume,
     raw_scores,
     score_maps,
@@ -168,11 +168,20 @@ def test_score_maps_follow_their_options():
     assert np.all(masked[~mask] == 0) and np.all(masked[3:5, 3:5, 1:5] == vol[3:5, 3:5, 1:5])
 
 
-@pytest.mark.parametrize("shape,size,workers", [((9, 7, 23), 5, 2), ((6, 6, 5), 3, 4), ((5, 8, 2), 5, 3)])
-def test_median_filter_in_slabs_equals_scipy(shape, size, workers):
-    """The threaded median filter is scipy's, voxel for voxel (slab edges, volume edges, more workers than slabs)."""
-    volume = np.random.default_rng(size).random(shape).astype(np.float32)
-    assert np.array_equal(median_filter(volume, size, workers), ndimage.median_filter(volume, size=size))
+@pytest.mark.parametrize(
+    "shape,size", [((9, 7, 23), 5), ((6, 6, 5), 3), ((5, 8, 2), 5), ((10, 11, 12), 4), ((3, 3, 3), 7)]
+)
+def test_masked_median_filter_equals_scipy_inside_the_mask(shape, size):
+    """The median filter computed at the mask's voxels is scipy's there, voxel for voxel (volume edges, an even size,
+    a window larger than the volume), and 0 elsewhere; without a mask it is scipy's everywhere. Negative control: a
+    window one voxel smaller gives other values."""
+    rng = np.random.default_rng(size)
+    volume, mask = rng.random(shape).astype(np.float32), rng.random(shape) > 0.5
+    reference = ndimage.median_filter(volume, size=size)
+    masked = median_filter(volume, size, mask)
+    assert masked.dtype == volume.dtype and np.array_equal(masked, reference * mask)
+    assert np.array_equal(median_filter(volume, size), reference)
+    assert not np.array_equal(median_filter(volume, size - 1, mask), masked)
 
 
 def test_postprocessing_filters_the_whole_map_then_masks():

@@ -183,3 +183,40 @@ def test_running_sigma_scores_and_travels_with_the_state_dict():
     copy.load_state_dict(loss.state_dict())
     recon = x + 0.05
     torch.testing.assert_close(copy.terms(x, recon, mu, logvar)["rec"], gaussian_nll(x, recon, 0.15))
+
+
+def _rank_batch(rank: int) -> torch.Tensor:
+    """Rank ``rank``'s shard of a global batch: ranks see different intensities (sizes 3 and 5 slices)."""
+    return torch.rand(3 + 2 * rank, 1, 8, 8, generator=torch.Generator().manual_seed(rank)) * (1 + rank)
+
+
+def _calibrate_on_rank(rank: int, init_method: str, out: str) -> None:
+    """One training step's loss on rank ``rank`` of a 2-process gloo group; writes its sigmas to ``out``."""
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    try:
+        x, loss = _rank_batch(rank), CeVAELoss(ce_weight=0.0)
+        terms = loss(x, torch.zeros_like(x), torch.zeros(x.shape[0], 2), torch.zeros(x.shape[0], 2))
+        torch.save({"batch": terms["sigma"], "running": loss.sigma.clone()}, f"{out}/{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_calibrated_sigma_is_the_global_batch_s_on_every_rank(tmp_path):
+    """Under torch.distributed each rank's batch is a shard of one global batch: the calibrated sigma (hence the
+    objective) is the global batch's on every rank, computed here from the concatenated shards (reference). Negative
+    control: one rank's shard alone gives another sigma."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_calibrate_on_rank, args=(f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2)
+    reference = torch.cat([_rank_batch(0), _rank_batch(1)]).pow(2).mean().sqrt()  # recon 0: the residual is x
+    for rank in (0, 1):
+        sigmas = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        torch.testing.assert_close(sigmas["batch"], reference)
+        torch.testing.assert_close(sigmas["running"], reference)
+    alone = CeVAELoss(ce_weight=0.0)
+    x = _rank_batch(0)
+    alone(x, torch.zeros_like(x), torch.zeros(3, 2), torch.zeros(3, 2))
+    assert abs(float(alone.sigma) - float(reference)) > 0.1

@@ -238,13 +238,14 @@ def test_resume_continues_its_own_run_when_another_training_has_the_same_name(tm
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/mlruns.db"
 
-    def started(name: str, resume: bool) -> str:
+    def started(name: str, resume: bool, commit: str = "c0") -> str:
         handler = MLflowRunHandler(
             tracking_uri=uri,
             experiment_name="shared",
             run_name="cevae",
             resume=resume,
             run_info_path=tmp_path / name / "mlflow_run.json",
+            experiment_param={"git_commit": commit, "epochs": 2},
         )
         handler.start(Engine(lambda engine, batch: None))
         return handler.cur_run.info.run_id
@@ -257,6 +258,11 @@ def test_resume_continues_its_own_run_when_another_training_has_the_same_name(tm
     client.set_terminated(first["A"], status="KILLED")
     assert started("A", resume=True) == first["A"] and client.get_run(first["A"]).info.status == "RUNNING"
     assert started("C", resume=True) not in first.values(), "no record: a new run, not another training's"
+    # the code changed between the kill and the resume: the run keeps its first commit, the new one is a tag
+    assert started("A", resume=True, commit="c1") == first["A"]
+    run = client.get_run(first["A"])
+    assert run.data.params["git_commit"] == "c0" and run.data.tags["resumed.git_commit"] == "c1"
+    assert "resumed.epochs" not in run.data.tags, "unchanged values are not repeated"
     client.set_terminated(first["B"], status="FINISHED")  # B completed; trained further with more epochs
     extended = started("B", resume=True)
     assert extended != first["B"] and client.get_run(extended).data.tags["cevae.previous_run_id"] == first["B"]

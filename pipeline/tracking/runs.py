@@ -233,6 +233,8 @@ class MLflowRunHandler(MLFlowHandler):
             tags = self._new_run_tags()
             if previous:
                 tags[PREVIOUS_RUN_TAG] = previous
+            if recorded is not None:
+                self._keep_logged_params(recorded)
             self.cur_run = recorded or self.client.create_run(
                 experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags
             )
@@ -266,6 +268,26 @@ class MLflowRunHandler(MLFlowHandler):
             f"{params.get('epochs', '?')} epochs, overlay {params.get('overlay_name', 'none')}; bundle cevae."
         )
         return tags
+
+    def _keep_logged_params(self, run) -> None:
+        """A resumed run keeps the parameters it was started with (MLflow refuses to change a logged one): a value
+        that differs now, such as the code's git commit or a package's version after an update between the kill and
+        the resume, is logged as the tag ``resumed.<key>`` instead, and said in the log."""
+        logged = run.data.params
+        params = self.experiment_param or {}
+        changed = {key: str(value) for key, value in params.items() if key in logged and logged[key] != str(value)}
+        for key, value in changed.items():
+            self.client.set_tag(run.info.run_id, f"resumed.{key}", value)
+            logger.warning(
+                "MLflow run %s was started with %s=%s and is resumed with %s: the parameter keeps its first value, "
+                "the new one is the tag resumed.%s",
+                run.info.run_id,
+                key,
+                logged[key],
+                value,
+                key,
+            )
+        self.experiment_param = {key: value for key, value in params.items() if key not in changed}
 
     def _recorded_run(self):
         """``(run, None)`` for the unfinished run that ``run_info_path`` names (reopened if a kill or a failure ended
