@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.losses import CeVAELoss
 from pipeline.operating_point import OperatingPoint
 from pipeline.scoring import (

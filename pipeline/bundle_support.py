@@ -17,7 +17,7 @@ from monai.handlers import CheckpointLoader
 
 from pipeline.data.datalist import load_datalist, split_subjects
 from pipeline.data.demo import make_demo_dataset
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.io import WriteError, atomic_write_json
 from pipeline.networks import ARCHITECTURE_KEYS
 from pipeline.run_record import EVALUATION_KEYS, EXECUTED_CONFIG, SCORING_KEYS, training_config
@@ -186,7 +186,7 @@ def check_config_keys() -> None:
 
     MONAI's parser adds unknown command-line keys silently, so a mistyped hyper-parameter would be ignored.
     The known ids are those of every ``*.json`` in the folder of the first config file (the bundle's configs).
-    Called from the start of the configs' ``run``; raises :class:`~pipeline.data.validation.InputError`.
+    Called from the start of the configs' ``run``; raises :class:`~pipeline.errors.InputError`.
     """
     from monai.bundle import ConfigWorkflow
 

@@ -42,7 +42,6 @@ from scipy import ndimage
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.synthetic_lesions import LESION_KINDS, SyntheticLesion
 from pipeline.healthy import (
-    DEFAULT_QUANTILE,
     HEALTHY_QUANTILES,
     fit_grad_normalization,
     fit_normative,
@@ -50,7 +49,7 @@ from pipeline.healthy import (
     healthy_thresholds,
 )
 from pipeline.metrics import CONNECTIVITY, bounding_box
-from pipeline.operating_point import OperatingPoint
+from pipeline.operating_point import DEFAULT_QUANTILE, OperatingPoint
 from pipeline.scoring import SCORE_NAMES, ScoreOptions, Unchanged, on_volume
 from pipeline.thresholds import quantile_key
 

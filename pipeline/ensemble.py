@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from pipeline.anomaly_map import AnomalyMap
-from pipeline.data.validation import InputError, read_json
+from pipeline.errors import InputError, read_json
 from pipeline.io import atomic_write_json
 from pipeline.run_record import EVALUATION_KEYS, EXECUTED_CONFIG, training_config
 from pipeline.scoring import kl_gradient, raw_scores

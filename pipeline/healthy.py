@@ -33,9 +33,6 @@ from pipeline.thresholds import quantile_key
 
 __all__ = [
     "ACTIVE_UNIT_VARIANCE",
-    "DEFAULT_OPTION_SET",
-    "DEFAULT_QUANTILE",
-    "DEFAULT_SCORE",
     "HEALTHY_QUANTILES",
     "active_units",
     "fit_grad_normalization",
@@ -46,9 +43,6 @@ __all__ = [
 ]
 
 HEALTHY_QUANTILES = (0.95, 0.98, 0.99, 0.995, 0.999)
-DEFAULT_QUANTILE = 0.99
-DEFAULT_OPTION_SET = "postprocessed"  # the paper's score with the authors' gradient smoothing and Baur et al.'s
-DEFAULT_SCORE = "combined"  # post-processing: nothing in it was chosen on lesion labels
 ACTIVE_UNIT_VARIANCE = 0.01  # a latent unit is active if Var_x[mu_d(x)] exceeds this (Burda et al. 2016)
 
 

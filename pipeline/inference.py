@@ -33,10 +33,9 @@ from monai.transforms import Invertd
 
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.datalist import SUBJECT_KEY, load_datalist, subject_name
-from pipeline.data.validation import InputError
-from pipeline.healthy import DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE
+from pipeline.errors import InputError
 from pipeline.io import atomic_save_nifti, atomic_write_json
-from pipeline.operating_point import OperatingPoint
+from pipeline.operating_point import DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE, OperatingPoint
 from pipeline.score_options import ScoreOptions
 from pipeline.scoring import SCORE_NAMES, segment
 

@@ -7,10 +7,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
-from pipeline.scoring import ScoreOptions
+from pipeline.score_options import ScoreOptions
 from pipeline.thresholds import quantile_key
 
-__all__ = ["OperatingPoint"]
+__all__ = ["DEFAULT_OPTION_SET", "DEFAULT_QUANTILE", "DEFAULT_SCORE", "OperatingPoint"]
+
+# the segmentation rule of a model without a label-free operating point (an old checkpoint, or none was chosen)
+DEFAULT_QUANTILE = 0.99
+DEFAULT_OPTION_SET = "postprocessed"  # the paper's score with the authors' gradient smoothing and Baur et al.'s
+DEFAULT_SCORE = "combined"  # post-processing: nothing in it was chosen on lesion labels
 
 
 @dataclass(frozen=True)

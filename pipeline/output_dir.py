@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.io import make_output_folder
 
 __all__ = [

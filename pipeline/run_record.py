@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.data.validation import read_json
+from pipeline.errors import read_json
 
 __all__ = ["EVALUATION_KEYS", "EXECUTED_CONFIG", "SCORING_KEYS", "training_config"]
 

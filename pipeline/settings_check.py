@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Mapping
 
 from pipeline.data.augmentation import AUGMENT_CHOICES
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.networks.cevae import downsampling_layers
 
 __all__ = ["RULES", "check_settings"]

@@ -26,7 +26,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.data.validation import InputError, read_json
+from pipeline.errors import InputError, read_json
 from pipeline.io import atomic_write_json, file_lock, file_sha256
 
 __all__ = [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 
 __all__ = ["load_trained", "read_checkpoint", "split_trained"]
 

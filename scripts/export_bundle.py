@@ -29,7 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.io import WriteError, atomic_path, make_output_folder
 from pipeline.release import build
 

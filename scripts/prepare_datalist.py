@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.data.datalist import write_datalist
 from pipeline.data.preparers import LAYOUTS, prepare_entries
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.io import make_output_folder
 
 

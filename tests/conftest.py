@@ -22,7 +22,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 def input_error(exc: BaseException):
     """The :class:`InputError` behind ``exc`` (MONAI wraps transform errors in ``RuntimeError``), or None."""
-    from pipeline.data.validation import InputError
+    from pipeline.errors import InputError
 
     while exc is not None and not isinstance(exc, InputError):
         exc = exc.__cause__

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.anomaly_map import AnomalyMap
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
 from pipeline.operating_point import OperatingPoint

@@ -206,7 +206,7 @@ def test_the_default_settings_pass_the_range_checks():
 
 def test_datalist_entries_that_are_not_paths_and_a_single_subject_are_named_in_one_error(tiny_demo, tmp_path):
     from pipeline.bundle_support import train_val_split
-    from pipeline.data.validation import InputError
+    from pipeline.errors import InputError
 
     entries = load_datalist(tiny_demo, "training")
     bad = tmp_path / "bad.json"

@@ -15,8 +15,8 @@ from bundle_helpers import inference_workflow, run_bundle
 
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.datalist import load_datalist
-from pipeline.data.validation import InputError
 from pipeline.ensemble import AnomalyEnsemble, write_ensemble
+from pipeline.errors import InputError
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
 from pipeline.scoring import PAPER, POSTPROCESSED

@@ -17,7 +17,7 @@ from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.datalist import load_datalist, write_datalist
 from pipeline.data.preparers import prepare_entries
 from pipeline.data.preprocessing import brain_volume_transform
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.inference import AnomalyInference, inference_entries
 from pipeline.metrics import dice
 from pipeline.networks import CeVAEReconstruction

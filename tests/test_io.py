@@ -137,7 +137,7 @@ def test_a_failed_metrics_write_names_the_file_and_keeps_the_previous_one(tmp_pa
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_in_one_line(tmp_path):
-    from pipeline.data.validation import InputError
+    from pipeline.errors import InputError
     from pipeline.weights import load_trained
 
     net = torch.nn.Linear(2, 2)
@@ -154,7 +154,7 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_in_one_line(tmp_path):
 def test_truncated_garbage_and_foreign_checkpoints_are_refused_in_one_line(tmp_path):
     """Inference and export read checkpoints through one function: a truncated file, random bytes and weights of
     another architecture each get one line naming the file; negative control: the intact file loads."""
-    from pipeline.data.validation import InputError
+    from pipeline.errors import InputError
     from pipeline.weights import load_trained, split_trained
 
     good = save_checkpoint({"model": torch.nn.Linear(4, 3)}, tmp_path / "good.pt")

@@ -23,7 +23,7 @@ from conftest import REPO, input_error
 from monai.bundle import ConfigWorkflow
 
 from pipeline.data.datalist import load_datalist, write_datalist
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.tracking import ModelLogging
 from pipeline.tracking.scan_model import example_scan
 

@@ -12,7 +12,7 @@ from conftest import REPO, save_nifti, script_main
 
 from pipeline.data.datalist import load_datalist, subject_name
 from pipeline.data.preparers import LAYOUTS, prepare_entries
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 
 VOL = np.ones((6, 7, 5), np.float32)
 SCRIPT = str(REPO / "scripts" / "prepare_datalist.py")

@@ -497,7 +497,7 @@ class RunsCode:
 
 
 def test_checkpoints_with_code_are_refused(tmp_path):
-    from pipeline.data.validation import InputError
+    from pipeline.errors import InputError
     from pipeline.inference import AnomalyInference
 
     marker = tmp_path / "pwned"

@@ -11,7 +11,7 @@ import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pipeline.data.validation import InputError, read_json
+from pipeline.errors import InputError, read_json
 from pipeline.io import atomic_write_json
 
 __all__ = ["PATH_KEYS", "SUBJECT_KEY", "load_datalist", "split_subjects", "subject_name", "write_datalist"]

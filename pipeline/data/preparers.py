@@ -16,7 +16,7 @@ insensitive; default first) and whether it is a healthy training set or a labell
 it for development (choosing options), not to report results.
 
 :func:`prepare_entries` finds the entries, then checks every one (files readable as 3D NIfTI, mask/label present,
-same shape and affine as the image) and raises one :class:`~pipeline.data.validation.InputError` listing every
+same shape and affine as the image) and raises one :class:`~pipeline.errors.InputError` listing every
 problem. Every entry carries the ``subject`` id of its layout (the case folder, or the IXI subject), which the
 outputs about it are named by.
 """
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.validation import InputError, check_nifti_header
+from pipeline.data.validation import check_nifti_header
+from pipeline.errors import InputError
 
 __all__ = ["LAYOUTS", "Layout", "check_entry", "prepare_entries"]
 

@@ -25,7 +25,8 @@ from monai.transforms import MapTransform, Pad, Padd, Transform
 from monai.utils import PytorchPadMode, TransformBackends, convert_to_dst_type
 from scipy.stats import rankdata
 
-from pipeline.data.validation import InputError, source_of
+from pipeline.data.validation import source_of
+from pipeline.errors import InputError
 
 __all__ = [
     "AntiAlias",

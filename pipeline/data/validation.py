@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Hashable, Mapping
-from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -15,22 +12,11 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform
 
-__all__ = ["MAX_VOXELS", "CheckVolumesd", "InputError", "LoadVolumed", "check_nifti_header", "source_of"]
+from pipeline.errors import InputError
+
+__all__ = ["MAX_VOXELS", "CheckVolumesd", "LoadVolumed", "check_nifti_header", "source_of"]
 
 MAX_VOXELS = 2048**3 // 8  # ~1.07e9 voxels (4 GiB as float32): larger headers are refused before loading
-
-
-class InputError(ValueError):
-    """Bad input data: the message names the file and says what to do."""
-
-
-def read_json(path: str | os.PathLike, fix: str, what: str = "") -> object:
-    """The content of the JSON file ``path``; invalid JSON raises :class:`InputError` in one line naming the file
-    (``what`` it is, if given), the parser's complaint and ``fix``."""
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{what + ' ' if what else ''}{path} is not valid JSON ({err}); {fix}") from err
 
 
 def source_of(img: Any) -> str:

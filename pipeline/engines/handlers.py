@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.calibration import LabelFreeCalibration
 from pipeline.data.slices import BrainSliceDataset
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.healthy import mean_brain_check
 
 __all__ = [

@@ -16,7 +16,7 @@ from pipeline.anomaly_map import AnomalyMap
 from pipeline.calibration import LabelFreeCalibration
 from pipeline.data.datalist import load_datalist, subject_name
 from pipeline.data.slices import SliceSelection
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.evaluation.figures import plot_curves, plot_panels
 from pipeline.evaluation.mlflow_report import log_to_mlflow, mlflow_metrics
 from pipeline.evaluation.option_set_metrics import TestSplit, coverage_warnings, option_set_metrics

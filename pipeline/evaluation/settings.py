@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.healthy import DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE
 from pipeline.io import file_sha256
+from pipeline.operating_point import DEFAULT_OPTION_SET, DEFAULT_QUANTILE, DEFAULT_SCORE
 from pipeline.thresholds import quantile_key
 
 __all__ = ["DefaultSegmentation", "LabelledSet", "Reporting"]

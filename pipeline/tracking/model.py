@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.run_record import EXECUTED_CONFIG
 from pipeline.thresholds import THRESHOLD_FILENAME
 

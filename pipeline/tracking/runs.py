@@ -25,7 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, 
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_sqlite_uri, path_to_uri
 
-from pipeline.data.validation import read_json
+from pipeline.errors import read_json
 from pipeline.io import atomic_write_json, file_lock, file_sha256
 from pipeline.tracking.model import ModelLogging
 from pipeline.tracking.spool import SpooledClient, report_pending

@@ -26,7 +26,7 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from pipeline.anomaly_map import AnomalyMap
 from pipeline.data.preprocessing import brain_volume_transform
-from pipeline.data.validation import InputError
+from pipeline.errors import InputError
 from pipeline.inference import AnomalyInference
 from pipeline.losses import CeVAELoss
 from pipeline.networks import ARCHITECTURE_KEYS, CeVAEReconstruction
