@@ -252,10 +252,10 @@ def test_evaluation_refuses_settings_that_differ_from_training(evaluated_run, tm
             out,
             json.loads((out / "checkpoints" / "config.json").read_text())["datalist"],
             EVAL_FILES,
-            normalization="zscore",
+            normalization="percentile",
             eval_output_dir=str(tmp_path),
         )
-    assert "normalization='zscore' (trained with 'percentile')" in str(input_error(info.value))
+    assert "normalization='percentile' (trained with 'zscore')" in str(input_error(info.value))
 
 
 def synthetic_subjects(n=3, shape=(24, 24, 16), seed=0):
