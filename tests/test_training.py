@@ -167,9 +167,10 @@ def test_training_ends_with_healthy_thresholds_of_the_selected_checkpoint(cevae_
     healthy = content["healthy"]
     validation = train_val_split(tiny_demo, TINY["val_fraction"], 0)[1]
     assert healthy["subjects"] == [e["image"] for e in validation] and healthy["quantiles"][2] == 0.99
-    # reference without the network: the `intensity` score of the plain option set is the preprocessed image, so
-    # its thresholds are numpy quantiles of the healthy validation subjects' brain voxels
-    transform = brain_volume_transform()
+    # reference without the network: the `intensity` score of the plain option set is the preprocessed image (in the
+    # training's normalisation), so its thresholds are numpy quantiles of the healthy validation subjects' brain voxels
+    trained = json.loads((out / "checkpoints" / "config.json").read_text())
+    transform = brain_volume_transform(normalization=trained["normalization"])
     voxels = np.concatenate(
         [np.asarray(d["image"][0])[np.asarray(d["brainmask"][0]) > 0] for d in (transform(e) for e in validation)]
     )
