@@ -36,7 +36,7 @@ def _global_mean(values: torch.Tensor) -> torch.Tensor:
     call it: every rank runs those in step."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values.mean()
-    total = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+    total = torch.stack([values.sum(dtype=torch.float32), torch.tensor(float(values.numel()), device=values.device)])
     torch.distributed.all_reduce(total)
     return total[0] / total[1]
 
