@@ -208,10 +208,29 @@ def test_concurrent_writers_build_each_entry_once(entries, tmp_path):
     log.unlink()
     first, second = builder(entries, log, tmp_path / "shared"), builder(entries, log, tmp_path / "shared")
     assert first.wait(120) == 0 and second.wait(120) == 0, first.stderr.read() + second.stderr.read()
-    assert first.stdout.read() == second.stdout.read()
+    counted = first.stdout.read()
+    assert counted == second.stdout.read()
     assert sorted(log.read_text().split()) == sorted(e["image"] for e in entries)
     assert len(entry_folders(tmp_path / "shared")) == 3
     assert not [p for p in (tmp_path / "shared").glob("*/.*") if p.is_dir()]
+    # forced race on a damaged entry: both builders find it damaged and wait for its lock; the first to get it
+    # replaces the entry, the second then finds the new one (the volume is preprocessed once, both read true slices)
+    damaged = store.key(entries[0])
+    folder = next(f for f in entry_folders(tmp_path / "shared") if f.name == damaged)
+    with open(folder / "image.npy", "r+b") as handle:
+        handle.truncate(folder.joinpath("image.npy").stat().st_size - 100)
+    log.unlink()
+    with open(folder.parent / f"{damaged}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        racers = builder(entries, log, tmp_path / "shared"), builder(entries, log, tmp_path / "shared")
+        time.sleep(3)
+        assert all(r.poll() is None for r in racers), "both wait for the damaged entry's lock"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert all(r.wait(120) == 0 for r in racers), "".join(r.stderr.read() for r in racers)
+    assert log.read_text().split() == [entries[0]["image"]], "replaced once, by one of them"
+    assert {r.stdout.read() for r in racers} == {counted}
+    assert len(entry_folders(tmp_path / "shared")) == 3
+    assert not [p for p in (tmp_path / "shared").glob("*/.*") if p.is_dir()], "the damaged copy is not left behind"
 
 
 def test_a_transform_without_cache_settings_is_refused_with_a_cache(entries, tmp_path):
