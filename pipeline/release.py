@@ -17,6 +17,7 @@ import isort
 import matplotlib
 import torch
 
+from pipeline.errors import read_json
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.networks.cevae import ARCHITECTURE_KEYS
 from pipeline.run_record import EXECUTED_CONFIG, training_config
@@ -111,7 +112,7 @@ def export_training_curves(checkpoint: Path, docs: Path) -> bool:
     info_path = checkpoint.parent / RUN_INFO_FILENAME
     if not info_path.is_file():
         return False
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path, "delete it to export without the training curves", "MLflow run record")
     try:
         client = MlflowClient(info["tracking_uri"])
         history = {k: client.get_metric_history(info["run_id"], k) for k in ("train_loss", "val_neg_elbo")}

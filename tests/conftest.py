@@ -110,6 +110,13 @@ def evaluated_run(tiny_demo, tmp_path_factory):
     return out, json.loads((out / "metrics.json").read_text())
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # a tracking server only: MLflow 3's server otherwise starts a job runner and 7 huey consumer processes (GenAI jobs,
 # trace roll-ups), over 10 s of CPU (ps) on a 2-core machine at every start, taken from the tests running beside it
 SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -122,9 +129,7 @@ class MlflowServer:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process = None
 

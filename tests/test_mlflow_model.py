@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from bundle_helpers import BUNDLE_RUN, CLI_ENV, CONFIGS, TINY_EVALUATION
-from conftest import REPO, input_error
+from conftest import REPO, free_port, input_error
 from monai.bundle import ConfigWorkflow
 
 from pipeline.data.datalist import load_datalist, write_datalist
@@ -89,12 +88,6 @@ def test_monai_tracking_flag_gives_one_run_with_each_value_once(tracked):
     # the store and its artifacts live together: moving the output folder moves both
     assert experiment.artifact_location == (out / "mlruns").as_uri()
     assert (out / "mlruns" / run_id / "artifacts" / "config.json").is_file()
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_the_logged_model_takes_a_scan_is_served_and_equals_run_inference(tracked, tiny_demo, tmp_path):

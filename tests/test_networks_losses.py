@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import free_port
 
 from pipeline.losses import CeVAELoss, kl_divergence, reconstruction_error
 from pipeline.networks import CeVAE, CeVAEReconstruction
@@ -205,12 +206,8 @@ def test_calibrated_sigma_is_the_global_batch_s_on_every_rank(tmp_path):
     """Under torch.distributed each rank's batch is a shard of one global batch: the calibrated sigma (hence the
     objective) is the global batch's on every rank, computed here from the concatenated shards (reference). Negative
     control: one rank's shard alone gives another sigma."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_calibrate_on_rank, args=(f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    torch.multiprocessing.spawn(_calibrate_on_rank, args=(init_method, str(tmp_path)), nprocs=2)
     reference = torch.cat([_rank_batch(0), _rank_batch(1)]).pow(2).mean().sqrt()  # recon 0: the residual is x
     for rank in (0, 1):
         sigmas = torch.load(tmp_path / f"{rank}.pt", weights_only=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import sqlite3
 import threading
 import time
@@ -12,16 +11,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import free_port
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from pipeline.tracking import SpooledClient, resolve_tracking_uri
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_default_is_a_local_sqlite_store(tmp_path, monkeypatch):
