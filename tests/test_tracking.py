@@ -260,3 +260,56 @@ def test_resume_continues_its_own_run_when_another_training_has_the_same_name(tm
     client.set_terminated(first["B"], status="FINISHED")  # B completed; trained further with more epochs
     extended = started("B", resume=True)
     assert extended != first["B"] and client.get_run(extended).data.tags["cevae.previous_run_id"] == first["B"]
+
+
+def test_two_runs_logging_one_datalist_at_once_both_land(tmp_path, monkeypatch):
+    """MLflow's SQL store looks for a dataset, then inserts it: two runs logging the same datalist at once on one
+    SQLite store both found none and the second insert failed (``UNIQUE constraint failed``; seen in CI as a failed
+    training). Race forced: each thread waits after its look-up until the other has looked too (or 2 s). Under
+    ``log_datalist``'s store lock the second looks only after the first inserted: both land, one dataset row."""
+    from mlflow import MlflowClient
+    from mlflow.store.tracking.dbmodels.models import SqlDataset
+    from sqlalchemy.orm import Query
+
+    from pipeline.tracking import log_datalist
+
+    datalist = tmp_path / "data" / "datalist.json"
+    datalist.parent.mkdir()
+    datalist.write_text(json.dumps({"training": [{"image": "a.nii.gz"}]}))
+    uri = f"sqlite:///{tmp_path}/store.db"
+    setup = MlflowClient(uri)
+    experiment = setup.create_experiment("cevae")
+    run_ids = [setup.create_run(experiment).info.run_id for _ in range(2)]
+    looked_up = threading.Barrier(2)
+    real_all = Query.all
+
+    def all_then_wait(query):
+        rows = real_all(query)
+        if query.column_descriptions[0]["entity"] is SqlDataset:
+            try:
+                looked_up.wait(timeout=2)
+            except threading.BrokenBarrierError:  # the other thread waits for the lock: it cannot look now
+                pass
+        return rows
+
+    monkeypatch.setattr(Query, "all", all_then_wait)
+    errors = []
+
+    def log(run_id):
+        try:
+            log_datalist(MlflowClient(uri), run_id, datalist, "training")
+        except Exception as err:  # noqa: BLE001 - the assertion below shows it
+            errors.append(err)
+
+    threads = [threading.Thread(target=log, args=(run_id,)) for run_id in run_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    monkeypatch.undo()
+    for run_id in run_ids:
+        (dataset,) = setup.get_run(run_id).inputs.dataset_inputs
+        assert dataset.dataset.name == "data/datalist.json"
+    with sqlite3.connect(tmp_path / "store.db") as db:
+        assert db.execute("select count(*) from datasets").fetchone() == (1,)

@@ -70,8 +70,8 @@ def log_to_mlflow(
         RUN_INFO_FILENAME,
         SPOOL_DIRNAME,
         SpooledClient,
-        datalist_input,
         experiment_id,
+        log_datalist,
         report_pending,
         resolve_tracking_uri,
         store_lock,
@@ -94,7 +94,7 @@ def log_to_mlflow(
     metrics = [Metric(key, value, now, 0) for key, value in metrics.items()]
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
-    client.log_inputs(run_id, [datalist_input(datalist, "evaluation")])
+    log_datalist(client, run_id, datalist, "evaluation")
     folder = f"evaluation/{name}"
     for name in ("metrics.json", "per_subject.csv", "curves.json", "roc_pr.png", "panels.png"):
         if (output_dir / name).is_file():

@@ -38,6 +38,7 @@ __all__ = [
     "MLflowRunHandler",
     "datalist_fingerprint",
     "experiment_id",
+    "log_datalist",
     "resolve_tracking_uri",
     "run_params",
 ]
@@ -146,9 +147,18 @@ def datalist_fingerprint(path: str | os.PathLike) -> str:
     return file_sha256(path)[:16]
 
 
-def datalist_input(datalist: str | os.PathLike, context: str) -> DatasetInput:
-    """``datalist`` as an MLflow dataset input of a run (its "Datasets" on the run page): named by its folder and file,
-    with the fingerprint of :func:`datalist_fingerprint` as digest and ``context`` (``training``, ``evaluation``)."""
+def log_datalist(client, run_id: str, datalist: str | os.PathLike, context: str) -> None:
+    """Log ``datalist`` as a dataset input of the run ``run_id`` (its "Datasets" on the run page), under
+    :func:`store_lock`: MLflow's SQL store looks for the dataset and inserts it if missing without coordination
+    between processes, so two runs logging one datalist at once on a SQLite store fail (``UNIQUE constraint failed:
+    datasets``). A server's store is the server's to serialise (such a failure there is a 5xx: spooled, retried)."""
+    with store_lock(client.tracking_uri):
+        client.log_inputs(run_id, [_datalist_input(datalist, context)])
+
+
+def _datalist_input(datalist: str | os.PathLike, context: str) -> DatasetInput:
+    """``datalist`` as an MLflow dataset input: named by its folder and file, with the fingerprint of
+    :func:`datalist_fingerprint` as digest and ``context`` (``training``, ``evaluation``)."""
     path = Path(datalist).resolve()
     dataset = Dataset(
         name=f"{path.parent.name}/{path.name}",
@@ -240,7 +250,7 @@ class MLflowRunHandler(MLFlowHandler):
             )
             datalist = (self.experiment_param or {}).get("datalist")
             if recorded is None and datalist:  # the healthy training data, with its digest
-                self.client.log_inputs(self.cur_run.info.run_id, [datalist_input(datalist, "training")])
+                log_datalist(self.client, self.cur_run.info.run_id, datalist, "training")
             if self.run_info_path is not None:
                 atomic_write_json(
                     {
