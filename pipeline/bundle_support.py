@@ -27,7 +27,6 @@ from pipeline.weights import load_trained
 __all__ = [
     "EVALUATION_KEYS",
     "active_config_parser",
-    "barrier",
     "bundle_root",
     "check_config_keys",
     "check_matches_training",
@@ -275,16 +274,11 @@ def start_distributed(distributed: bool, device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def barrier(distributed: bool) -> None:
-    """With ``distributed``: wait for every process (before rank 0 releases the output folder)."""
-    import torch.distributed as dist
-
-    if distributed and dist.is_initialized():
-        dist.barrier()
-
-
 def stop_distributed(distributed: bool) -> None:
-    """With ``distributed``: leave the process group."""
+    """With ``distributed``: leave the process group. No final barrier: once training ends the other ranks have
+    nothing left to do and leave, while rank 0 calibrates the model on the healthy subjects (minutes, or hours on a
+    large cohort) with no collective pending that the group's timeout (NCCL: 10 min) could end; ``torchrun`` waits
+    for every rank and fails the job if rank 0 fails."""
     import torch.distributed as dist
 
     if distributed and dist.is_initialized():

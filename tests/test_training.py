@@ -419,8 +419,23 @@ def test_amp_dtype_is_checked_and_bfloat16_needs_no_loss_scaling():
 
 @pytest.mark.slow
 def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
-    """torchrun with 2 CPU processes (gloo): DDP + DistributedSampler; only rank 0 saves and tracks."""
-    configs = "['bundles/cevae/configs/train.json','bundles/cevae/configs/multi_gpu_train.json']"
+    """torchrun with 2 CPU processes (gloo), DDP: every epoch the ranks train on disjoint shards of the training
+    slices (drawn anew each epoch) and score disjoint shards of the validation slices, the validation metric is the
+    mean over *all* of them on both ranks (recomputed here from the weights; one rank's own shard gives another
+    value), weights and sigma stay equal across ranks; only rank 0 saves and tracks. Rank 1 leaves when training
+    ends, before rank 0's end-of-training calibration does: no final barrier that a slow calibration could time out
+    (NCCL: 10 min). Recorded by ``tests/distributed_probe.py``, attached from a config overlay."""
+    train_config = json.loads((REPO / "bundles/cevae/configs/train.json").read_text())
+    run = list(train_config["run"])
+    at = run.index("$@train#trainer.run()")
+    run[at:at] = [
+        "$import distributed_probe",
+        "$distributed_probe.attach(@train#trainer, @validate#evaluator, @network, @loss, @output_dir)",
+    ]
+    overlay = tmp_path / "probe.json"
+    overlay.write_text(json.dumps({"run": run}))
+    configs = f"['bundles/cevae/configs/train.json','bundles/cevae/configs/multi_gpu_train.json','{overlay}']"
+    out = tmp_path / "run"
     cmd = [
         sys.executable,
         "-m",
@@ -436,7 +451,7 @@ def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
         "--datalist",
         str(tiny_demo),
         "--output_dir",
-        str(tmp_path),
+        str(out),
         "--epochs",
         "2",
         "--batch_size",
@@ -450,12 +465,31 @@ def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
         "--progress_bar",
         "False",
     ]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=CLI_ENV)
+    env = {**CLI_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), CLI_ENV.get("PYTHONPATH")]))}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    state = torch.load(tmp_path / "checkpoints" / "model.pt", weights_only=True)["model"]
+    ranks = [json.loads((out / f"probe_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [len(r["epochs"]) for r in ranks] == [2, 2]
+    for epoch in (0, 1):
+        first, second = (r["epochs"][epoch] for r in ranks)
+        train = [set(first["train_indices"]), set(second["train_indices"])]
+        padding = -first["train_size"] % 2  # the sampler repeats slices to give both ranks as many
+        assert train[0] | train[1] == set(range(first["train_size"]))
+        assert len(train[0] & train[1]) == padding, "training shards overlap beyond the sampler's padding"
+        val = [set(first["val_indices"]), set(second["val_indices"])]
+        assert not val[0] & val[1] and val[0] | val[1] == set(range(first["val_size"]))
+        assert len(first["val_indices"]) + len(second["val_indices"]) == first["val_size"], "each slice scored once"
+        assert first["val_neg_elbo"] == pytest.approx(second["val_neg_elbo"], rel=1e-6)
+        assert first["val_neg_elbo"] == pytest.approx(first["val_reference"], rel=1e-4), "not the mean over all"
+        assert abs(first["val_own_shard"] - first["val_reference"]) > 1e-3 * abs(first["val_reference"])
+        assert first["weights"] == second["weights"] and first["sigma"] == pytest.approx(second["sigma"], rel=1e-6)
+    assert ranks[0]["epochs"][0]["train_indices"] != ranks[0]["epochs"][1]["train_indices"], "not reshuffled"
+    assert ranks[0]["epochs"][0]["weights"] != ranks[0]["epochs"][1]["weights"], "did not train"
+    assert ranks[1]["left_at"] < ranks[0]["calibrated_at"], "rank 1 waited for rank 0's calibration"
+    state = torch.load(out / "checkpoints" / "model.pt", weights_only=True)["model"]
     net = CeVAE(z_dim=16, channels=(8, 16, 32, 64))
     net.load_state_dict(state)  # saved without the DDP "module." prefix
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    client = MlflowClient(f"sqlite:///{out}/mlruns.db")
     runs = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
     assert len(runs) == 1, "only rank 0 tracks"
     assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
