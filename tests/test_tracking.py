@@ -313,3 +313,63 @@ def test_two_runs_logging_one_datalist_at_once_both_land(tmp_path, monkeypatch):
         assert dataset.dataset.name == "data/datalist.json"
     with sqlite3.connect(tmp_path / "store.db") as db:
         assert db.execute("select count(*) from datasets").fetchone() == (1,)
+
+
+@pytest.mark.parametrize(
+    "pragma, reason, stores",
+    [
+        ("PRAGMA query_only = ON", "attempt to write a readonly database", ("broken.db", "new.db")),
+        ("PRAGMA max_page_count = 1", "database or disk is full", ("new.db",)),  # no page to spare: a new store
+    ],
+)
+def test_a_read_only_or_full_store_stops_a_run_at_its_start_in_one_line_and_later_writes_are_spooled(
+    tmp_path, pragma, reason, stores
+):
+    """A SQLite store that cannot be written (read-only: SQLite's ``query_only``; full: a page limit, SQLite's own
+    SQLITE_FULL), set on every connection the process opens: the creation of a new store and the first write of a
+    new run are one ``ConnectionError`` line naming the store and the fix (the command line prints it, exit 2), not
+    MLflow's traceback; a run that loses its store later keeps its writes in the spool. Negative control: the same
+    calls on a store without the pragma succeed."""
+    from ignite.engine import Engine as Trainer
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from pipeline.bundle_support import _user_error
+    from pipeline.tracking import MLflowRunHandler, StoreUnavailable
+    from pipeline.tracking.spool import SPOOL_FILENAME, read_spool
+
+    healthy = tmp_path / "healthy.db"
+    client = MlflowClient(f"sqlite:///{healthy}")
+    run_id = client.create_run(client.create_experiment("cevae")).info.run_id
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(healthy.read_bytes())  # a copy: its connections are opened with the pragma below
+
+    def restrict(connection, _record):
+        cursor = connection.cursor()
+        cursor.execute(pragma)
+        cursor.close()
+
+    trainer = Trainer(lambda engine, batch: None)
+    event.listen(Engine, "connect", restrict)
+    try:
+        for name in stores:
+            uri = f"sqlite:///{tmp_path / name}"
+            with pytest.raises(StoreUnavailable) as info:
+                MLflowRunHandler(tracking_uri=uri, experiment_name="cevae", run_name="a").start(trainer)
+            line = str(info.value)
+            assert line.startswith(f"MLflow tracking store {uri} cannot be used (") and reason in line, line
+            assert "\n" not in line and "--tracking_uri" in line
+            wrapped = RuntimeError("Failed to evaluate")  # as MONAI's bundle runner wraps it
+            wrapped.__cause__ = info.value
+            assert _user_error(wrapped) is info.value, "the command line shows it as one line"
+        spooled = SpooledClient(MlflowClient(f"sqlite:///{broken}"), tmp_path / "tracking_spool", retry_s=3600)
+        spooled.log_batch(run_id, params=[Param("note", "x" * 5000)])  # needs new pages: spooled, not raised
+    finally:
+        event.remove(Engine, "connect", restrict)
+    (entry,) = read_spool(tmp_path / "tracking_spool" / SPOOL_FILENAME)
+    assert entry["op"] == "log_batch" and entry["params"] == [["note", "x" * 5000]]
+    handler = MLflowRunHandler(tracking_uri=f"sqlite:///{tmp_path / 'other.db'}", experiment_name="cevae", run_name="a")
+    handler.start(trainer)  # negative control: without the pragma the same calls work
+    assert handler.client.get_run(handler.cur_run.info.run_id).info.run_name == "a"

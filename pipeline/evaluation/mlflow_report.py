@@ -74,6 +74,7 @@ def log_to_mlflow(
         log_datalist,
         report_pending,
         resolve_tracking_uri,
+        store_errors,
         store_lock,
     )
 
@@ -81,14 +82,15 @@ def log_to_mlflow(
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     uri = info.get("tracking_uri") or resolve_tracking_uri(tracking_uri, output_dir)
     run_id = info.get("run_id")
-    with store_lock(uri):  # the client creates a new store's schema
-        client = SpooledClient(MlflowClient(uri), output_dir / SPOOL_DIRNAME)  # survives an outage
-    if run_id is None:
-        run_id = client.create_run(
-            experiment_id(client, experiment_name),
-            run_name="evaluation",
-            tags={"evaluated_checkpoint": str(checkpoint)},
-        ).info.run_id
+    with store_errors(uri):  # a store that cannot be used: one line (the results are already written)
+        with store_lock(uri):  # the client creates a new store's schema
+            client = SpooledClient(MlflowClient(uri), output_dir / SPOOL_DIRNAME)  # survives an outage
+        if run_id is None:
+            run_id = client.create_run(
+                experiment_id(client, experiment_name),
+                run_name="evaluation",
+                tags={"evaluated_checkpoint": str(checkpoint)},
+            ).info.run_id
     close = info.get("run_id") is None
     now = int(time.time() * 1000)
     metrics = [Metric(key, value, now, 0) for key, value in metrics.items()]

@@ -1,22 +1,22 @@
-"""MLflow tracking, one package below the bundle glue: where runs go and what they log (:mod:`.runs`), the outage
-spool that keeps every write while the server is unreachable (:mod:`.spool`), the trained model as an MLflow model
-(:mod:`.model`). The names the bundle configs use are importable from here."""
+"""MLflow tracking, one package below the bundle glue: where runs go (:mod:`.store`), what a training's run logs
+(:mod:`.runs`), the outage spool that keeps every write while the server is unreachable (:mod:`.spool`), the trained
+model as an MLflow model (:mod:`.model`). The names the bundle configs use are importable from here."""
 
 from pipeline.tracking.model import ModelLogging
-from pipeline.tracking.runs import (
-    RUN_INFO_FILENAME,
-    MLflowRunHandler,
+from pipeline.tracking.runs import RUN_INFO_FILENAME, MLflowRunHandler, run_params
+from pipeline.tracking.spool import SPOOL_DIRNAME, SpooledClient, report_pending, sync
+from pipeline.tracking.store import (
+    StoreUnavailable,
     artifact_location,
     check_tracking_server,
     datalist_fingerprint,
     experiment_id,
     log_datalist,
     resolve_tracking_uri,
-    run_params,
+    store_errors,
     store_lock,
     tracking_off,
 )
-from pipeline.tracking.spool import SPOOL_DIRNAME, SpooledClient, report_pending, sync
 
 __all__ = [
     "RUN_INFO_FILENAME",
@@ -24,6 +24,7 @@ __all__ = [
     "MLflowRunHandler",
     "ModelLogging",
     "SpooledClient",
+    "StoreUnavailable",
     "artifact_location",
     "check_tracking_server",
     "datalist_fingerprint",
@@ -32,6 +33,7 @@ __all__ = [
     "report_pending",
     "resolve_tracking_uri",
     "run_params",
+    "store_errors",
     "store_lock",
     "sync",
     "tracking_off",

@@ -1,172 +1,35 @@
-"""MLflow tracking of training runs: where runs go, what is logged, and the run's artifacts.
-
-Every run is tracked without extra flags: ``MLFLOW_TRACKING_URI`` if set, else the ``tracking_uri`` config
-value, else a SQLite store ``<output_dir>/mlruns.db`` (MLflow 3 rejects the plain file store).
+"""The bundle's MLflow run of a training (:class:`MLflowRunHandler`): its identity across resumes, its tags,
+parameters and dataset input, and the trained model logged at the end. Where runs go: :mod:`.store`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from mlflow.entities import Dataset, DatasetInput, InputTag, RunStatus
+from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from monai.handlers import MLFlowHandler
-from monai.utils import path_to_sqlite_uri, path_to_uri
 
 from pipeline.errors import read_json
-from pipeline.io import atomic_write_json, file_lock, file_sha256
+from pipeline.io import atomic_write_json
 from pipeline.tracking.model import ModelLogging
 from pipeline.tracking.spool import SpooledClient, report_pending
+from pipeline.tracking.store import datalist_fingerprint, log_datalist, store_errors, store_lock
 
-__all__ = [
-    "RUN_INFO_FILENAME",
-    "artifact_location",
-    "store_lock",
-    "check_tracking_server",
-    "MLflowRunHandler",
-    "datalist_fingerprint",
-    "experiment_id",
-    "log_datalist",
-    "resolve_tracking_uri",
-    "run_params",
-]
+__all__ = ["RUN_INFO_FILENAME", "MLflowRunHandler", "run_params"]
 
 logger = logging.getLogger(__name__)
 
 RUN_INFO_FILENAME = "mlflow_run.json"  # next to the checkpoints: which MLflow run trained them
 PREVIOUS_RUN_TAG = "cevae.previous_run_id"  # on a resumed training's new run: the run it continues
-
-
-TRACKING_OFF = "none"  # --tracking_uri none: no MLflow run, no store, nothing logged
-
-
-def tracking_off(uri: str | None) -> bool:
-    """Whether ``uri`` (``--tracking_uri``) turns MLflow off: :data:`TRACKING_OFF`, in any case."""
-    return isinstance(uri, str) and uri.strip().lower() == TRACKING_OFF
-
-
-def resolve_tracking_uri(uri: str | None, output_dir: str | os.PathLike, timeout_s: float = 5.0) -> str:
-    """``uri`` (given on the command line), else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlruns.db``:
-    an explicit URI wins over the environment, as with MLflow's own clients (``MlflowClient(tracking_uri=...)``).
-
-    An HTTP(S) tracking server is contacted first (its ``/health`` endpoint, ``timeout_s``): an unreachable one
-    fails within seconds with a ``ConnectionError`` naming the URI, instead of MLflow's minutes of retries.
-    """
-    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if chosen:
-        if chosen.startswith(("http://", "https://")):
-            check_tracking_server(chosen, timeout_s)
-        return chosen
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    return path_to_sqlite_uri(str(Path(output_dir).resolve() / "mlruns.db"))
-
-
-@contextmanager
-def store_lock(uri: str | None):
-    """Hold an exclusive lock on the folder of a SQLite tracking store (no-op for other stores; no lock file).
-
-    MLflow creates and migrates a SQLite store's schema, and creates experiments, without coordination between
-    processes: two runs starting at once on a new store fail. Store set-up and experiment creation are done under
-    this lock, so that concurrent runs on one store all land.
-    """
-    if not uri or not uri.startswith("sqlite:///"):
-        yield
-        return
-    folder = Path(uri[len("sqlite:///") :]).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder):
-        yield
-
-
-def artifact_location(uri: str | None) -> str | None:
-    """Where a new experiment's artifacts go: for a local SQLite store, ``mlruns/`` next to its database (as MONAI's
-    ``MLFlowHandler`` does), so that store and artifacts move, and are deleted, together; otherwise MLflow's choice
-    (a server's artifact root). MLflow's own default for SQLite is ``./mlruns`` of whatever the working folder is."""
-    if not uri or not uri.startswith("sqlite:///"):
-        return None
-    return path_to_uri(Path(uri[len("sqlite:///") :]).parent / "mlruns")
-
-
-def experiment_id(client, name: str) -> str:
-    """Id of the MLflow experiment ``name``, created if missing (under :func:`store_lock`, so concurrent runs agree;
-    artifacts at :func:`artifact_location`)."""
-    with store_lock(client.tracking_uri):
-        experiment = client.get_experiment_by_name(name)
-        if experiment:
-            return experiment.experiment_id
-        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
-
-
-def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise ``ConnectionError`` (naming ``uri`` and the fix) unless the MLflow server answers within ``timeout_s``,
-    on ``/health`` and on its REST API (a search for one experiment): a server whose API fails (HTTP 5xx, e.g. its
-    backend store is locked, full or gone) is refused at once, instead of after MLflow's minutes of retries."""
-    base = uri.rstrip("/")
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=timeout_s):
-            pass
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise ConnectionError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it, or fix --tracking_uri / "
-            "MLFLOW_TRACKING_URI, or unset both to track into the local store <output_dir>/mlruns.db."
-        ) from err
-    try:
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout=timeout_s):
-            return
-    except urllib.error.HTTPError as err:
-        if err.code < 500:  # the API answered (an older server's method or path rules): it works
-            return
-        detail = err.read(300).decode(errors="replace").strip().splitlines()
-        raise ConnectionError(
-            f"MLflow tracking server {uri} is up but its API fails (HTTP {err.code}"
-            f"{': ' + detail[0] if detail else ''}); see the server's log (its backend store may be locked, full "
-            "or read-only), or track elsewhere with --tracking_uri (none: no tracking)."
-        ) from err
-    except (urllib.error.URLError, OSError) as err:
-        raise ConnectionError(
-            f"MLflow tracking server {uri} answers /health but not its API ({getattr(err, 'reason', err)}); see the "
-            "server's log, or track elsewhere with --tracking_uri (none: no tracking)."
-        ) from err
-
-
-def datalist_fingerprint(path: str | os.PathLike) -> str:
-    """First 16 hex digits of the SHA-256 of the datalist file: runs on the same list share it."""
-    return file_sha256(path)[:16]
-
-
-def log_datalist(client, run_id: str, datalist: str | os.PathLike, context: str) -> None:
-    """Log ``datalist`` as a dataset input of the run ``run_id`` (its "Datasets" on the run page), under
-    :func:`store_lock`: MLflow's SQL store looks for the dataset and inserts it if missing without coordination
-    between processes, so two runs logging one datalist at once on a SQLite store fail (``UNIQUE constraint failed:
-    datasets``). A server's store is the server's to serialise (such a failure there is a 5xx: spooled, retried)."""
-    with store_lock(client.tracking_uri):
-        client.log_inputs(run_id, [_datalist_input(datalist, context)])
-
-
-def _datalist_input(datalist: str | os.PathLike, context: str) -> DatasetInput:
-    """``datalist`` as an MLflow dataset input: named by its folder and file, with the fingerprint of
-    :func:`datalist_fingerprint` as digest and ``context`` (``training``, ``evaluation``)."""
-    path = Path(datalist).resolve()
-    dataset = Dataset(
-        name=f"{path.parent.name}/{path.name}",
-        digest=datalist_fingerprint(path),
-        source_type="local",
-        source=json.dumps({"uri": str(path)}),
-    )
-    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 def _git_commit() -> str:
@@ -226,7 +89,7 @@ class MLflowRunHandler(MLFlowHandler):
         **kwargs,
     ) -> None:
         self.store_uri = kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-        with store_lock(self.store_uri):  # the client creates a new store's schema
+        with store_lock(self.store_uri), store_errors(self.store_uri):  # the client creates a new store's schema
             super().__init__(*args, **kwargs)
         if spool_dir is not None:  # writes survive a tracking-server outage (pipeline.tracking.spool)
             self.client = SpooledClient(self.client, spool_dir, retry_s)
@@ -237,30 +100,36 @@ class MLflowRunHandler(MLFlowHandler):
 
     def start(self, engine: Engine) -> None:
         if not self.cur_run:
-            with store_lock(self.store_uri):
-                self._set_experiment()
-            recorded, previous = self._recorded_run() if self.resume else (None, None)
-            tags = self._new_run_tags()
-            if previous:
-                tags[PREVIOUS_RUN_TAG] = previous
-            if recorded is not None:
-                self._keep_logged_params(recorded)
-            self.cur_run = recorded or self.client.create_run(
-                experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags
-            )
-            datalist = (self.experiment_param or {}).get("datalist")
-            if recorded is None and datalist:  # the healthy training data, with its digest
-                log_datalist(self.client, self.cur_run.info.run_id, datalist, "training")
-            if self.run_info_path is not None:
-                atomic_write_json(
-                    {
-                        "tracking_uri": self.client.tracking_uri,
-                        "run_id": self.cur_run.info.run_id,
-                        "experiment_id": self.experiment.experiment_id,
-                    },
-                    self.run_info_path,
-                )
+            with store_errors(self.store_uri):  # a store that cannot be used stops the run here, in one line
+                self._open_run()
         super().start(engine)
+
+    def _open_run(self) -> None:
+        """This training's MLflow run: the recorded one on resume (:meth:`_recorded_run`), else a new one with its
+        tags and the training datalist as dataset input; its id goes to ``run_info_path``."""
+        with store_lock(self.store_uri):
+            self._set_experiment()
+        recorded, previous = self._recorded_run() if self.resume else (None, None)
+        tags = self._new_run_tags()
+        if previous:
+            tags[PREVIOUS_RUN_TAG] = previous
+        if recorded is not None:
+            self._keep_logged_params(recorded)
+        self.cur_run = recorded or self.client.create_run(
+            experiment_id=self.experiment.experiment_id, run_name=self.run_name, tags=tags
+        )
+        datalist = (self.experiment_param or {}).get("datalist")
+        if recorded is None and datalist:  # the healthy training data, with its digest
+            log_datalist(self.client, self.cur_run.info.run_id, datalist, "training")
+        if self.run_info_path is not None:
+            atomic_write_json(
+                {
+                    "tracking_uri": self.client.tracking_uri,
+                    "run_id": self.cur_run.info.run_id,
+                    "experiment_id": self.experiment.experiment_id,
+                },
+                self.run_info_path,
+            )
 
     def _new_run_tags(self) -> dict[str, str]:
         """What ``mlflow.start_run`` would tag a run with (user, source; :func:`resolve_tags`), plus the git commit
