@@ -3,7 +3,9 @@
 * :func:`claim` takes an exclusive ``fcntl`` lock on ``<folder>/.cevae.lock`` for the life of the run (released by
   :func:`release`, or by the operating system when the process ends, crash or kill included) and records the
   holder (process, host, command, start time) in it: a second run on the same folder stops at once with one line
-  naming the holder, instead of interleaving checkpoints, metrics and MLflow runs with the first.
+  naming the holder, instead of interleaving checkpoints, metrics and MLflow runs with the first. An evaluation
+  also claims the training folder it reads, shared: other evaluations may read it, a training (its ``--overwrite``)
+  may not replace the checkpoint under it.
 * :func:`prepare_training_dir` / :func:`prepare_evaluation_dir`: a folder that holds a trained run (or an
   evaluation) is refused unless the run continues it (``--resume True``) or replaces it (``--overwrite True``,
   which deletes the files listed in :data:`TRAINING_OUTPUTS` / :data:`EVALUATION_OUTPUTS` first; the MLflow store
@@ -44,7 +46,7 @@ LOCK_FILENAME = ".cevae.lock"
 EVALUATION_OUTPUTS = ("metrics.json", "per_subject.csv", "curves.json", "roc_pr.png", "panels.png")
 TRAINING_OUTPUTS = ("checkpoints", "reconstructions.png", *EVALUATION_OUTPUTS)  # all derived from the checkpoint
 
-_held: dict[Path, tuple[TextIO, int]] = {}  # folder -> (open lock file, claims by this process)
+_held: dict[Path, tuple[TextIO, int, bool]] = {}  # folder -> (open lock file, claims by this process, exclusive)
 
 
 def _holder(lock_path: Path) -> str:
@@ -60,25 +62,51 @@ def _holder(lock_path: Path) -> str:
     )
 
 
-def claim(folder: str | os.PathLike, what: str = "run") -> Path:
+def claim(folder: str | os.PathLike, what: str = "run", shared: bool = False) -> Path:
     """Lock ``folder`` (created if missing) for this process; raises :class:`InputError` naming the holder if another
-    process holds it. Claims by the same process nest (each needs its :func:`release`)."""
+    process holds it. ``shared``: a reader's claim (an evaluation reading a training's checkpoint): readers share
+    the folder, and no exclusive claim (a training, its ``--overwrite``) is granted while one reads. Claims by the
+    same process nest (each needs its :func:`release`); an exclusive claim of a folder this process reads upgrades
+    its lock, refused while another process reads it too."""
     folder = Path(folder).resolve()
     if folder in _held:
-        handle, count = _held[folder]
-        _held[folder] = (handle, count + 1)
+        handle, count, exclusive = _held[folder]
+        if not (shared or exclusive):
+            _lock(handle, folder, what, fcntl.LOCK_EX, fallback=fcntl.LOCK_SH)
+            _record_holder(handle)
+        _held[folder] = (handle, count + 1, exclusive or not shared)
+        return folder
+    if shared and not folder.is_dir():  # nothing there to protect (the reader will not find its input)
         return folder
     make_output_folder(folder)
-    lock_path = folder / LOCK_FILENAME
-    handle = open(lock_path, "a+")
+    handle = open(folder / LOCK_FILENAME, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        _lock(handle, folder, what, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    except InputError:
         handle.close()
+        raise
+    if not shared or not (folder / LOCK_FILENAME).stat().st_size:  # readers: the first one is named
+        _record_holder(handle)
+    _held[folder] = (handle, 1, not shared)
+    return folder
+
+
+def _lock(handle: TextIO, folder: Path, what: str, mode: int, fallback: int | None = None) -> None:
+    """``flock`` ``handle`` in ``mode`` without waiting, or raise :class:`InputError` naming the holder. ``fallback``:
+    the lock held before (an upgrade, which Linux may not do atomically), taken again after a refusal."""
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if fallback is not None:
+            fcntl.flock(handle, fallback)
         raise InputError(
-            f"{folder} is in use by {_holder(lock_path)}; wait for that {what} to end, or choose another "
-            "output folder."
+            f"{folder} is in use by {_holder(folder / LOCK_FILENAME)}; wait for that {what} to end, or choose "
+            "another output folder."
         ) from None
+
+
+def _record_holder(handle: TextIO) -> None:
+    """Write who holds the lock into the lock file (named by a refused claim)."""
     handle.seek(0)
     handle.truncate()
     handle.write(
@@ -93,8 +121,6 @@ def claim(folder: str | os.PathLike, what: str = "run") -> Path:
         )
     )
     handle.flush()
-    _held[folder] = (handle, 1)
-    return folder
 
 
 def release(folder: str | os.PathLike) -> None:
@@ -102,12 +128,13 @@ def release(folder: str | os.PathLike) -> None:
     folder = Path(folder).resolve()
     if folder not in _held:
         return
-    handle, count = _held.pop(folder)
+    handle, count, exclusive = _held.pop(folder)
     if count > 1:
-        _held[folder] = (handle, count - 1)
+        _held[folder] = (handle, count - 1, exclusive)
         return
-    handle.seek(0)
-    handle.truncate()
+    if exclusive:  # a reader leaves the holder record to the other readers
+        handle.seek(0)
+        handle.truncate()
     fcntl.flock(handle, fcntl.LOCK_UN)
     handle.close()
 

@@ -17,6 +17,7 @@ from conftest import REPO, MlflowServer, input_error, script_main
 from ignite.engine import Events
 from mlflow import MlflowClient
 
+from pipeline.errors import InputError
 from pipeline.io import file_sha256
 from pipeline.tracking.scan_model import example_scan
 
@@ -114,6 +115,61 @@ def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_holder(tiny_demo
         holder.wait()
     run_bundle(tmp_path, tiny_demo, epochs=1)  # the folder is free again
     assert (tmp_path / "checkpoints" / "model.pt").is_file()
+
+
+def _holding(folder, shared: bool) -> subprocess.Popen:
+    """Another process that claims ``folder`` (shared: as an evaluation claims the training folder it reads)."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pipeline.output_dir import claim; "
+            "claim(sys.argv[1], 'evaluation', shared=sys.argv[2] == '1'); print('held', flush=True); time.sleep(120)",
+            str(folder),
+            "1" if shared else "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=CLI_ENV,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_training_folder_is_not_replaced_while_an_evaluation_reads_it(tiny_demo, tmp_path):
+    """#24 item 2: an evaluation (its results elsewhere) claims the training folder it reads, shared: a training's
+    ``--overwrite`` of that folder is refused in one line naming the reader, and the checkpoint stays; other readers
+    share it, but one that would also write its results there (an exclusive claim) waits for the others. The bundle's
+    evaluation takes the claim: refused while a training holds the folder. Negative control: once the reader is
+    gone, the same ``--overwrite`` goes through."""
+    from pipeline.output_dir import claim, prepare_training_dir, release
+
+    training = tmp_path / "run"
+    (training / "checkpoints").mkdir(parents=True)
+    (training / "checkpoints" / "model.pt").write_bytes(b"the weights being read")
+    reader = _holding(training, shared=True)
+    try:
+        with pytest.raises(InputError, match=f"is in use by process {reader.pid}"):
+            prepare_training_dir(training, overwrite=True)
+        assert (training / "checkpoints" / "model.pt").read_bytes() == b"the weights being read"
+        assert claim(training, "evaluation", shared=True) == training.resolve()  # readers share
+        with pytest.raises(InputError, match=f"is in use by process {reader.pid}"):
+            claim(training, "evaluation")  # ... but not with one that writes there
+        release(training)
+    finally:
+        reader.send_signal(signal.SIGKILL)
+        reader.wait()
+    prepare_training_dir(training, overwrite=True)  # the reader is gone: replaced
+    assert not (training / "checkpoints").exists()
+    release(training)
+    writer = _holding(training, shared=False)
+    try:
+        with pytest.raises(RuntimeError) as refused:  # the bundle's evaluation, results elsewhere
+            run_bundle(training, tiny_demo, ("train.json", "evaluate.json"), eval_output_dir=str(tmp_path / "eval"))
+        assert f"is in use by process {writer.pid}" in str(input_error(refused.value))
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
 
 
 # ------------------------------------------------------------------------------------------ 2. bound artefacts
