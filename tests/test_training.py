@@ -718,3 +718,40 @@ def test_the_reconstruction_figure_shows_the_kept_checkpoint_not_the_last_epoch(
     engine.state.epoch = 7
     figure(engine)
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_the_reconstruction_figure_s_grey_scale_spans_the_brain_s_intensities(tmp_path, monkeypatch):
+    """z-scored slices (the default normalisation: about -3..3, background at the brain's mean, 0): the figure's
+    grey scale is the 0.5-99.5 percentiles of the inputs' brain pixels (numpy's percentiles as reference), the same
+    for every panel. Negative control: the former fixed [0, 1] would clip two thirds of these brain pixels to black or
+    white; a window over all pixels (the background included) is another one."""
+    import matplotlib.axes
+    from ignite.engine import Engine
+
+    from pipeline.engines.figures import ReconstructionFigure, display_window
+
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.zeros(6, 1, 64, 64)
+    masks[..., 16:48, 12:52] = 1
+    images = torch.randn(6, 1, 64, 64, generator=generator) * masks  # z-scored brain, background 0
+    brain = images[masks > 0].numpy()
+    low, high = display_window(images, masks)
+    assert (low, high) == pytest.approx(tuple(np.percentile(brain, [0.5, 99.5])), rel=1e-3)
+    assert np.mean((brain < 0) | (brain > 1)) > 0.6, "a [0, 1] window clips two thirds of a z-scored brain"
+    assert display_window(images) != pytest.approx((low, high), rel=1e-3), "the background counts without masks"
+    windows = []
+    real = matplotlib.axes.Axes.imshow
+
+    def recording(self, *args, **kwargs):
+        windows.append((kwargs["vmin"], kwargs["vmax"]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", recording)
+    slices = [{"image": image, "brainmask": mask} for image, mask in zip(images, masks)]
+    figure = ReconstructionFigure(tmp_path / "r.png", CeVAE(z_dim=8, channels=(4, 8, 8, 8)), slices)
+    engine = Engine(lambda *_: None)
+    engine.state.epoch = 1
+    figure(engine)
+    picked = torch.linspace(0, 5, 4).round().long().unique()
+    expected = display_window(images[picked], masks[picked])
+    assert len(windows) == 16 and all(w == pytest.approx(expected) for w in windows)

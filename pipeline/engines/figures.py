@@ -15,7 +15,21 @@ from pipeline.data.context_encoding import ContextEncodingNoise
 from pipeline.io import atomic_path
 from pipeline.weights import load_trained
 
-__all__ = ["ReconstructionFigure"]
+__all__ = ["ReconstructionFigure", "display_window"]
+
+
+def display_window(
+    images: torch.Tensor, masks: torch.Tensor | None = None, percent: float = 0.5
+) -> tuple[float, float]:
+    """Grey-scale window ``(low, high)`` for ``images`` ``(N, 1, H, W)``: the ``percent`` and ``100 - percent``
+    percentiles of their brain pixels (``masks > 0``, same shape; all pixels without masks). From the data, because
+    the intensities' range depends on the normalisation: ``percentile`` gives [0, 1], ``zscore`` about [-3, 3] with the
+    background at the brain's mean, so a fixed [0, 1] window showed a z-scored brain's darker half as black."""
+    values = images.float().flatten() if masks is None else images.float()[masks > 0]
+    if values.numel() == 0:
+        values = images.float().flatten()
+    low, high = torch.quantile(values.cpu(), torch.tensor([percent / 100, 1 - percent / 100])).tolist()
+    return (low, high) if high > low else (low, low + 1.0)
 
 
 class ReconstructionFigure:
@@ -28,7 +42,8 @@ class ReconstructionFigure:
         checkpoint: the kept ``model.pt`` (the best validation ELBO): when it exists at the end, the figure shows its
             weights (in a copy of ``network``), the model that calibration, evaluation and inference use, not the
             last epoch's; None or missing: ``network`` as trained.
-        dataset: slices to show from (items with ``image`` ``(1, H, W)``), e.g. the validation slices.
+        dataset: slices to show from (items with ``image`` ``(1, H, W)``, and ``brainmask`` if it has one), e.g. the
+            validation slices. Every panel is drawn with one grey-scale window, :func:`display_window` of the inputs.
         context_encoding: the CE noise used in training.
         n_slices: slices shown (evenly spaced through ``dataset``).
         seed: seed of the CE noise drawn for the figure.
@@ -70,7 +85,10 @@ class ReconstructionFigure:
         net, shown = self.shown_network()
         device = next(net.parameters()).device
         picks = torch.linspace(0, len(self.dataset) - 1, self.n_slices).round().long().unique().tolist()
-        x = torch.stack([self.dataset[i]["image"] for i in picks]).to(device)
+        items = [self.dataset[i] for i in picks]
+        x = torch.stack([item["image"] for item in items]).to(device)
+        masks = torch.stack([item["brainmask"] for item in items]) if "brainmask" in items[0] else None
+        low, high = display_window(x, masks)
         x_ce, _ = self.context_encoding(x.cpu(), torch.Generator().manual_seed(self.seed))
         was_training = net.training
         net.eval()
@@ -80,11 +98,13 @@ class ReconstructionFigure:
         fig, axes = plt.subplots(len(rows), len(picks), figsize=(2 * len(picks), 2 * len(rows)), squeeze=False)
         for r, (name, images) in enumerate(rows.items()):
             for c in range(len(picks)):
-                axes[r, c].imshow(images[c, 0].float().cpu().T, cmap="gray", vmin=0, vmax=1, origin="lower")
+                axes[r, c].imshow(images[c, 0].float().cpu().T, cmap="gray", vmin=low, vmax=high, origin="lower")
                 axes[r, c].set_xticks([])
                 axes[r, c].set_yticks([])
             axes[r, 0].set_ylabel(name)
-        fig.suptitle(f"{shown}, after {engine.state.epoch} epochs")
+        fig.suptitle(
+            f"{shown}, after {engine.state.epoch} epochs\ngrey scale {low:.2f} to {high:.2f}: the inputs' brain"
+        )
         fig.tight_layout()
         with atomic_path(self.path, ".png") as tmp:
             fig.savefig(tmp)
