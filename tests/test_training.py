@@ -728,7 +728,8 @@ def test_the_reconstruction_figure_s_grey_scale_spans_the_brain_s_intensities(tm
     import matplotlib.axes
     from ignite.engine import Engine
 
-    from pipeline.engines.figures import ReconstructionFigure, display_window
+    from pipeline.display import display_window
+    from pipeline.engines.figures import ReconstructionFigure
 
     generator = torch.Generator().manual_seed(0)
     masks = torch.zeros(6, 1, 64, 64)

@@ -12,24 +12,11 @@ import torch
 from ignite.engine import Engine, Events
 
 from pipeline.data.context_encoding import ContextEncodingNoise
+from pipeline.display import display_window
 from pipeline.io import atomic_path
 from pipeline.weights import load_trained
 
-__all__ = ["ReconstructionFigure", "display_window"]
-
-
-def display_window(
-    images: torch.Tensor, masks: torch.Tensor | None = None, percent: float = 0.5
-) -> tuple[float, float]:
-    """Grey-scale window ``(low, high)`` for ``images`` ``(N, 1, H, W)``: the ``percent`` and ``100 - percent``
-    percentiles of their brain pixels (``masks > 0``, same shape; all pixels without masks). From the data, because
-    the intensities' range depends on the normalisation: ``percentile`` gives [0, 1], ``zscore`` about [-3, 3] with the
-    background at the brain's mean, so a fixed [0, 1] window showed a z-scored brain's darker half as black."""
-    values = images.float().flatten() if masks is None else images.float()[masks > 0]
-    if values.numel() == 0:
-        values = images.float().flatten()
-    low, high = torch.quantile(values.cpu(), torch.tensor([percent / 100, 1 - percent / 100])).tolist()
-    return (low, high) if high > low else (low, low + 1.0)
+__all__ = ["ReconstructionFigure"]
 
 
 class ReconstructionFigure:
@@ -88,7 +75,7 @@ class ReconstructionFigure:
         items = [self.dataset[i] for i in picks]
         x = torch.stack([item["image"] for item in items]).to(device)
         masks = torch.stack([item["brainmask"] for item in items]) if "brainmask" in items[0] else None
-        low, high = display_window(x, masks)
+        low, high = display_window(x.cpu(), masks)
         x_ce, _ = self.context_encoding(x.cpu(), torch.Generator().manual_seed(self.seed))
         was_training = net.training
         net.eval()

@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+from pipeline.display import display_window
 from pipeline.io import atomic_path
 from pipeline.operating_point import OperatingPoint
 from pipeline.scoring import ScoreOptions, segment
@@ -87,10 +88,14 @@ def plot_panels(
             subject.volume(config, "combined")[..., z],
             seg,
         ]
+        low, high = display_window(images[0], subject.brain[..., z])  # input and reconstruction on one scale
         for col, (title, img) in enumerate(zip(columns, images)):
             ax = axes[row, col]
             is_map = col in (3, 4, 5)
-            shown = ax.imshow(np.asarray(img, np.float32).T, cmap="magma" if is_map else "gray", origin="lower")
+            window = {"vmin": low, "vmax": high} if col < 2 else {}
+            shown = ax.imshow(
+                np.asarray(img, np.float32).T, cmap="magma" if is_map else "gray", origin="lower", **window
+            )
             if is_map:  # the maps' own scales: each subject's map is drawn from its minimum to its maximum
                 fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             ax.set_xticks([])
