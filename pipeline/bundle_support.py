@@ -17,7 +17,7 @@ from monai.handlers import CheckpointLoader
 
 from pipeline.data.datalist import load_datalist, split_subjects
 from pipeline.data.demo import make_demo_dataset
-from pipeline.errors import InputError
+from pipeline.errors import InputError, find_cause
 from pipeline.io import WriteError, atomic_write_json
 from pipeline.networks import ARCHITECTURE_KEYS
 from pipeline.run_record import EVALUATION_KEYS, EXECUTED_CONFIG, SCORING_KEYS, training_config
@@ -326,11 +326,7 @@ USER_ERRORS = (
 
 def _user_error(exc: BaseException | None) -> BaseException | None:
     """The first error in ``exc``'s cause chain that is the user's to fix (bad input, missing file, ...)."""
-    while exc is not None:
-        if isinstance(exc, USER_ERRORS):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return find_cause(exc, USER_ERRORS)
 
 
 def _bundle_command_line() -> bool:

@@ -8,11 +8,21 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["InputError", "read_json"]
+__all__ = ["InputError", "find_cause", "read_json"]
 
 
 class InputError(ValueError):
     """Bad input data: the message names the file and says what to do."""
+
+
+def find_cause(exc: BaseException | None, kinds: type | tuple[type, ...]) -> BaseException | None:
+    """The first error of the types ``kinds`` in ``exc``'s chain of causes (``exc`` itself, then ``__cause__`` or
+    ``__context__``), or None: the error that MONAI's or MLflow's wrappers hide under their own."""
+    while exc is not None:
+        if isinstance(exc, kinds):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def read_json(path: str | os.PathLike, fix: str, what: str = "") -> object:

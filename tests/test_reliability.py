@@ -85,40 +85,9 @@ def test_an_evaluation_does_not_replace_another_silently(evaluated_run, tiny_dem
     assert (out / "metrics.json").read_text() == before
 
 
-def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_holder(tiny_demo, tmp_path):
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pipeline.output_dir import claim; "
-            "claim(sys.argv[1]); print('held', flush=True); time.sleep(120)",
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=CLI_ENV,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        start = time.monotonic()
-        line = one_line_error(
-            cli(TRAIN_CLI + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS])
-        )
-        assert f"is in use by process {holder.pid}" in line and time.monotonic() - start < 60
-        assert not (tmp_path / "checkpoints").exists(), "nothing written"
-        with pytest.raises(RuntimeError) as refused:  # the evaluation, in-process (MONAI wraps the error)
-            run_bundle(tmp_path, tiny_demo, ("train.json", "evaluate.json"))
-        assert f"is in use by process {holder.pid}" in str(input_error(refused.value))
-        assert script_main("compare")(["--output-dir", str(tmp_path), "--seeds", "0"]) == 2
-    finally:
-        holder.send_signal(signal.SIGKILL)  # a crash releases the lock
-        holder.wait()
-    run_bundle(tmp_path, tiny_demo, epochs=1)  # the folder is free again
-    assert (tmp_path / "checkpoints" / "model.pt").is_file()
-
-
 def _holding(folder, shared: bool) -> subprocess.Popen:
-    """Another process that claims ``folder`` (shared: as an evaluation claims the training folder it reads)."""
+    """Another process that claims ``folder``: exclusively as a run claims its output folder, or shared as an
+    evaluation claims the training folder it reads."""
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -134,6 +103,26 @@ def _holding(folder, shared: bool) -> subprocess.Popen:
     )
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_holder(tiny_demo, tmp_path):
+    holder = _holding(tmp_path, shared=False)
+    try:
+        start = time.monotonic()
+        line = one_line_error(
+            cli(TRAIN_CLI + ["--datalist", str(tiny_demo), "--output_dir", str(tmp_path), *TINY_ARGS])
+        )
+        assert f"is in use by process {holder.pid}" in line and time.monotonic() - start < 60
+        assert not (tmp_path / "checkpoints").exists(), "nothing written"
+        with pytest.raises(RuntimeError) as refused:  # the evaluation, in-process (MONAI wraps the error)
+            run_bundle(tmp_path, tiny_demo, ("train.json", "evaluate.json"))
+        assert f"is in use by process {holder.pid}" in str(input_error(refused.value))
+        assert script_main("compare")(["--output-dir", str(tmp_path), "--seeds", "0"]) == 2
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash releases the lock
+        holder.wait()
+    run_bundle(tmp_path, tiny_demo, epochs=1)  # the folder is free again
+    assert (tmp_path / "checkpoints" / "model.pt").is_file()
 
 
 def test_a_training_folder_is_not_replaced_while_an_evaluation_reads_it(tiny_demo, tmp_path):

@@ -19,6 +19,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from monai.utils import path_to_sqlite_uri, path_to_uri
 
+from pipeline.errors import find_cause
 from pipeline.io import file_lock, file_sha256
 
 __all__ = [
@@ -68,22 +69,28 @@ def store_lock(uri: str | None):
     processes: two runs starting at once on a new store fail. Store set-up and experiment creation are done under
     this lock, so that concurrent runs on one store all land.
     """
-    if not uri or not uri.startswith("sqlite:///"):
+    folder = _sqlite_folder(uri)
+    if folder is None:
         yield
         return
-    folder = Path(uri[len("sqlite:///") :]).parent
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(folder):
         yield
+
+
+def _sqlite_folder(uri: str | None) -> Path | None:
+    """The folder of a local SQLite store's database file; None for other stores."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :]).parent
 
 
 def artifact_location(uri: str | None) -> str | None:
     """Where a new experiment's artifacts go: for a local SQLite store, ``mlruns/`` next to its database (as MONAI's
     ``MLFlowHandler`` does), so that store and artifacts move, and are deleted, together; otherwise MLflow's choice
     (a server's artifact root). MLflow's own default for SQLite is ``./mlruns`` of whatever the working folder is."""
-    if not uri or not uri.startswith("sqlite:///"):
-        return None
-    return path_to_uri(Path(uri[len("sqlite:///") :]).parent / "mlruns")
+    folder = _sqlite_folder(uri)
+    return None if folder is None else path_to_uri(folder / "mlruns")
 
 
 def experiment_id(client, name: str) -> str:
@@ -171,9 +178,7 @@ def store_errors(uri: str | None):
     try:
         yield
     except Exception as err:
-        cause = err
-        while cause is not None and not isinstance(cause, sqlite3.Error):
-            cause = cause.__cause__ or cause.__context__
+        cause = find_cause(err, sqlite3.Error)
         if cause is None:
             raise
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
