@@ -21,7 +21,7 @@ from bundle_helpers import CLI_ENV, TINY, TINY_EVALUATION
 from conftest import REPO, SERVER_ENV, MlflowServer, script_main
 from mlflow import MlflowClient
 
-COMPARISON_ARGS = [  # one seed, two epochs, ceVAE with and without the legacy likelihood overlay, a label group
+COMPARISON_ARGS = [  # one child: seed 0, two epochs, ceVAE with the legacy likelihood overlay, a label group
     "--seeds",
     "0",
     "--epochs",
@@ -29,10 +29,10 @@ COMPARISON_ARGS = [  # one seed, two epochs, ceVAE with and without the legacy l
     "--ce-weights",
     "0.5",
     "--overlays",
-    "none",
     "legacy_likelihood",
     '--set=label_groups={"lesion": [1]}',
 ]
+CHILD, VARIANT = "cevae-0.5-legacy_likelihood-seed0", "ceVAE (λ=0.5) + legacy_likelihood"
 
 
 def comparison_args(tiny_demo, test_datalist) -> list[str]:
@@ -56,12 +56,13 @@ def rest(url, body=None):
 
 @contextlib.contextmanager
 def readme_mlflow_ui(cwd):
-    """The README's ``mlflow ui`` command, run from ``cwd`` (as after ``make demo``): yields its URI."""
+    """The README's ``mlflow ui`` command, run from ``cwd`` (as after ``make demo``): yields its URI. One worker
+    instead of MLflow's four (each imports the whole server; the answers do not depend on it)."""
     (command,) = re.findall(r"^mlflow ui .*$", (REPO / "README.md").read_text(), flags=re.M)
     server = MlflowServer(cwd)
     env = {**CLI_ENV, **SERVER_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     server.process = subprocess.Popen(
-        ["bash", "-c", f"{command} --host 127.0.0.1 --port {server.port}"],
+        ["bash", "-c", f"{command} --host 127.0.0.1 --port {server.port} --workers 1"],
         cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -75,9 +76,9 @@ def readme_mlflow_ui(cwd):
         server.stop()
 
 
-def kill_in_second_child(args, out):
+def kill_in_training(args, out):
     """``scripts/compare.py args`` in a process group of its own, killed (SIGKILL, with the training it runs) as soon
-    as its second child has saved its first ``last.pt``."""
+    as its child has saved its first ``last.pt``."""
     process = subprocess.Popen(
         [sys.executable, "scripts/compare.py", *args, "--output-dir", str(out)],
         cwd=REPO,
@@ -87,12 +88,9 @@ def kill_in_second_child(args, out):
         text=True,
         start_new_session=True,  # its own process group: the comparison and the trainings it starts
     )
-    first_child = out / "runs" / "cevae-0.5-seed0"
-    progress = [process.stdout.readline() for _ in range(3)]  # each step says where its log goes, then the result
-    assert progress[0] == f"[1/2] cevae-0.5-seed0: training, log {first_child / 'training.log'}\n"
-    assert progress[1].startswith("[1/2] cevae-0.5-seed0: evaluating on ") and str(first_child) in progress[1]
-    assert progress[2].startswith("[1/2] cevae-0.5-seed0: trained and evaluated")
-    killed = out / "runs" / "cevae-0.5-legacy_likelihood-seed0" / "checkpoints" / "last.pt"
+    child = out / "runs" / CHILD
+    assert process.stdout.readline() == f"[1/1] {CHILD}: training, log {child / 'training.log'}\n"
+    killed = child / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not killed.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -102,47 +100,54 @@ def kill_in_second_child(args, out):
 
 @pytest.mark.slow
 def test_a_killed_comparison_resumes_and_mlflow_serves_and_rebuilds_it(tiny_demo, two_test_subjects, tmp_path, capsys):
-    """Killed in the middle of its second child's training, a comparison is refused a plain restart and resumes with
-    ``--resume``: the first child reused, the second continued from its ``last.pt``. Its tables hold the children's
-    metrics with their intervals; the README's ``mlflow ui`` serves its runs and artifacts over HTTP, and
-    ``--from-mlflow`` rebuilds the same tables from that server alone."""
+    """Killed in the middle of its child's training, a comparison is refused a plain restart and resumes with
+    ``--resume``: the training continued from its ``last.pt``, the killed run's log kept; resumed again, the finished
+    child is reused. Its tables hold the child's metrics with their intervals; the README's ``mlflow ui`` serves its
+    runs and artifacts over HTTP, and ``--from-mlflow`` rebuilds the same tables from that server alone."""
     args = comparison_args(tiny_demo, two_test_subjects)
     out = tmp_path / "runs" / "demo"  # where `make demo` writes, relative to tmp_path
-    kill_in_second_child(args, out)
-    first_child = (out / "runs" / "cevae-0.5-seed0" / "checkpoints" / "model.pt").stat().st_mtime
+    kill_in_training(args, out)
+    child = out / "runs" / CHILD
     assert not (out / "comparison.csv").exists()
     main = script_main("compare")
     capsys.readouterr()
     assert main(args + ["--output-dir", str(out)]) == 2
     assert "holds the comparison" in capsys.readouterr().err, "a plain restart is refused"
     assert main(["--resume", "--output-dir", str(out)]) == 0
-    assert "[1/2] cevae-0.5-seed0: done before, reused" in capsys.readouterr().out
-    assert (out / "runs" / "cevae-0.5-seed0" / "checkpoints" / "model.pt").stat().st_mtime == first_child
-    # the continued child has the weights of the same training uninterrupted
-    legacy = "ceVAE (λ=0.5) + legacy_likelihood"
-    child = out / "runs" / "cevae-0.5-legacy_likelihood-seed0"
+    progress = capsys.readouterr().out.splitlines()
+    assert progress[0] == f"[1/1] {CHILD}: resuming its training, log {child / 'training.log'}"
+    assert progress[1].startswith(f"[1/1] {CHILD}: evaluating on ") and str(child) in progress[1]
+    assert progress[2].startswith(f"[1/1] {CHILD}: trained and evaluated")
     trained = json.loads((child / "checkpoints" / "config.json").read_text())
-    assert (trained["reconstruction"], trained["kl_weight"], trained["overlay_name"]) == ("l2", 1.0, legacy.split()[-1])
+    assert (trained["reconstruction"], trained["kl_weight"], trained["overlay_name"]) == (
+        "l2",
+        1.0,
+        "legacy_likelihood",
+    )
     # continued from its last.pt to the end (that a resumed training ends with an uninterrupted one's weights is
     # test_training.py's test_sigkill_then_resume_matches_an_uninterrupted_run)
     resumed = torch.load(child / "checkpoints" / "last.pt", weights_only=True)
     trainer = resumed["trainer"]
     assert trainer["max_epochs"] == 2 and trainer["iteration"] == 2 * trainer["epoch_length"]
-    assert "resumed from " + str(child / "checkpoints" / "last.pt") in (child / "training.log").read_text()
-    # the tables: every child's own metrics, with their bootstrap intervals
+    log = (child / "training.log").read_text()
+    assert "resumed from " + str(child / "checkpoints" / "last.pt") in log
+    # the killed training's log is kept before the resumed one's, and the resumed training found the slice cache
+    # that the killed one had built (the comparison's children share it)
+    found = re.findall(r"slice cache (\S+): (\d+) of (\d+) volumes preprocessed", log)
+    assert len(found) == 4 and {f[0] for f in found} == {str(out / "runs" / "slice_cache")}
+    assert all(built == total for _, built, total in found[:2]) and all(built == "0" for _, built, _ in found[2:])
+    # the tables: the child's own metrics, with their bootstrap intervals
     rows = read_csv(out / "comparison.csv")
-    assert {r["variant"] for r in rows} == {"ceVAE (λ=0.5)", legacy}
-    by_key = {(r["variant"], r["metric"]): r for r in rows}
-    for variant, name in (("ceVAE (λ=0.5)", "cevae-0.5-seed0"), (legacy, "cevae-0.5-legacy_likelihood-seed0")):
-        metrics = json.loads((out / "runs" / name / "eval" / "metrics.json").read_text())
-        row = by_key[(variant, "eval/paper/pixel_auroc/combined")]
-        assert row["n"] == "1" and row["seeds"] == "0"
-        assert float(row["mean"]) == pytest.approx(metrics["paper"]["pixel_auroc"]["combined"], rel=1e-5)
-        assert float(by_key[(variant, "eval/kl_q95")]["mean"]) == pytest.approx(metrics["kl_q95"], rel=1e-5)
+    assert {r["variant"] for r in rows} == {VARIANT}
+    by_key = {r["metric"]: r for r in rows}
+    metrics = json.loads((child / "eval" / "metrics.json").read_text())
+    row = by_key["eval/paper/pixel_auroc/combined"]
+    assert row["n"] == "1" and row["seeds"] == "0"
+    assert float(row["mean"]) == pytest.approx(metrics["paper"]["pixel_auroc"]["combined"], rel=1e-5)
+    assert float(by_key["eval/kl_q95"]["mean"]) == pytest.approx(metrics["kl_q95"], rel=1e-5)
     table = (out / "comparison.md").read_text()
-    assert "| pixel AUROC combined |" in table and "ceVAE (λ=0.5)" in table
+    assert "| pixel AUROC combined |" in table and VARIANT in table
     assert "## test set `eval`, option set `authors`" in table and "healthy_threshold" not in table.split("## every")[0]
-    metrics = json.loads((out / "runs" / "cevae-0.5-seed0" / "eval" / "metrics.json").read_text())
     lo, hi = metrics["postprocessed"]["ci95"]["pixel_auroc"]["combined"]
     row = next(
         line
@@ -154,13 +159,12 @@ def test_a_killed_comparison_resumes_and_mlflow_serves_and_rebuilds_it(tiny_demo
     assert "| pixel AUROC combined, lesion vs healthy |" in table
     for name in ("roc.png", "bars.png"):
         assert (out / name).stat().st_size > 1000
-    # the children share one slice cache: the second preprocesses nothing (its resumed training neither)
-    logs = [(out / "runs" / name / "training.log").read_text() for name in ("cevae-0.5-seed0", child.name)]
-    found = [re.findall(r"slice cache (\S+): (\d+) of (\d+) volumes preprocessed", log) for log in logs]
-    assert len(found[0]) == len(found[1]) == 2 and {f[0] for f in found[0] + found[1]} == {
-        str(out / "runs" / "slice_cache")
-    }
-    assert all(built == total for _, built, total in found[0]) and all(built == "0" for _, built, _ in found[1])
+    # resumed once more: the finished child is reused, nothing trained or evaluated again, the same tables
+    model = (child / "checkpoints" / "model.pt").stat().st_mtime
+    assert main(["--resume", "--output-dir", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"[1/1] {CHILD}: done before, reused"
+    assert (child / "checkpoints" / "model.pt").stat().st_mtime == model
+    assert (out / "comparison.md").read_text() == table and read_csv(out / "comparison.csv") == rows
     # the README's `mlflow ui`, run where `make demo` was: the runs and their artifacts over HTTP
     with readme_mlflow_ui(tmp_path) as uri:
         api = f"{uri}/api/2.0/mlflow"
@@ -169,8 +173,8 @@ def test_a_killed_comparison_resumes_and_mlflow_serves_and_rebuilds_it(tiny_demo
         parent = json.loads((out / "parent_run.json").read_text())["run_id"]
         client = MlflowClient(uri)
         children = client.search_runs([experiment["experiment_id"]], f"tags.mlflow.parentRunId = '{parent}'")
-        assert sorted(r.info.run_name for r in children) == ["cevae-0.5-legacy_likelihood-seed0", "cevae-0.5-seed0"]
-        assert len(client.search_runs([experiment["experiment_id"]])) == 3, "the parent and its children, once each"
+        assert [r.info.run_name for r in children] == [CHILD]
+        assert len(client.search_runs([experiment["experiment_id"]])) == 2, "the parent and its child, once each"
         listed = rest(f"{api}/artifacts/list?run_id={parent}&path=comparison")["files"]
         assert {"comparison/comparison.md", "comparison/roc.png"} <= {f["path"] for f in listed}
         # the same tables again, from the server alone: no training, no files of the first call

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 import torch
 from bundle_helpers import CLI_ENV, TRAIN_CLI, initialized_workflow, run_bundle
-from conftest import REPO, MlflowServer, input_error, script_main
+from conftest import REPO, MlflowServer, Outage, input_error, script_main
 from ignite.engine import Events
 from mlflow import MlflowClient
 
@@ -218,15 +218,17 @@ def logged_epochs(client, run_id, key):
 def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, two_test_subjects, tmp_path, capsys):
     server = MlflowServer(tmp_path)
     server.start()
+    tracking = Outage(server)  # the server as the run sees it: down and back without a restart
+    tracking.up()
     out = tmp_path / "run"
     try:
-        workflow = initialized_workflow(out, tiny_demo, epochs=6, tracking_uri=server.uri, tracking_retry_s=0)
+        workflow = initialized_workflow(out, tiny_demo, epochs=6, tracking_uri=tracking.uri, tracking_retry_s=0)
         trainer = workflow.parser.get_parsed_content("train#trainer")
         times = {}
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: times.setdefault(e.state.epoch, time.monotonic()))
-        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: server.stop())  # down after epoch 2
-        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=4), lambda e: server.start())  # back after epoch 4
-        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=5), lambda e: server.stop())  # down to the end
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: tracking.down())  # down after epoch 2
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=4), lambda e: tracking.up())  # back after epoch 4
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=5), lambda e: tracking.down())  # down to the end
         workflow.run()
         workflow.finalize()
         assert times[4] - times[2] < 30, "the epochs without a server were not slowed down by it"
@@ -235,10 +237,10 @@ def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tw
         run_id = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())["run_id"]
         # evaluation while the server is down: kept beside its outputs too
         evaluate = ("train.json", "evaluate.json")
-        run_bundle(out, tiny_demo, evaluate, tracking_uri=server.uri, eval_datalist=str(two_test_subjects))
+        run_bundle(out, tiny_demo, evaluate, tracking_uri=tracking.uri, eval_datalist=str(two_test_subjects))
         assert (out / "metrics.json").is_file() and (out / "tracking_spool").is_dir()
-        server.start()
-        client = MlflowClient(server.uri)
+        tracking.up()
+        client = MlflowClient(tracking.uri)
         assert logged_epochs(client, run_id, "train_loss") == [1, 2, 3, 4, 5], "3 and 4 sent when it came back"
         sync = script_main("sync_tracking")
         assert sync([str(out)]) == 0, capsys.readouterr()
@@ -264,6 +266,7 @@ def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tw
         capsys.readouterr()
         assert not spool.exists() and sync([str(out)]) == 0 and "nothing to send" in capsys.readouterr().out
     finally:
+        tracking.down()
         server.stop()
 
 

@@ -45,13 +45,14 @@ def overlay_files(overlay: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ training
 def bundle(run_id: str, files: list[str], log: Path, overrides: dict[str, object]) -> None:
-    """``python -m monai.bundle run <run_id>`` with ``overrides``, output to ``log``; raises with the log's tail."""
+    """``python -m monai.bundle run <run_id>`` with ``overrides``, output appended to ``log`` (a resumed step keeps
+    what the interrupted one wrote); raises with the log's tail."""
     config = str([str(CONFIGS / f) for f in files])
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as handle:
+    with open(log, "a") as handle:
         done = subprocess.run(
             cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"}
         )
