@@ -22,7 +22,7 @@ from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.networks.cevae import ARCHITECTURE_KEYS
 from pipeline.run_record import EXECUTED_CONFIG, training_config
 from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thresholds, threshold_path
-from pipeline.tracking import RUN_INFO_FILENAME
+from pipeline.tracking import RUN_INFO_FILENAME, curve_key
 from pipeline.weights import split_trained
 
 __all__ = ["build", "export_torchscript", "export_training_curves", "export_weights", "ship_architecture"]
@@ -115,7 +115,11 @@ def export_training_curves(checkpoint: Path, docs: Path) -> bool:
     info = read_json(info_path, "delete it to export without the training curves", "MLflow run record")
     try:
         client = MlflowClient(info["tracking_uri"])
-        history = {k: client.get_metric_history(info["run_id"], k) for k in ("train_loss", "val_neg_elbo")}
+        # runs logged before bundle 0.13.2 hold the curves without their section prefix
+        history = {
+            k: client.get_metric_history(info["run_id"], curve_key(k)) or client.get_metric_history(info["run_id"], k)
+            for k in ("train_loss", "val_neg_elbo")
+        }
     except (MlflowException, OSError):
         return False
     curves = {key: sorted((m.step, m.value) for m in metrics) for key, metrics in history.items()}

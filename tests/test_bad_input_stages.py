@@ -140,7 +140,7 @@ def test_concurrent_runs_on_one_store_all_land(tiny_demo, tmp_path):
     client = MlflowClient(store)
     finished = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
     assert sorted(r.info.run_name for r in finished) == ["a", "b"]
-    assert all(r.info.status == "FINISHED" and "train_loss" in r.data.metrics for r in finished)
+    assert all(r.info.status == "FINISHED" and "Training/train_loss" in r.data.metrics for r in finished)
 
 
 TOOLS = {  # command line -> a file its output folder argument will be created in (None: a folder argument)

@@ -82,7 +82,7 @@ def test_monai_tracking_flag_gives_one_run_with_each_value_once(tracked):
     (experiment,) = [e for e in client.search_experiments() if e.name == "cevae"]
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
-    assert len(client.get_metric_history(run_id, "train_loss")) == EPOCHS
+    assert len(client.get_metric_history(run_id, "Training/train_loss")) == EPOCHS
     assert "eval/postprocessed/pixel_auroc/combined" in client.get_run(run_id).data.metrics
     assert not list(out.glob("config_*.json")), "MONAI's copy of the executed config is off (checkpoints/config.json)"
     # the store and its artifacts live together: moving the output folder moves both

@@ -241,12 +241,12 @@ def test_tracking_outage_loses_nothing_and_does_not_stall_training(tiny_demo, tw
         assert (out / "metrics.json").is_file() and (out / "tracking_spool").is_dir()
         tracking.up()
         client = MlflowClient(tracking.uri)
-        assert logged_epochs(client, run_id, "train_loss") == [1, 2, 3, 4, 5], "3 and 4 sent when it came back"
+        assert logged_epochs(client, run_id, "Training/train_loss") == [1, 2, 3, 4, 5], "3 and 4 sent when it came back"
         sync = script_main("sync_tracking")
         assert sync([str(out)]) == 0, capsys.readouterr()
         run = client.get_run(run_id)
-        assert logged_epochs(client, run_id, "train_loss") == [1, 2, 3, 4, 5, 6]
-        assert logged_epochs(client, run_id, "val_neg_elbo") == [1, 2, 3, 4, 5, 6]
+        assert logged_epochs(client, run_id, "Training/train_loss") == [1, 2, 3, 4, 5, 6]
+        assert logged_epochs(client, run_id, "Training/val_neg_elbo") == [1, 2, 3, 4, 5, 6]
         assert "healthy_rec_mse" in run.data.metrics and "eval/paper/pixel_auroc/rec" in run.data.metrics
         assert run.info.status == "FINISHED"
         inputs = {(i.dataset.digest, i.tags[0].value) for i in run.inputs.dataset_inputs}  # the test list: spooled

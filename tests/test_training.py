@@ -59,9 +59,21 @@ def cevae_run(tiny_demo, tmp_path_factory):
     return run_bundle(out, tiny_demo, epochs=3, synthetic_volumes=2, tracking_uri=None), out  # 2: a paired SE; tracked
 
 
+def run_page_sections(keys) -> list[tuple[str, list[str]]]:
+    """The chart sections of MLflow 3's run page for metric ``keys``, in the order it shows them: one section per
+    prefix (all but the last ``/`` part), prefixed sections sorted (JavaScript's default sort: by UTF-16 code
+    units), then the un-prefixed keys as "Model metrics" (``getBaseChartAndSectionConfigs`` in MLflow's
+    ``runs-charts.types.ts``; ``extractChartSectionName``)."""
+    grouped: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        grouped.setdefault(key.rpartition("/")[0] or "Model metrics", []).append(key)
+    order = sorted((s for s in grouped if s != "Model metrics"), key=lambda s: s.encode("utf-16-be"))
+    return [(s, grouped[s]) for s in order + ["Model metrics"] if s in grouped]
+
+
 def test_training_lowers_the_loss_and_writes_checkpoints(cevae_run):
     _, out = cevae_run
-    losses = epoch_metric(out, "train_loss")
+    losses = epoch_metric(out, "Training/train_loss")
     assert len(losses) == 3 and losses[-1] < losses[0]
     for name in ("model.pt", "last.pt"):
         assert (out / "checkpoints" / name).is_file()
@@ -132,17 +144,9 @@ def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
     assert tags.get("mlflow.source.git.commit", "unknown") == run.data.params["git_commit"]
     note = tags["mlflow.note.content"]
     assert note.startswith("cevae (ce_weight 0.5) trained on") and run.data.params["datalist_sha256"] in note
-    metrics = {
-        "train_loss",
-        "train_loss_rec",
-        "train_loss_kl",
-        "train_loss_ce",
-        "train_sigma",
-        "val_neg_elbo",
-        "val_rec",
-        "val_kl",
-        "lr",
-    }
+    curves = {"train_loss", "train_loss_rec", "train_loss_kl", "train_loss_ce", "train_sigma"}
+    curves = {f"Training/{k}" for k in curves | {"val_neg_elbo", "val_rec", "val_kl", "lr"}}
+    metrics = set(curves)
     metrics |= {
         f"healthy_{k}" for k in ("rec_mse", "mean_brain_mse", "rec_vs_mean_brain", "active_units", "kl_per_dim")
     }
@@ -155,7 +159,12 @@ def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
     metrics |= {f"synthetic_dice/{c}/{s}" for c in OPTION_SETS for s in SCORE_NAMES}
     metrics |= {f"operating_point/{k}" for k in ("synthetic_dice", "quantile", "threshold", "min_component_size")}
     assert set(run.data.metrics) == metrics
-    assert len(client.get_metric_history(run.info.run_id, "val_neg_elbo")) == 3
+    assert all(len(client.get_metric_history(run.info.run_id, k)) == 3 for k in curves), "a curve: every epoch"
+    # the run page opens on the training curves: its first chart section holds them, and only them
+    sections = run_page_sections(run.data.metrics)
+    assert set(sections[0][1]) == curves and sections[0][0] == "Training"
+    unprefixed = run_page_sections({k.removeprefix("Training/") for k in metrics})  # negative control: as before
+    assert unprefixed[-1][0] == "Model metrics" and "train_loss" in unprefixed[-1][1]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts == {"config.json", "model.pt", "threshold.json", "reconstructions.png"}
 
@@ -492,7 +501,7 @@ def test_multi_process_training_on_gloo(tiny_demo, tmp_path):
     client = MlflowClient(f"sqlite:///{out}/mlruns.db")
     runs = client.search_runs(client.get_experiment_by_name("cevae").experiment_id)
     assert len(runs) == 1, "only rank 0 tracks"
-    assert len(client.get_metric_history(runs[0].info.run_id, "train_loss")) == 2
+    assert len(client.get_metric_history(runs[0].info.run_id, "Training/train_loss")) == 2
 
 
 def test_mistyped_override_is_refused(tiny_demo, tmp_path):

@@ -3,7 +3,7 @@
 model as an MLflow model (:mod:`.model`). The names the bundle configs use are importable from here."""
 
 from pipeline.tracking.model import ModelLogging
-from pipeline.tracking.runs import RUN_INFO_FILENAME, MLflowRunHandler, run_params
+from pipeline.tracking.runs import CURVES_SECTION, RUN_INFO_FILENAME, MLflowRunHandler, curve_key, run_params
 from pipeline.tracking.spool import SPOOL_DIRNAME, SpooledClient, report_pending, sync
 from pipeline.tracking.store import (
     StoreUnavailable,
@@ -19,6 +19,7 @@ from pipeline.tracking.store import (
 )
 
 __all__ = [
+    "CURVES_SECTION",
     "RUN_INFO_FILENAME",
     "SPOOL_DIRNAME",
     "MLflowRunHandler",
@@ -27,6 +28,7 @@ __all__ = [
     "StoreUnavailable",
     "artifact_location",
     "check_tracking_server",
+    "curve_key",
     "datalist_fingerprint",
     "experiment_id",
     "log_datalist",

@@ -24,12 +24,22 @@ from pipeline.tracking.model import ModelLogging
 from pipeline.tracking.spool import SpooledClient, report_pending
 from pipeline.tracking.store import datalist_fingerprint, log_datalist, store_errors, store_lock
 
-__all__ = ["RUN_INFO_FILENAME", "MLflowRunHandler", "run_params"]
+__all__ = ["CURVES_SECTION", "RUN_INFO_FILENAME", "MLflowRunHandler", "curve_key", "run_params"]
 
 logger = logging.getLogger(__name__)
 
 RUN_INFO_FILENAME = "mlflow_run.json"  # next to the checkpoints: which MLflow run trained them
 PREVIOUS_RUN_TAG = "cevae.previous_run_id"  # on a resumed training's new run: the run it continues
+# The per-epoch curves' section. MLflow 3's run page draws one section per key prefix (all but the last ``/`` part),
+# the prefixed sections in sorted order (capitals before lower case) and the un-prefixed "Model metrics" last
+# (``getBaseChartAndSectionConfigs`` in its ``runs-charts.types.ts``): under a capitalised prefix the training curves
+# open the page, before the end-of-training calibration's and every evaluation's (lower-case) sections.
+CURVES_SECTION = "Training"
+
+
+def curve_key(name: str) -> str:
+    """The MLflow key of the per-epoch value ``name`` of the engine (``train_loss`` -> ``Training/train_loss``)."""
+    return f"{CURVES_SECTION}/{name}"
 
 
 def _git_commit() -> str:
@@ -196,6 +206,16 @@ class MLflowRunHandler(MLFlowHandler):
         if run.info.status != "RUNNING":
             self.client.update_run(run.info.run_id, status="RUNNING")
         return run, None
+
+    def _default_epoch_log(self, engine: Engine) -> None:
+        """Log the epoch's ``engine.state.metrics``: the per-epoch values under :data:`CURVES_SECTION`; the values
+        that the healthy calibration adds at the last epoch (``healthy_<check>`` and keys with their own prefix,
+        :class:`~pipeline.engines.handlers.HealthyCalibration`) as they are."""
+        metrics = engine.state.metrics
+        if metrics:
+            keys = {k: k if "/" in k or k.startswith("healthy_") else curve_key(k) for k in metrics}
+            step = self.global_epoch_transform(engine.state.epoch)
+            self._log_metrics({keys[k]: value for k, value in metrics.items()}, step=step)
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
