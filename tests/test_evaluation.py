@@ -322,3 +322,41 @@ def test_evaluation_recomputes_stale_healthy_thresholds_or_says_why(
     for config, per_score in stale["healthy"]["thresholds"].items():  # the same thresholds as training computed
         for score, values in per_score.items():
             assert fresh["healthy"]["thresholds"][config][score] == pytest.approx(values, rel=1e-5)
+
+
+def test_panels_draw_each_map_on_the_brain_only(tmp_path, monkeypatch):
+    """``panels.png`` draws a map's voxels outside the brain masked (black) and its colour bar over the brain's
+    values: a normative z-map of mostly negative values, drawn with its background (0, not scored) on the scale,
+    showed the whole outside of the brain as the highest score. Negative control: the unmasked map's scale ends at
+    that 0."""
+    import matplotlib.axes
+
+    from pipeline.evaluation.figures import plot_panels
+    from pipeline.evaluation.subjects import ScoredSubject
+    from pipeline.score_options import OPTION_SETS
+
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in (20, 24, 3)], indexing="ij"))
+    brain = ((grid[:2] / 0.8) ** 2).sum(0) <= 1
+    label = brain & ((((grid[:2] - 0.3) / 0.2) ** 2).sum(0) <= 1)
+    subject = ScoredSubject("s", brain, label)
+    rng = np.random.default_rng(0)
+    subject.voxels["normative"] = {s: rng.normal(-2.0, 0.5, int(brain.sum())) for s in SCORE_NAMES}
+    slices = {"image": rng.normal(size=(3, 20, 24)), "recon": rng.normal(size=(3, 20, 24))}
+    drawn = []
+    real = matplotlib.axes.Axes.imshow
+
+    def recording(self, image, *args, **kwargs):
+        shown = real(self, image, *args, **kwargs)
+        drawn.append((image, shown))
+        return shown
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", recording)
+    point = {"option_set": "normative", "score": "rec", "quantile": 0.999, "threshold": -1.0}
+    point |= {"min_component_size": 1, "dice": 0.5, "synthetic_dice": 0.5}
+    plot_panels([(subject, slices, 1)], {"operating_point": point}, OPTION_SETS, {}, tmp_path / "panels.png")
+    assert (tmp_path / "panels.png").stat().st_size > 1000
+    for score, (image, shown) in zip(("rec", "kl_grad", "combined"), drawn[3:6]):
+        values, inside = subject.volume("normative", score)[..., 1], brain[..., 1]
+        assert np.array_equal(np.ma.getmaskarray(image), ~inside.T), "outside the brain masked"
+        assert (shown.norm.vmin, shown.norm.vmax) == pytest.approx((values[inside].min(), values[inside].max()))
+        assert values[~inside].max() == 0 > values[inside].max(), "unmasked, the scale would end at the background"

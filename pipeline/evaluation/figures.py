@@ -16,6 +16,8 @@ from pipeline.scoring import ScoreOptions, segment
 
 __all__ = ["plot_curves", "plot_panels"]
 
+MAP_COLOURS = matplotlib.colormaps["magma"].with_extremes(bad="black")  # masked voxels (outside the brain): black
+
 
 def plot_curves(curves: dict, configs: Sequence[str], path: Path) -> None:
     """``roc_pr.png``: the pixel ROC and PR curves of every option set and score (``curves`` as in ``curves.json``)."""
@@ -89,13 +91,15 @@ def plot_panels(
             seg,
         ]
         low, high = display_window(images[0], subject.brain[..., z])  # input and reconstruction on one scale
+        outside = ~subject.brain[..., z].astype(bool)
         for col, (title, img) in enumerate(zip(columns, images)):
             ax = axes[row, col]
             is_map = col in (3, 4, 5)
             window = {"vmin": low, "vmax": high} if col < 2 else {}
-            shown = ax.imshow(
-                np.asarray(img, np.float32).T, cmap="magma" if is_map else "gray", origin="lower", **window
-            )
+            img = np.asarray(img, np.float32)
+            if is_map:  # scored inside the brain only: the outside black, not 0 on a scale that may go below it
+                img = np.ma.masked_where(outside, img)
+            shown = ax.imshow(img.T, cmap=MAP_COLOURS if is_map else "gray", origin="lower", **window)
             if is_map:  # the maps' own scales: each subject's map is drawn from its minimum to its maximum
                 fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             ax.set_xticks([])
