@@ -216,7 +216,7 @@ class Outage:
         while self._listener is listener:
             try:
                 client, _ = listener.accept()
-            except (socket.timeout, OSError):
+            except OSError:  # the 0.1 s timeout (socket.timeout), or the listener closed by down()
                 continue
             upstream = socket.create_connection(self.target)
             with self._lock:

@@ -207,15 +207,12 @@ class MLflowRunHandler(MLFlowHandler):
             self.client.update_run(run.info.run_id, status="RUNNING")
         return run, None
 
-    def _default_epoch_log(self, engine: Engine) -> None:
-        """Log the epoch's ``engine.state.metrics``: the per-epoch values under :data:`CURVES_SECTION`; the values
-        that the healthy calibration adds at the last epoch (``healthy_<check>`` and keys with their own prefix,
+    def _log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        """Log ``metrics`` with the per-epoch values under :data:`CURVES_SECTION`; the values that the healthy
+        calibration adds at the last epoch (``healthy_<check>`` and keys with their own prefix,
         :class:`~pipeline.engines.handlers.HealthyCalibration`) as they are."""
-        metrics = engine.state.metrics
-        if metrics:
-            keys = {k: k if "/" in k or k.startswith("healthy_") else curve_key(k) for k in metrics}
-            step = self.global_epoch_transform(engine.state.epoch)
-            self._log_metrics({keys[k]: value for k, value in metrics.items()}, step=step)
+        renamed = {k if "/" in k or k.startswith("healthy_") else curve_key(k): v for k, v in metrics.items()}
+        super()._log_metrics(renamed, step=step)
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
