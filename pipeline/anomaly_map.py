@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.slices import volume_to_slices, with_context
 from pipeline.errors import InputError
 from pipeline.losses import CeVAELoss
 from pipeline.operating_point import OperatingPoint
@@ -177,12 +178,33 @@ class AnomalyMap(torch.nn.Module):
     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
         """:func:`pipeline.scoring.score_volume` of one volume for ``configs`` (default: :attr:`option_sets`)."""
         configs = self.option_sets if configs is None else configs
-        return score_volume(self.raw_scores, image, brainmask, configs, self.batch_size, scores, self.device, unchanged)
+        return score_volume(
+            self.raw_scores,
+            image,
+            brainmask,
+            configs,
+            self.batch_size,
+            scores,
+            self.device,
+            unchanged,
+            self.context_slices,
+        )
+
+    @property
+    def context_slices(self) -> int:
+        """The network's 2.5D input: neighbouring slices on either side (0: 2D slices)."""
+        networks = self.network if isinstance(self.network, torch.nn.ModuleList) else [self.network]
+        return getattr(networks[0], "context_slices", 0)
+
+    def network_input(self, image: torch.Tensor) -> torch.Tensor:
+        """The network's input slices of a ``(1, H, W, D)`` volume: ``(D, 1 + 2k, H, W)``
+        (:func:`pipeline.data.slices.with_context`)."""
+        return with_context(volume_to_slices(image), self.context_slices)
 
     def raw_scores(self, x: torch.Tensor, inpaint_tiles: Sequence[int] = ()) -> dict[str, torch.Tensor]:
-        """:func:`pipeline.scoring.raw_scores` of the slices ``x`` ``(B, 1, H, W)`` (on :attr:`device`)."""
+        """:func:`pipeline.scoring.raw_scores` of the slices ``x`` ``(B, 1 + 2k, H, W)`` (on :attr:`device`)."""
         return raw_scores(self.network, x, self.loss, inpaint_tiles)
 
     def kl_gradient(self, x: torch.Tensor) -> torch.Tensor:
-        """``|dKL/dx|`` ``(B, 1, H, W)`` of the slices ``x`` (:func:`pipeline.scoring.kl_gradient`)."""
+        """``|dKL/dx|`` ``(B, 1 + 2k, H, W)`` of the slices ``x`` (:func:`pipeline.scoring.kl_gradient`)."""
         return kl_gradient(self.network, x)

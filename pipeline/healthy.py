@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.anomaly_map import AnomalyMap
-from pipeline.data.slices import BrainSliceDataset, volume_to_slices
+from pipeline.data.slices import BrainSliceDataset, centre_slice
 from pipeline.losses import kl_divergence
 from pipeline.normative import NormativeAccumulator
 from pipeline.scoring import SCORE_NAMES, ScoreOptions, brain_voxels
@@ -67,9 +67,12 @@ def fit_grad_normalization(
         return dict(option_sets)
     lows, highs = [], []
     for data in volumes:
-        slices = volume_to_slices(_image_and_brain(data)[0])
+        slices, k = model.network_input(_image_and_brain(data)[0]), model.context_slices
         step = model.batch_size
-        grads = [model.kl_gradient(slices[i : i + step].to(model.device)) for i in range(0, len(slices), step)]
+        grads = [
+            centre_slice(model.kl_gradient(slices[i : i + step].to(model.device)), k)
+            for i in range(0, len(slices), step)
+        ]
         lows.append(float(min(g.min() for g in grads)))
         highs.append(float(max(g.max() for g in grads)))
     low, high = float(np.median(lows)), float(np.median(highs))
@@ -181,11 +184,13 @@ def mean_brain_check(
     ``kl_per_dim`` (mean KL per slice and latent dimension) and ``n_slices``.
     """
     net = getattr(network, "module", network)
+    k = getattr(net, "context_slices", 0)  # 2.5D input: errors of the middle slice, the one that is scored
     train_bins = (train.position * n_bins).long().clamp(max=n_bins - 1)
     counts = torch.bincount(train_bins, minlength=n_bins).double()
-    sums = torch.zeros((n_bins, *train.read("image", 0).shape), dtype=torch.float64)
+    sums = torch.zeros((n_bins, *centre_slice(train.read("image", 0)[None], k)[0].shape), dtype=torch.float64)
     for batch in _index_batches(len(train), batch_size):  # streamed: the training set need not fit in memory
-        sums.index_add_(0, train_bins[batch], torch.stack([train.read("image", i) for i in batch]).double())
+        images = centre_slice(torch.stack([train.read("image", i) for i in batch]), k)
+        sums.index_add_(0, train_bins[batch], images.double())
     overall = sums.sum(dim=0, keepdim=True) / counts.sum()
     counts = counts.view(-1, *([1] * (sums.ndim - 1)))
     mean_brain = torch.where(counts > 0, sums / counts.clamp_min(1), overall).float()
@@ -193,14 +198,15 @@ def mean_brain_check(
     squared = {"rec": 0.0, "mean_brain": 0.0}
     mus, kl_total, n_pixels = [], 0.0, 0
     for batch in _index_batches(len(validation), batch_size):
-        x = torch.stack([validation.read("image", i) for i in batch]).to(device)
+        slab = torch.stack([validation.read("image", i) for i in batch]).to(device)
+        x = centre_slice(slab, k)
         brain = (
             torch.stack([validation.read("brainmask", i) for i in batch]).to(device)
             if "brainmask" in validation.keys
             else (x != 0).float()
         )
-        mu, logvar = net.encode(x)
-        recon = net.decode(mu)
+        mu, logvar = net.encode(slab)
+        recon = centre_slice(net.decode(mu), k)
         squared["rec"] += float(((x - recon) ** 2 * brain).sum())
         squared["mean_brain"] += float(((x - mean_brain[val_bins[batch]].to(device)) ** 2 * brain).sum())
         n_pixels += int(brain.sum())

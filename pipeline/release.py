@@ -71,13 +71,23 @@ def export_weights(checkpoint: Path, models: Path) -> None:
         atomic_write_json(thresholds, models / THRESHOLD_FILENAME)
 
 
-def ship_architecture(checkpoint: Path, config_file: Path) -> None:
-    """Make the network that ``config_file`` (the bundle's ``train.json``) builds by default the trained one: what
-    ``monai.bundle.load`` with MONAI's default workflow type and fine-tuning from ``models/model.pt`` build."""
+def ship_architecture(checkpoint: Path, configs: Path) -> None:
+    """Make the network that the bundle's ``configs/train.json`` builds by default the trained one (what
+    ``monai.bundle.load`` with MONAI's default workflow type and fine-tuning from ``models/model.pt`` build), and
+    ``metadata.json``'s ``network_data_format`` its input and output: the side ``image_size`` and, for a 2.5D
+    network, ``1 + 2 * context_slices`` channels (the Zoo's ``verify_net_in_out`` feeds the network that shape)."""
     trained = training_config(checkpoint)
-    config = json.loads(config_file.read_text())
+    config = json.loads((configs / "train.json").read_text())
     config.update({key: trained[key] for key in ARCHITECTURE_KEYS if key in trained})
-    atomic_write_text(json.dumps(config, indent=4) + "\n", config_file)
+    atomic_write_text(json.dumps(config, indent=4) + "\n", configs / "train.json")
+    metadata = json.loads((configs / "metadata.json").read_text())
+    k = int(config.get("context_slices", 0))
+    for name, what in (("inputs", "image"), ("outputs", "reconstruction")):
+        for entry in metadata["network_data_format"][name].values():
+            entry["spatial_shape"] = [config["image_size"]] * 2
+            entry["num_channels"] = 1 + 2 * k
+            entry["channel_def"] = {str(i + k): what if i == 0 else f"{what} of slice {i:+d}" for i in range(-k, k + 1)}
+    atomic_write_text(json.dumps(metadata, indent=4) + "\n", configs / "metadata.json")
 
 
 def export_torchscript(root: Path) -> bool:
@@ -163,7 +173,7 @@ def build(out_dir: Path, checkpoint: Path | None = None, weights_url: str = "") 
         models = root / "models"
         models.mkdir(exist_ok=True)
         export_weights(checkpoint, models)
-        ship_architecture(checkpoint, root / "configs" / "train.json")
+        ship_architecture(checkpoint, root / "configs")
         export_torchscript(root)
         export_training_curves(checkpoint, root / "docs")
         digest = hashlib.md5((models / "model.pt").read_bytes()).hexdigest()

@@ -13,7 +13,17 @@ __all__ = ["EVALUATION_KEYS", "EXECUTED_CONFIG", "SCORING_KEYS", "training_confi
 
 EXECUTED_CONFIG = "config.json"  # the training's executed config, next to its checkpoints
 # the settings a checkpoint must be scored with (preprocessing, network, likelihood, slice score) ...
-SCORING_KEYS = ("image_size", "normalization", "reconstruction", "sigma", "kl_weight", "z_dim", "channels", "norm")
+SCORING_KEYS = (
+    "image_size",
+    "normalization",
+    "reconstruction",
+    "sigma",
+    "kl_weight",
+    "z_dim",
+    "channels",
+    "norm",
+    "context_slices",
+)
 EVALUATION_KEYS = (*SCORING_KEYS, "min_brain_fraction", "border_slices")  # ... and evaluated on (the slice selection)
 
 

@@ -45,7 +45,7 @@ import torch
 from monai.networks.layers import gaussian_1d, separable_filtering
 from scipy import ndimage
 
-from pipeline.data.slices import volume_to_slices
+from pipeline.data.slices import centre_slice, volume_to_slices, with_context
 from pipeline.data.transforms import equalize_in_brain
 from pipeline.inpainting import inpainted
 from pipeline.losses import CeVAELoss, kl_divergence
@@ -227,12 +227,13 @@ def score_volume(
     scores: Sequence[str] = SCORE_NAMES,
     device: str | torch.device = "cpu",
     unchanged: Unchanged | None = None,
+    context_slices: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
     """Score a whole preprocessed volume: network passes slice batch by slice batch, then the maps of every option
     set from the whole volume's raw scores.
 
     Args:
-        raw_of: ``raw_of(slices, inpaint_tiles)``, the :func:`raw_scores` of a batch of slices ``(B, 1, H, W)``
+        raw_of: ``raw_of(slices, inpaint_tiles)``, the :func:`raw_scores` of a batch of slices ``(B, 1 + 2k, H, W)``
             (one model's, with its trained loss, whose ``neg_elbo`` is the slice score:
             :meth:`pipeline.anomaly_map.AnomalyMap.raw_scores`; or an ensemble's).
         image: ``(1, H, W, D)`` volume (axial slices last).
@@ -241,6 +242,8 @@ def score_volume(
         scores: the maps to keep, among :data:`SCORE_NAMES`.
         unchanged: the maps of a volume this one equals outside some slices (:class:`Unchanged`; same results, less
             filtering).
+        context_slices: the network's 2.5D input, ``k`` neighbours on either side
+            (:func:`pipeline.data.slices.with_context`); the maps are those of the middle slice.
 
     Returns:
         ``(terms, maps)``: per-slice ``recon`` ``(D, 1, H, W)``, ``mu``, ``rec``, ``kl``, ``neg_elbo`` on the CPU, and
@@ -248,13 +251,18 @@ def score_volume(
         (option sets that post-process the intensity alike share its array: read the maps, do not modify them).
     """
     slices = volume_to_slices(image)
+    network_input = with_context(slices, context_slices)
     tiles = sorted({o.inpaint_tile for o in configs.values() if o.inpaint_tile})
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, slices.shape[0], batch_size):
-        raw = raw_of(slices[start : start + batch_size].to(device), tiles)
+        raw = raw_of(network_input[start : start + batch_size].to(device), tiles)
         for key, value in raw.items():
             chunks.setdefault(key, []).append(value.cpu())
-    raw = {key: torch.cat(parts) for key, parts in chunks.items()}
+    # the images (recon, kl_grad, inpainted_*) of the middle slice; mu and the per-slice terms as they are
+    raw = {
+        key: centre_slice(torch.cat(parts), context_slices) if parts[0].ndim == 4 else torch.cat(parts)
+        for key, parts in chunks.items()
+    }
     maps: dict[str, dict[str, np.ndarray]] = {}
     intensity: dict[tuple, np.ndarray] = {}  # the intensity baseline, once per way of post-processing it
     for config, options in configs.items():

@@ -48,6 +48,7 @@ RULES: dict[str, Rule] = {
     "epochs": _whole(1, "150"),
     "batch_size": _whole(1, "64"),
     "z_dim": _whole(1, "256"),
+    "context_slices": _whole(0, "0"),
     "seed": _whole(0, "0"),
     "border_slices": _whole(0, "0"),
     "image_size": (

@@ -87,6 +87,7 @@ KEYS = (
     "speedup_anti_alias",
     "speedup_parallel_gzip",
     "speedup_masked_median",
+    "cost_context_slices",
 )
 # the A/B of the bundle's training: name -> overrides of configs/train.json (None: the bundle's trainer alone, no
 # handlers, on the default bundle's data loader); "bundle" is the configuration users run
@@ -313,12 +314,14 @@ def levers(repeats: int, quick: bool) -> dict:
     latent layers as matrix products (three ceVAE training steps, 64x64, batch 64; ``quick``: one), the anti-aliasing
     Gaussian of a BraTS-sized brain box as banded matrix products (vs MONAI's ``GaussianSmooth``), gzip on all cores
     (36 MB), the median filter 5 of a BraTS-sized score map computed inside its eroded brain mask only (vs scipy's
-    filter of the whole map, then masked; ``quick``: the 2 mm template's map, 76x94x79)."""
+    filter of the whole map, then masked; ``quick``: the 2 mm template's map, 76x94x79); and one cost: the same
+    training steps with the 2.5D input of ``--context_slices 1`` against 2D slices (``cost_context_slices``, time
+    ratio)."""
     loss, noise, images = CeVAELoss(), ContextEncodingNoise(), torch.rand(64 if quick else 192, 1, 64, 64)
 
-    def training_steps(net: torch.nn.Module) -> Callable[[], float]:  # steps of batch 64
+    def training_steps(net: torch.nn.Module, data: torch.Tensor = images) -> Callable[[], float]:  # batches of 64
         optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
-        return lambda: plain_epoch(net, optimizer, loss, noise, images, 64)
+        return lambda: plain_epoch(net, optimizer, loss, noise, data, 64)
 
     net = CeVAE().to(memory_format=torch.channels_last)
     box = torch.rand(1, 200, 200, 155)
@@ -339,6 +342,11 @@ def levers(repeats: int, quick: bool) -> dict:
         ),
         "speedup_masked_median": interleaved_speedup(
             lambda: ndimage.median_filter(score_map, size=5) * mask, lambda: median_filter(score_map, 5, mask), repeats
+        ),
+        "cost_context_slices": interleaved_speedup(
+            training_steps(CeVAE(context_slices=1).to(memory_format=torch.channels_last), images.repeat(1, 3, 1, 1)),
+            training_steps(CeVAE().to(memory_format=torch.channels_last)),
+            repeats,
         ),
     }
 

@@ -24,8 +24,10 @@ __all__ = [
     "SliceSelection",
     "VolumeSlices",
     "brain_slice_indices",
+    "centre_slice",
     "slices_to_volume",
     "volume_to_slices",
+    "with_context",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,25 @@ def volume_to_slices(volume: torch.Tensor) -> torch.Tensor:
 def slices_to_volume(slices: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`volume_to_slices`: ``(D, C, H, W)`` -> ``(C, H, W, D)``."""
     return torch.as_tensor(slices).permute(1, 2, 3, 0).contiguous()
+
+
+def with_context(slices: torch.Tensor, context_slices: int) -> torch.Tensor:
+    """2.5D input: ``(D, C, H, W)`` slices -> ``(D, C * (1 + 2k), H, W)``, each slice with its ``k`` neighbours
+    on either side as extra channels, in axial order (slice ``d - k`` first, ``d`` in the middle). Beyond the volume
+    the neighbours are 0, the preprocessed background. ``k = 0`` returns ``slices`` as they are."""
+    if context_slices == 0:
+        return slices
+    depth = slices.shape[0]
+    padded = torch.nn.functional.pad(slices, (0, 0, 0, 0, 0, 0, context_slices, context_slices))
+    return torch.cat([padded[i : i + depth] for i in range(2 * context_slices + 1)], dim=1)
+
+
+def centre_slice(batch: torch.Tensor, context_slices: int) -> torch.Tensor:
+    """The middle slice of :func:`with_context`'s channels: ``(B, C * (1 + 2k), H, W)`` -> ``(B, C, H, W)``."""
+    if context_slices == 0:
+        return batch
+    channels = batch.shape[1] // (2 * context_slices + 1)
+    return batch[:, context_slices * channels : (context_slices + 1) * channels]
 
 
 def brain_slice_indices(brainmask: torch.Tensor, min_brain_fraction: float = 0.1, border_slices: int = 0) -> list[int]:
@@ -103,9 +124,10 @@ class VolumeSlices(torch.utils.data.Dataset):
         keys: Sequence[str],
         mask_key: str,
         cache: SliceCache | None,
+        context_slices: int = 0,
     ) -> None:
         self.data, self.transform, self.selection, self.cache = list(data), transform, selection, cache
-        self.keys, self.mask_key = tuple(keys), mask_key
+        self.keys, self.mask_key, self.context_slices = tuple(keys), mask_key, context_slices
 
     def __len__(self) -> int:
         return len(self.data)
@@ -142,7 +164,8 @@ class VolumeSlices(torch.utils.data.Dataset):
         for key in keys:
             if item.get(key) is not None:
                 value = item[key].as_tensor() if hasattr(item[key], "as_tensor") else torch.as_tensor(item[key])
-                chosen = volume_to_slices(value)[picked]
+                slices = volume_to_slices(value)
+                chosen = (with_context(slices, self.context_slices) if key == "image" else slices)[picked]
                 arrays[key] = (chosen.float() if key == "image" else (chosen > 0).to(torch.uint8)).numpy()
         return arrays, picked, int(item[self.mask_key].shape[-1])
 
@@ -157,7 +180,8 @@ class BrainSliceDataset(torch.utils.data.Dataset):
     ``cache_dir``, in memory. ``self.subject`` and ``self.slice`` give each slice's volume index and slice index,
     ``self.position`` its relative axial position in its (brain-cropped) volume, 0 at the first slice and 1 at the
     last. Items are dicts of ``(1, H, W)`` float tensors for every key present (``image``; ``brainmask``/``label``
-    as 0/1) plus ``subject``/``slice``.
+    as 0/1) plus ``subject``/``slice``; with ``context_slices`` k the ``image`` is ``(1 + 2k, H, W)``, the slice
+    between its neighbours (:func:`with_context`: the 2.5D input).
 
     Args:
         data: datalist entries (``image`` and optionally ``brainmask``, ``label``).
@@ -167,6 +191,7 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         keys: keys to keep.
         num_workers: processes for the preprocessing pass.
         cache_dir: the slice cache's folder (None: in memory).
+        context_slices: neighbours on either side stacked as the image's extra channels (0: 2D slices).
     """
 
     def __init__(
@@ -179,6 +204,7 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         num_workers: int = 0,
         progress: bool = True,
         cache_dir: str | os.PathLike | None = None,
+        context_slices: int = 0,
     ) -> None:
         if len(data) == 0:
             raise ValueError("BrainSliceDataset got an empty data list; check the datalist and its key.")
@@ -198,9 +224,11 @@ class BrainSliceDataset(torch.utils.data.Dataset):
                     "min_brain_fraction": selection.min_brain_fraction,
                     "border_slices": selection.border_slices,
                     "mask_key": mask_key,
+                    # only where set: the entries of 2D runs keep their keys
+                    **({"context_slices": context_slices} if context_slices else {}),
                 },
             )
-        passes = VolumeSlices(data, transform, selection, keys, mask_key, cache)
+        passes = VolumeSlices(data, transform, selection, keys, mask_key, cache, context_slices)
         # its own generator: the loader draws a seed for its workers, which must not shift training's random stream
         loader = torch.utils.data.DataLoader(
             passes,
@@ -249,7 +277,7 @@ class BrainSliceDataset(torch.utils.data.Dataset):
         return len(self.subject)
 
     def read(self, key: str, index: int) -> torch.Tensor:
-        """Slice ``index`` of ``key``: ``(1, H, W)`` float32."""
+        """Slice ``index`` of ``key``: ``(1, H, W)`` float32 (``image``: ``(1 + 2k, H, W)``)."""
         array = self.volumes[int(self.subject[index])].read(key, int(self.local[index]))
         return torch.tensor(array, dtype=torch.float32)
 

@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from pipeline.data.context_encoding import ContextEncodingNoise
+from pipeline.data.slices import centre_slice
 from pipeline.display import display_window
 from pipeline.io import atomic_path
 from pipeline.weights import load_trained
@@ -75,12 +76,14 @@ class ReconstructionFigure:
         items = [self.dataset[i] for i in picks]
         x = torch.stack([item["image"] for item in items]).to(device)
         masks = torch.stack([item["brainmask"] for item in items]) if "brainmask" in items[0] else None
-        low, high = display_window(x.cpu(), masks)
+        k = getattr(net, "context_slices", 0)  # a 2.5D network's inputs: the middle slice is shown
+        low, high = display_window(centre_slice(x.cpu(), k), masks)
         x_ce, _ = self.context_encoding(x.cpu(), torch.Generator().manual_seed(self.seed))
         was_training = net.training
         net.eval()
         rows = {"input": x, "reconstruction": net.decode(net.encode(x)[0]), "CE input": x_ce.to(device)}
         rows["CE reconstruction"] = net.decode(net.encode(rows["CE input"])[0])
+        rows = {name: centre_slice(images, k) for name, images in rows.items()}
         net.train(was_training)
         fig, axes = plt.subplots(len(rows), len(picks), figsize=(2 * len(picks), 2 * len(rows)), squeeze=False)
         for r, (name, images) in enumerate(rows.items()):

@@ -31,7 +31,8 @@ __all__ = [
     "downsampling_layers",
 ]
 
-ARCHITECTURE_KEYS = ("image_size", "z_dim", "channels", "norm")  # the config keys that build a CeVAE
+# the config keys that build a CeVAE
+ARCHITECTURE_KEYS = ("image_size", "z_dim", "channels", "norm", "context_slices")
 
 NORMS = {
     "batch": lambda c: nn.BatchNorm2d(c),
@@ -104,8 +105,11 @@ class CeVAE(nn.Module):
     """Convolutional VAE used by ceVAE.
 
     Args:
-        image_size: input side ``S`` (square inputs ``(B, in_channels, S, S)``).
+        image_size: input side ``S`` (square inputs ``(B, C, S, S)``).
         in_channels: image channels.
+        context_slices: ``k`` neighbouring slices on either side as extra input channels (2.5D input,
+            :func:`pipeline.data.slices.with_context`): ``C = in_channels * (1 + 2k)``; the decoder reconstructs
+            all ``C`` channels (a VAE of the slab), and the anomaly maps read the middle slice's.
         channels: widths of the stride-2 layers, one per layer (default ``(16, 32, 64, 256)`` at 64x64, the
             authors' reference; extra leading layers of width 16 for larger inputs).
         z_dim: latent size.
@@ -113,7 +117,7 @@ class CeVAE(nn.Module):
         norm: None (paper), ``"batch"``, ``"instance"`` or ``"group"``.
 
     ``forward(x, x_ce=None)`` is the training pass (see its docstring); ``encode(x)`` returns ``(mu, logvar)`` of
-    shape ``(B, z_dim)``; ``decode(z)`` returns ``(B, in_channels, S, S)``.
+    shape ``(B, z_dim)``; ``decode(z)`` returns ``(B, C, S, S)``.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class CeVAE(nn.Module):
         z_dim: int = 256,
         negative_slope: float = 0.01,
         norm: str | None = None,
+        context_slices: int = 0,
     ) -> None:
         super().__init__()
         n_down = downsampling_layers(image_size)
@@ -134,11 +139,15 @@ class CeVAE(nn.Module):
             raise ValueError(f"image_size {image_size} needs {n_down} channel widths, got {len(channels)}: {channels}.")
         if norm is not None and norm not in NORMS:
             raise ValueError(f"norm must be None or one of {sorted(NORMS)}, got {norm!r}.")
+        if not isinstance(context_slices, int) or context_slices < 0:
+            raise ValueError(f"context_slices must be a whole number >= 0, got {context_slices!r}.")
         self.image_size, self.in_channels, self.z_dim = image_size, in_channels, z_dim
+        self.context_slices = context_slices
+        slab = in_channels * (1 + 2 * context_slices)
         bottleneck = image_size // 2**n_down
 
         enc: list[nn.Module] = []
-        widths = (in_channels, *channels)
+        widths = (slab, *channels)
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             enc += _block(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm is None), c_out, norm, negative_slope)
         enc.append(FullMapConv2d(channels[-1], 2 * z_dim, bottleneck))
@@ -153,7 +162,7 @@ class CeVAE(nn.Module):
         rev = channels[::-1]
         for c_in, c_out in zip(rev[:-1], rev[1:]):
             dec += _block(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=norm is None), c_out, norm, negative_slope)
-        dec.append(nn.ConvTranspose2d(rev[-1], in_channels, 4, 2, 1))
+        dec.append(nn.ConvTranspose2d(rev[-1], slab, 4, 2, 1))
         self.decoder = nn.Sequential(*dec)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
