@@ -104,6 +104,7 @@ def test_mlflow_run_has_the_params_metrics_and_artifacts(cevae_run):
         "sigma",
         "z_dim",
         "image_size",
+        "context_slices",
         "channels",
         "norm",
         "ce_n_squares",
