@@ -62,8 +62,10 @@ format: $(STAMP)
 	$(BIN)/black --quiet .
 	$(BIN)/isort --quiet .
 
+# The suite in one pytest-xdist worker per core (2 here), each test file on one worker (its module fixtures, the
+# trained runs that its tests share, are built once); the 15 slowest tests are printed at the end.
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

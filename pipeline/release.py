@@ -17,6 +17,7 @@ import isort
 import matplotlib
 import torch
 
+from pipeline.data.transforms import VALUE_RANGES
 from pipeline.errors import read_json
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.networks.cevae import ARCHITECTURE_KEYS
@@ -74,17 +75,20 @@ def export_weights(checkpoint: Path, models: Path) -> None:
 def ship_architecture(checkpoint: Path, configs: Path) -> None:
     """Make the network that the bundle's ``configs/train.json`` builds by default the trained one (what
     ``monai.bundle.load`` with MONAI's default workflow type and fine-tuning from ``models/model.pt`` build), and
-    ``metadata.json``'s ``network_data_format`` its input and output: the side ``image_size`` and, for a 2.5D
-    network, ``1 + 2 * context_slices`` channels (the Zoo's ``verify_net_in_out`` feeds the network that shape)."""
+    ``metadata.json``'s ``network_data_format`` its input and output: the side ``image_size``, for a 2.5D
+    network ``1 + 2 * context_slices`` channels (the Zoo's ``verify_net_in_out`` feeds the network that shape), and
+    the value range of the trained intensity normalisation (:data:`pipeline.data.transforms.VALUE_RANGES`)."""
     trained = training_config(checkpoint)
     config = json.loads((configs / "train.json").read_text())
     config.update({key: trained[key] for key in ARCHITECTURE_KEYS if key in trained})
     atomic_write_text(json.dumps(config, indent=4) + "\n", configs / "train.json")
     metadata = json.loads((configs / "metadata.json").read_text())
     k = int(config.get("context_slices", 0))
+    value_range = VALUE_RANGES[trained.get("normalization", config["normalization"])]
     for name, what in (("inputs", "image"), ("outputs", "reconstruction")):
         for entry in metadata["network_data_format"][name].values():
             entry["spatial_shape"] = [config["image_size"]] * 2
+            entry["value_range"] = value_range
             entry["num_channels"] = 1 + 2 * k
             entry["channel_def"] = {str(i + k): what if i == 0 else f"{what} of slice {i:+d}" for i in range(-k, k + 1)}
     atomic_write_text(json.dumps(metadata, indent=4) + "\n", configs / "metadata.json")

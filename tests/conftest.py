@@ -20,7 +20,24 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# `make test` runs the suite in one pytest-xdist worker per core: each worker, and every interpreter it starts, uses
+# one thread (torch's default of one per core would put n workers x n threads on n cores)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+# a test's ``record_property(CI_LOG, text)``: printed at the end of the run, in the CI log (a pytest-xdist worker's own
+# output does not reach the terminal; its reports, with their properties, do)
+CI_LOG = "ci_log"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for report in terminalreporter.stats.get("passed", []):
+        for name, text in getattr(report, "user_properties", []):
+            if name == CI_LOG:
+                terminalreporter.write_line(f"\n{text}")
 
 
 def input_error(exc: BaseException):

@@ -19,6 +19,7 @@ from pipeline.healthy import mean_brain_check
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
 from pipeline.release import ship_architecture
+from pipeline.run_record import EXECUTED_CONFIG
 from pipeline.scoring import ScoreOptions
 from pipeline.tracking.scan_model import scan_inference
 
@@ -116,3 +117,9 @@ def test_a_2_5d_bundle_trains_calibrates_infers_and_ships_its_input_shape(tiny_d
         "2": "image of slice +1",
     }
     assert json.loads((configs / "train.json").read_text())["context_slices"] == 1
+    assert shipped["inputs"]["image"]["value_range"] == [] == shipped["outputs"]["pred"]["value_range"]  # z-scored
+    executed = checkpoint.parent / EXECUTED_CONFIG  # the same export of a model trained on percentile intensities
+    executed.write_text(json.dumps({**json.loads(executed.read_text()), "normalization": "percentile"}))
+    ship_architecture(checkpoint, configs)
+    shipped = json.loads((configs / "metadata.json").read_text())["network_data_format"]
+    assert shipped["inputs"]["image"]["value_range"] == [0, 1] == shipped["outputs"]["pred"]["value_range"]

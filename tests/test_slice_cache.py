@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import subprocess
-import sys
-import time
+import threading
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 
 from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.data.slice_cache import SliceCache
@@ -155,35 +153,55 @@ def test_entries_whose_values_changed_at_the_same_size_are_rebuilt(entries, tmp_
     assert_same_slices(rebuilt, reference)
 
 
-BUILD = """
-import sys
-from pipeline.data.preprocessing import brain_volume_transform
-from pipeline.data.slices import BrainSliceDataset, VolumeSlices
-original = VolumeSlices.preprocess
-def counted(self, entry, keys):
-    with open(sys.argv[2], "a") as log:
-        log.write(entry["image"] + "\\n")
-    return original(self, entry, keys)
-VolumeSlices.preprocess = counted
-import json
-ds = BrainSliceDataset(json.loads(sys.argv[1]), brain_volume_transform(image_size=32), progress=False,
-                       cache_dir=sys.argv[3])
-print(len(ds))
-"""
+class Builders:
+    """Slice-cache builders in threads of this process, and the locks they wait for. ``fcntl.flock`` locks belong to
+    an open file description, so a builder thread that opens ``<key>.lock`` itself contends with the test's own open
+    handle exactly as another process (a DDP rank, a comparison child) does. :meth:`wait_blocked` returns once ``n``
+    builders have asked for an exclusive lock on ``lock``: the race is forced, not slept for."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.asked: list[str] = []
+        self._changed = threading.Condition()
+        flock = fcntl.flock
+
+        def recorded(handle, operation):
+            if operation == fcntl.LOCK_EX and threading.current_thread() is not threading.main_thread():
+                with self._changed:
+                    self.asked.append(handle.name)
+                    self._changed.notify_all()
+            return flock(handle, operation)
+
+        monkeypatch.setattr(fcntl, "flock", recorded)
+
+    def start(self, entries, cache) -> tuple[threading.Thread, list]:
+        """A thread that builds ``entries``' slices in ``cache``; its list gets the data set's length or the error."""
+        result: list = []
+
+        def build():
+            try:
+                result.append(len(dataset(entries, cache)))
+            except Exception as err:  # reported by the test, not lost in the thread
+                result.append(err)
+
+        thread = threading.Thread(target=build, daemon=True)
+        thread.start()
+        return thread, result
+
+    def wait_blocked(self, lock: Path, n: int) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.asked.count(str(lock)) >= n, timeout=120), self.asked
 
 
-def builder(entries, log, cache):
-    return subprocess.Popen(
-        [sys.executable, "-c", BUILD, json.dumps(entries), str(log), str(cache)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def finished(*started) -> list:
+    for thread, _ in started:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread, _ in started), "a builder is still waiting"
+    return [result[0] for _, result in started]
 
 
-def test_concurrent_writers_build_each_entry_once(entries, tmp_path):
-    cache, log = tmp_path / "cache", tmp_path / "builds.log"
+def test_concurrent_writers_build_each_entry_once(entries, tmp_path, builds, monkeypatch):
+    builders = Builders(monkeypatch)
+    cache, shared = tmp_path / "cache", tmp_path / "shared"
     # forced race: another writer holds an entry's lock; the builder waits for it instead of writing beside it
     store = SliceCache(
         cache,
@@ -195,42 +213,41 @@ def test_concurrent_writers_build_each_entry_once(entries, tmp_path):
         },
     )
     key = store.key(entries[0])
-    (cache / key[:2]).mkdir(parents=True)
-    with open(cache / key[:2] / f"{key}.lock", "a") as lock:
+    lock_path = cache / key[:2] / f"{key}.lock"
+    lock_path.parent.mkdir(parents=True)
+    with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        waiting = builder(entries[:1], log, cache)
-        time.sleep(3)
-        assert waiting.poll() is None and store.get(key) is None, "the builder waits for the lock holder"
+        waiting = builders.start(entries[:1], cache)
+        builders.wait_blocked(lock_path, 1)
+        assert waiting[0].is_alive() and store.get(key) is None, "the builder waits for the lock holder"
         fcntl.flock(lock, fcntl.LOCK_UN)
-    assert waiting.wait(120) == 0, waiting.stderr.read()
-    assert store.get(key) is not None
+    assert finished(waiting)[0] > 0 and store.get(key) is not None
     # two builders of the same three volumes at once: both succeed, each volume is preprocessed once
-    log.unlink()
-    first, second = builder(entries, log, tmp_path / "shared"), builder(entries, log, tmp_path / "shared")
-    assert first.wait(120) == 0 and second.wait(120) == 0, first.stderr.read() + second.stderr.read()
-    counted = first.stdout.read()
-    assert counted == second.stdout.read()
-    assert sorted(log.read_text().split()) == sorted(e["image"] for e in entries)
-    assert len(entry_folders(tmp_path / "shared")) == 3
-    assert not [p for p in (tmp_path / "shared").glob("*/.*") if p.is_dir()]
+    builds.clear()
+    counted = finished(builders.start(entries, shared), builders.start(entries, shared))
+    assert counted[0] == counted[1] > 0, counted
+    assert sorted(builds) == sorted(e["image"] for e in entries)
+    assert len(entry_folders(shared)) == 3
+    assert not [p for p in shared.glob("*/.*") if p.is_dir()]
     # forced race on a damaged entry: both builders find it damaged and wait for its lock; the first to get it
     # replaces the entry, the second then finds the new one (the volume is preprocessed once, both read true slices)
     damaged = store.key(entries[0])
-    folder = next(f for f in entry_folders(tmp_path / "shared") if f.name == damaged)
+    folder = next(f for f in entry_folders(shared) if f.name == damaged)
     with open(folder / "image.npy", "r+b") as handle:
         handle.truncate(folder.joinpath("image.npy").stat().st_size - 100)
-    log.unlink()
-    with open(folder.parent / f"{damaged}.lock", "a") as lock:
+    builds.clear()
+    lock_path = folder.parent / f"{damaged}.lock"
+    with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        racers = builder(entries, log, tmp_path / "shared"), builder(entries, log, tmp_path / "shared")
-        time.sleep(3)
-        assert all(r.poll() is None for r in racers), "both wait for the damaged entry's lock"
+        builders.asked.clear()
+        racers = builders.start(entries, shared), builders.start(entries, shared)
+        builders.wait_blocked(lock_path, 2)
+        assert all(thread.is_alive() for thread, _ in racers), "both wait for the damaged entry's lock"
         fcntl.flock(lock, fcntl.LOCK_UN)
-    assert all(r.wait(120) == 0 for r in racers), "".join(r.stderr.read() for r in racers)
-    assert log.read_text().split() == [entries[0]["image"]], "replaced once, by one of them"
-    assert {r.stdout.read() for r in racers} == {counted}
-    assert len(entry_folders(tmp_path / "shared")) == 3
-    assert not [p for p in (tmp_path / "shared").glob("*/.*") if p.is_dir()], "the damaged copy is not left behind"
+    assert finished(*racers) == counted
+    assert builds == [entries[0]["image"]], "replaced once, by one of them"
+    assert len(entry_folders(shared)) == 3
+    assert not [p for p in shared.glob("*/.*") if p.is_dir()], "the damaged copy is not left behind"
 
 
 def test_a_transform_without_cache_settings_is_refused_with_a_cache(entries, tmp_path):

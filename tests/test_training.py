@@ -26,8 +26,9 @@ from pipeline.data.preprocessing import brain_volume_transform
 from pipeline.engines import CeVAETrainer
 from pipeline.engines.checkpoint import AtomicCheckpointSaver
 from pipeline.engines.handlers import HealthyCalibration, StopOnNonFiniteLoss, TrainingStopped, raise_if_stopped
+from pipeline.errors import find_cause
 from pipeline.healthy import healthy_brain_maps, healthy_thresholds
-from pipeline.io import file_sha256
+from pipeline.io import WriteError, file_sha256
 from pipeline.losses import CeVAELoss
 from pipeline.networks import CeVAE
 from pipeline.scoring import OPTION_SETS, SCORE_NAMES
@@ -555,29 +556,24 @@ def test_checkpoints_with_code_are_refused(tmp_path):
     assert "weights_only=False" not in str(refused.value), "never the advice to load it unsafely"
 
 
-@pytest.mark.parametrize("problem", ["missing datalist", "unwritable output"])
-def test_cli_reports_bad_input_in_one_line(tiny_demo, tmp_path, problem):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("x")
-    datalist, output = (
-        (tmp_path / "missing.json", tmp_path) if problem == "missing datalist" else (tiny_demo, blocker / "out")
-    )
-    cmd = [
-        *TRAIN_CLI,
-        "--datalist",
-        str(datalist),
-        "--output_dir",
-        str(output),
-    ]
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    """The command line's one error path (a fresh interpreter: the bundle's error hook, exit 2, no traceback)."""
+    datalist = tmp_path / "missing.json"
+    cmd = [*TRAIN_CLI, "--datalist", str(datalist), "--output_dir", str(tmp_path)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=CLI_ENV)
     assert result.returncode == 2
-    expected = (
-        f"error: datalist {datalist} does not exist"
-        if problem == "missing datalist"
-        else f"cannot create the output folder {output}: Not a directory; choose a writable output folder"
-    )
-    assert expected in result.stderr
+    assert f"error: datalist {datalist} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_output_folder_that_cannot_be_made_is_named_with_the_fix(tiny_demo, tmp_path):
+    """Its message, in-process (the command line turns every such error into one line, exit 2: the test above)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(Exception) as refused:
+        run_bundle(blocker / "out", tiny_demo)
+    expected = f"cannot create the output folder {blocker / 'out'}: Not a directory; choose a writable output folder"
+    assert expected in str(find_cause(refused.value, WriteError))
 
 
 @pytest.mark.slow

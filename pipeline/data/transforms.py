@@ -142,6 +142,9 @@ class ForegroundMaskd(MapTransform):
 
 
 NORMALIZATION_MODES = ("percentile", "zscore", "equalize")
+# the intensities each mode gives, as the Model Zoo's metadata writes them (``value_range``): percentile and equalize
+# map the brain into [0, 1]; a z-scored brain (mean 0, SD 1) has no bound, which an array of numbers can only say empty
+VALUE_RANGES = {"percentile": [0, 1], "equalize": [0, 1], "zscore": []}
 
 
 def equalize_in_brain(volume: np.ndarray, brainmask: np.ndarray) -> np.ndarray:
