@@ -26,10 +26,14 @@ from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thre
 from pipeline.tracking import RUN_INFO_FILENAME, curve_key
 from pipeline.weights import split_trained
 
-__all__ = ["build", "export_torchscript", "export_training_curves", "export_weights", "ship_architecture"]
+__all__ = ["ZOO_NAME", "build", "export_torchscript", "export_training_curves", "export_weights", "ship_architecture"]
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cevae"
+# the exported bundle's name (its folder, ``models/<name>/`` of a Model Zoo pull request, and what ``monai.bundle
+# download --name`` and ``load(name=...)`` take): method, data and task, as the Zoo asks (its CONTRIBUTING.md:
+# "spleen_ct_segmentation", "swin_unetr_btcv_segmentation"); metadata.json's "name" is the display name
+ZOO_NAME = "cevae_brain_mri_anomaly_detection"
 LIBRARY = REPO / "pipeline"
 NOT_SHIPPED = ("benchmarks", "experiments", "release.py")  # tools of this repository, not part of the model
 CURVES = "training_curves.png"  # in the bundle's docs/: the shipped weights' training curves (its README shows it)
@@ -159,8 +163,8 @@ def export_training_curves(checkpoint: Path, docs: Path) -> bool:
 
 
 def build(out_dir: Path, checkpoint: Path | None = None, weights_url: str = "") -> Path:
-    """Write the self-contained bundle folder ``out_dir/cevae`` and return it."""
-    root = out_dir / "cevae"
+    """Write the self-contained bundle folder ``out_dir/<ZOO_NAME>`` and return it."""
+    root = out_dir / ZOO_NAME
     shutil.copytree(
         BUNDLE, root, ignore=shutil.ignore_patterns("runs", "demo_data", "inference", "eval", "__pycache__")
     )

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -38,6 +39,14 @@ def pytest_terminal_summary(terminalreporter) -> None:
         for name, text in getattr(report, "user_properties", []):
             if name == CI_LOG:
                 terminalreporter.write_line(f"\n{text}")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The files with the most slow end-to-end tests first, the others after in their order (a stable sort: each file's
+    tests stay together and in order). `make test` hands whole files to its workers; a long file started last would
+    leave one worker alone at the end."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 def input_error(exc: BaseException):

@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_
 
 from pipeline.data.datalist import load_datalist
 from pipeline.networks import CeVAEReconstruction
+from pipeline.release import ZOO_NAME
 from pipeline.scoring import OPTION_SETS
 
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # copy of the Model Zoo schema, for offline checks
@@ -108,7 +110,7 @@ def exported(evaluated_run, served, tmp_path_factory):
     )
     with zipfile.ZipFile(archive) as zipped:
         zipped.extractall(tmp / "unzipped")
-    root = tmp / "unzipped" / "cevae"
+    root = tmp / "unzipped" / ZOO_NAME
     shutil.copy(root / "models" / "model.pt", folder / "model.pt")
     shutil.copy(archive, folder / "cevae.zip")
     return archive, root
@@ -131,8 +133,9 @@ def test_export_ships_plain_weights_bound_thresholds_and_the_weights_url(exporte
     torch.jit.load(str(root / "models" / "model.ts"))
     with zipfile.ZipFile(archive) as zipped:
         names = set(zipped.namelist())
-        assert {"cevae/models/model.ts", "cevae/scripts/inference.py"} <= names
-        assert not any(name.startswith("cevae/scripts/benchmarks/") for name in names), "benchmarks stay home"
+        assert {f"{ZOO_NAME}/models/model.ts", f"{ZOO_NAME}/scripts/inference.py"} <= names
+        assert not any(name.startswith(f"{ZOO_NAME}/scripts/benchmarks/") for name in names), "benchmarks stay home"
+    assert re.fullmatch(r"cevae_brain_mri_[a-z_]+", ZOO_NAME), "method, data and task, as the Zoo names bundles"
     assert "pipeline." not in (root / "configs" / "inference.json").read_text()
 
 
@@ -162,7 +165,7 @@ ZOO_CI = REPO.parent / "shared" / "tools" / "model_zoo_ci"
 @pytest.mark.skipif(not ZOO_CI.is_dir(), reason="the Model Zoo CI copy (../shared/tools/model_zoo_ci) is absent")
 def test_model_zoo_ci_passes_with_the_weights_downloaded_from_large_files(exported, served, tmp_path):
     _, root = exported
-    bundle = tmp_path / "cevae"
+    bundle = tmp_path / root.name
     shutil.copytree(root, bundle)
     (bundle / "models" / "model.pt").unlink()  # as in a Zoo pull request: weights come from large_files.yml
     env = {**CLI_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -174,7 +177,7 @@ def test_model_zoo_ci_passes_with_the_weights_downloaded_from_large_files(export
     for step in ("directory is verified", "metadata format is verified", "data shape is verified", "successfully"):
         assert step in log, step
     assert "Provided TorchScript module is verified correctly" in log
-    downloaded = tmp_path / "zoo" / "models" / "cevae" / "models" / "model.pt"
+    downloaded = tmp_path / "zoo" / "models" / root.name / "models" / "model.pt"
     assert downloaded.read_bytes() == (served[0] / "model.pt").read_bytes()
     # negative control: a wrong hash in large_files.yml stops the Zoo's download
     text = (bundle / "large_files.yml").read_text()
@@ -208,7 +211,7 @@ def zoo_format_check(bundle):
 def test_the_export_passes_the_model_zoo_code_format_check_in_a_zoo_checkout(exported, tmp_path):
     _, root = exported
     zoo = tmp_path / "model-zoo"
-    bundle = zoo / "models" / "cevae"
+    bundle = zoo / "models" / root.name
     shutil.copytree(root, bundle)
     shutil.copy(ZOO_SETUP_CFG, zoo / "setup.cfg")
     for tool, (status, log) in zoo_format_check(bundle).items():
@@ -226,15 +229,16 @@ import json, shutil, sys, torch, monai.bundle
 from pathlib import Path
 sys.modules["pipeline"] = None  # the repository's package is not there
 root, trained, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+name = root.name
 try:  # negative control: MONAI only puts the bundle's folder on sys.path when a workflow runs
-    monai.bundle.load(name="cevae", bundle_dir=str(root.parent))
+    monai.bundle.load(name=name, bundle_dir=str(root.parent))
     raise SystemExit("the bundle's scripts were found without the bundle on sys.path")
 except Exception as error:
     assert "scripts" in str(error), error
 sys.path.insert(0, str(root))  # as the Model Zoo's own check does, and the bundle README says
-net = monai.bundle.load(name="cevae", bundle_dir=str(root.parent), workflow_type="inference")
+net = monai.bundle.load(name=name, bundle_dir=str(root.parent), workflow_type="inference")
 torch.save(net.state_dict(), work / "loaded.pt")
-net = monai.bundle.load(name="cevae", bundle_dir=str(root.parent))  # MONAI's default workflow type: train.json
+net = monai.bundle.load(name=name, bundle_dir=str(root.parent))  # MONAI's default workflow type: train.json
 torch.save(net.state_dict(), work / "loaded_train.pt")
 workflow = monai.bundle.ConfigWorkflow(
     config_file=str(root / "configs" / "inference.json"), workflow_type="inference", logging_file=False,
@@ -243,9 +247,9 @@ workflow = monai.bundle.ConfigWorkflow(
 workflow.initialize()
 missing = workflow.check_properties()
 # negative control: the training checkpoint format ({"model", "loss"}) in models/model.pt
-shutil.copytree(root, work / "other" / "cevae")
-shutil.copy(trained, work / "other" / "cevae" / "models" / "model.pt")
-net = monai.bundle.load(name="cevae", bundle_dir=str(work / "other"), workflow_type="inference")
+shutil.copytree(root, work / "other" / name)
+shutil.copy(trained, work / "other" / name / "models" / "model.pt")
+net = monai.bundle.load(name=name, bundle_dir=str(work / "other"), workflow_type="inference")
 torch.save(net.state_dict(), work / "nested.pt")
 print(json.dumps({"missing": missing, "own_excepthook": sys.excepthook is sys.__excepthook__}))
 """
@@ -289,12 +293,13 @@ def test_monai_bundle_load_gives_the_trained_network_from_any_directory(exported
 def test_monai_bundle_download_from_a_url(exported, served, tmp_path):
     _, root = exported
     bundle_command(
-        "download", "--name", "cevae", "--bundle_dir", str(tmp_path), "--url", f"{served[1]}/cevae.zip", cwd=tmp_path
+        "download", "--name", root.name, "--bundle_dir", str(tmp_path), "--url", f"{served[1]}/cevae.zip", cwd=tmp_path
     )
     for name in ("configs/inference.json", "models/model.pt", "models/threshold.json", "scripts/inference.py"):
-        assert (tmp_path / "cevae" / name).read_bytes() == (root / name).read_bytes(), name
+        assert (tmp_path / root.name / name).read_bytes() == (root / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_self_contained_zip_runs_without_the_repository_from_any_folder(exported, tiny_demo, tmp_path):
     """The exported bundle's inference and training, each as ``python -m monai.bundle run`` in a fresh interpreter
     without the repository's package, started from an unrelated folder: inference with the bundle's config file

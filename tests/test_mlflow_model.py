@@ -90,6 +90,7 @@ def test_monai_tracking_flag_gives_one_run_with_each_value_once(tracked):
     assert (out / "mlruns" / run_id / "artifacts" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_the_logged_model_takes_a_scan_is_served_and_equals_run_inference(tracked, tiny_demo, tmp_path):
     """The registered MLflow model (a version with a description, the alias asked for) is a pyfunc with the
     preprocessing, anomaly map and operating point inside:
