@@ -65,10 +65,13 @@ format: $(STAMP)
 	$(BIN)/black --quiet .
 	$(BIN)/isort --quiet .
 
-# The suite in one pytest-xdist worker per core (2 here), each test file on one worker (its module fixtures, the
-# trained runs that its tests share, are built once); the 15 slowest tests are printed at the end.
+# The suite in TEST_WORKERS pytest-xdist workers, each test file on one worker (its module fixtures, the trained runs
+# that its tests share, are built once); the 15 slowest tests are printed at the end. 2, the cores of CI's machine, not
+# xdist's "auto": a container limited to 2 cores by a CPU quota may still list all of its host's cores, and each worker
+# builds the session fixtures and peaks at about 1.8 GB. On a larger machine, e.g. `make test TEST_WORKERS=8`.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

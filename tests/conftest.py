@@ -22,8 +22,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# `make test` runs the suite in one pytest-xdist worker per core: each worker, and every interpreter it starts, uses
-# one thread (torch's default of one per core would put n workers x n threads on n cores)
+# `make test` runs the suite in one pytest-xdist worker per core (TEST_WORKERS): each worker, and every interpreter it
+# starts, uses one thread (torch's default of one per core would put n workers x n threads on n cores)
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 SHARED_DATA = REPO.parent / "shared" / "data"
