@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
-# `make test` runs the suite in one pytest-xdist worker per core (TEST_WORKERS): each worker, and every interpreter it
-# starts, uses one thread (torch's default of one per core would put n workers x n threads on n cores)
+# `make test` runs the suite in TEST_WORKERS pytest-xdist workers (2, the cores of CI's machine): each worker, and every
+# interpreter it starts, uses one thread (torch's default of one per core would put n workers x n threads on n cores)
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 # a test's ``record_property(CI_LOG, text)``: printed at the end of the run, in the CI log (a pytest-xdist worker's own
