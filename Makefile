@@ -49,7 +49,8 @@ pretrained: $(STAMP)
 		--label_groups "{'core': [1, 3, 4], 'oedema': [2]}" --eval_name brats2013_t1c \
 		--eval_output_dir $(PRETRAINED_RUN)/brats2013_t1c
 	$(BIN)/python scripts/export_bundle.py --out $(PRETRAINED_DIR)/cevae_ixi_t1.zip \
-		--checkpoint $(PRETRAINED_RUN)/checkpoints/model.pt --weights-url "$(WEIGHTS_URL)"
+		--checkpoint $(PRETRAINED_RUN)/checkpoints/model.pt --weights-url "$(WEIGHTS_URL)" \
+		--evaluation brats2013_t1c=$(PRETRAINED_RUN)/brats2013_t1c
 
 # black, isort, flake8 and pytype, as the Model Zoo's code-format check runs them (pyproject.toml, .flake8; pytype at
 # its defaults, on the library that the bundle ships and the entry points); `make format` applies the first two.

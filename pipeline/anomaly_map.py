@@ -201,9 +201,11 @@ class AnomalyMap(torch.nn.Module):
         (:func:`pipeline.data.slices.with_context`)."""
         return with_context(volume_to_slices(image), self.context_slices)
 
-    def raw_scores(self, x: torch.Tensor, inpaint_tiles: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    def raw_scores(
+        self, x: torch.Tensor, inpaint_tiles: Sequence[int] = (), posterior_samples: Sequence[int] = ()
+    ) -> dict[str, torch.Tensor]:
         """:func:`pipeline.scoring.raw_scores` of the slices ``x`` ``(B, 1 + 2k, H, W)`` (on :attr:`device`)."""
-        return raw_scores(self.network, x, self.loss, inpaint_tiles)
+        return raw_scores(self.network, x, self.loss, inpaint_tiles, posterior_samples)
 
     def kl_gradient(self, x: torch.Tensor) -> torch.Tensor:
         """``|dKL/dx|`` ``(B, 1 + 2k, H, W)`` of the slices ``x`` (:func:`pipeline.scoring.kl_gradient`)."""

@@ -107,9 +107,15 @@ class AnomalyEnsemble(AnomalyMap):
                 )
             load_trained(member["checkpoint"], network, loss, self.device)
 
-    def raw_scores(self, x: torch.Tensor, inpaint_tiles: Sequence[int] = ()) -> dict[str, torch.Tensor]:
-        """The members' :func:`pipeline.scoring.raw_scores` of ``x`` averaged; ``mu`` side by side."""
-        raws = [raw_scores(network, x, loss, inpaint_tiles) for network, loss in zip(self.network, self.loss)]
+    def raw_scores(
+        self, x: torch.Tensor, inpaint_tiles: Sequence[int] = (), posterior_samples: Sequence[int] = ()
+    ) -> dict[str, torch.Tensor]:
+        """The members' :func:`pipeline.scoring.raw_scores` of ``x`` averaged (their posterior means and predictive
+        spreads too); ``mu`` side by side."""
+        raws = [
+            raw_scores(network, x, loss, inpaint_tiles, posterior_samples)
+            for network, loss in zip(self.network, self.loss)
+        ]
         mean = {key: torch.stack([raw[key] for raw in raws]).mean(0) for key in raws[0] if key != "mu"}
         return {**mean, "mu": torch.cat([raw["mu"] for raw in raws], dim=1)}
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import isort
@@ -19,6 +20,7 @@ import torch
 
 from pipeline.data.transforms import VALUE_RANGES
 from pipeline.errors import read_json
+from pipeline.eval_metrics import eval_metrics
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.networks.cevae import ARCHITECTURE_KEYS
 from pipeline.run_record import EXECUTED_CONFIG, training_config
@@ -26,7 +28,15 @@ from pipeline.thresholds import THRESHOLD_FILENAME, checkpoint_sha256, read_thre
 from pipeline.tracking import RUN_INFO_FILENAME, curve_key
 from pipeline.weights import split_trained
 
-__all__ = ["ZOO_NAME", "build", "export_torchscript", "export_training_curves", "export_weights", "ship_architecture"]
+__all__ = [
+    "ZOO_NAME",
+    "build",
+    "export_torchscript",
+    "export_training_curves",
+    "export_weights",
+    "ship_architecture",
+    "ship_eval_metrics",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cevae"
@@ -35,7 +45,12 @@ BUNDLE = REPO / "bundles" / "cevae"
 # "spleen_ct_segmentation", "swin_unetr_btcv_segmentation"); metadata.json's "name" is the display name
 ZOO_NAME = "cevae_brain_mri_anomaly_detection"
 LIBRARY = REPO / "pipeline"
-NOT_SHIPPED = ("benchmarks", "experiments", "release.py")  # tools of this repository, not part of the model
+NOT_SHIPPED = (
+    "benchmarks",
+    "experiments",
+    "release.py",
+    "eval_metrics.py",
+)  # tools of this repository, not part of the model
 CURVES = "training_curves.png"  # in the bundle's docs/: the shipped weights' training curves (its README shows it)
 # `pipeline.x` / `import pipeline` / `from pipeline` -> the bundle's own `scripts` package
 PACKAGE_REFERENCE = re.compile(r"\bpipeline(?=[.\s])")
@@ -95,6 +110,17 @@ def ship_architecture(checkpoint: Path, configs: Path) -> None:
             entry["value_range"] = value_range
             entry["num_channels"] = 1 + 2 * k
             entry["channel_def"] = {str(i + k): what if i == 0 else f"{what} of slice {i:+d}" for i in range(-k, k + 1)}
+    atomic_write_text(json.dumps(metadata, indent=4) + "\n", configs / "metadata.json")
+
+
+def ship_eval_metrics(checkpoint: Path | None, configs: Path, evaluations: Mapping[str, Path] = ()) -> None:
+    """``metadata.json``'s ``eval_metrics``: those of ``checkpoint`` (:func:`pipeline.eval_metrics.eval_metrics`, from
+    its ``threshold.json`` and the ``evaluations`` of it), none without a checkpoint (no weights, no figures); the
+    checked-in figures describe the shipped weights only, never another model."""
+    metadata = json.loads((configs / "metadata.json").read_text())
+    metadata.pop("eval_metrics", None)
+    if checkpoint is not None:
+        metadata["eval_metrics"] = eval_metrics(checkpoint, evaluations)
     atomic_write_text(json.dumps(metadata, indent=4) + "\n", configs / "metadata.json")
 
 
@@ -162,8 +188,11 @@ def export_training_curves(checkpoint: Path, docs: Path) -> bool:
     return True
 
 
-def build(out_dir: Path, checkpoint: Path | None = None, weights_url: str = "") -> Path:
-    """Write the self-contained bundle folder ``out_dir/<ZOO_NAME>`` and return it."""
+def build(
+    out_dir: Path, checkpoint: Path | None = None, weights_url: str = "", evaluations: Mapping[str, Path] = ()
+) -> Path:
+    """Write the self-contained bundle folder ``out_dir/<ZOO_NAME>`` and return it; ``evaluations``
+    (``{name: run evaluating's output folder}``, of ``checkpoint``) go into ``eval_metrics``."""
     root = out_dir / ZOO_NAME
     shutil.copytree(
         BUNDLE, root, ignore=shutil.ignore_patterns("runs", "demo_data", "inference", "eval", "__pycache__")
@@ -177,6 +206,7 @@ def build(out_dir: Path, checkpoint: Path | None = None, weights_url: str = "") 
         target = scripts / source.relative_to(LIBRARY)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(_rewrite_code(source.read_text()))
+    ship_eval_metrics(checkpoint, root / "configs", evaluations)
     if checkpoint is not None:
         models = root / "models"
         models.mkdir(exist_ok=True)

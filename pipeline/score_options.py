@@ -40,6 +40,10 @@ class ScoreOptions:
             measure ``x`` against the reconstruction of each tile from its context with the tile itself replaced by
             noise, as the ceVAE's context-encoding branch was trained to, instead of against ``g(mu(x))``; an
             anomaly cannot be copied through from the input. A multiple of 2; 8 network passes per slice.
+        posterior_samples: ``K`` reconstructions decoded from the posterior (0 = off, else at least 2): ``rec`` (and
+            ``combined``) then measure ``x`` against their mean in units of their predictive spread,
+            ``|x - mean_k g(z_k)| / sqrt(var_k g(z_k) + sigma^2)`` (:mod:`pipeline.posterior`; Behrendt et al.
+            2024), instead of ``|x - g(mu(x))|``. ``K`` decoder passes per slice; needs the Gaussian likelihood.
     """
 
     positive_residuals: bool = False
@@ -56,10 +60,15 @@ class ScoreOptions:
     grad_high: float | None = None
     normative_reference: dict | None = None
     inpaint_tile: int = 0
+    posterior_samples: int = 0
 
     def __post_init__(self) -> None:
         if self.inpaint_tile < 0 or self.inpaint_tile % 2:
             raise ValueError(f"inpaint_tile must be 0 (off) or a positive even number, got {self.inpaint_tile}.")
+        if self.posterior_samples < 0 or self.posterior_samples == 1:
+            raise ValueError(f"posterior_samples must be 0 (off) or at least 2, got {self.posterior_samples}.")
+        if self.posterior_samples and self.inpaint_tile:
+            raise ValueError("an option set measures rec against one image: set inpaint_tile or posterior_samples.")
         if self.grad_normalization not in GRAD_NORMALIZATIONS:
             raise ValueError(
                 f"grad_normalization must be one of {GRAD_NORMALIZATIONS}, got " f"{self.grad_normalization!r}."

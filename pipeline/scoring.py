@@ -15,7 +15,9 @@ slices ``(B, 1, H, W)``:
 * ``intensity``: the normalised input itself, the thresholding baseline.
 
 With ``inpaint_tile`` (:class:`ScoreOptions`) an option set's ``rec`` measures ``x`` against :func:`inpainted`, each
-pixel reconstructed from its context with its own tile hidden, instead of against ``g(mu(x))``.
+pixel reconstructed from its context with its own tile hidden, instead of against ``g(mu(x))``; with
+``posterior_samples`` against the mean of several reconstructions from the posterior, in units of their predictive
+spread (:func:`pipeline.posterior.posterior_moments`).
 
 Three option sets (:data:`OPTION_SETS`) are reported side by side by the bundle's evaluation and thresholded by
 inference:
@@ -52,6 +54,7 @@ from pipeline.losses import CeVAELoss, kl_divergence
 from pipeline.median import median_filter
 from pipeline.metrics import remove_small_components
 from pipeline.normative import NormativeReference
+from pipeline.posterior import posterior_moments
 from pipeline.score_options import (
     AUTHORS,
     GRAD_NORMALIZATIONS,
@@ -117,18 +120,39 @@ def kl_gradient(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def raw_scores(
-    network: torch.nn.Module, x: torch.Tensor, loss: CeVAELoss, inpaint_tiles: Sequence[int] = ()
+    network: torch.nn.Module,
+    x: torch.Tensor,
+    loss: CeVAELoss,
+    inpaint_tiles: Sequence[int] = (),
+    posterior_samples: Sequence[int] = (),
 ) -> dict[str, torch.Tensor]:
     """What every score is made of: the :func:`elbo_terms` plus the raw ``kl_grad`` map, from one encoder pass,
-    one backward pass and one decoder pass; and for each tile side in ``inpaint_tiles`` the :func:`inpainted`
-    image ``inpainted_<side>``."""
+    one backward pass and one decoder pass; for each tile side in ``inpaint_tiles`` the :func:`inpainted` image
+    ``inpainted_<side>``; for each ``K`` in ``posterior_samples`` the :func:`posterior_moments` of ``K``
+    reconstructions, ``posterior_mean_<K>`` and ``posterior_spread_<K>``, under the loss's trained likelihood."""
     net = _encoder_decoder(network)
     mu, logvar, grad = _encode_with_kl_gradient(net, x)
     with torch.no_grad():
         recon = net.decode(mu)
         terms = loss.terms(x, recon, mu, logvar)
-        inpaintings = {f"inpainted_{tile}": inpainted(net, x, tile) for tile in inpaint_tiles}
-    return {"recon": recon, "mu": mu, **terms, "kl_grad": grad, **inpaintings}
+        extra = {f"inpainted_{tile}": inpainted(net, x, tile) for tile in inpaint_tiles}
+        for samples in posterior_samples:
+            extra[f"posterior_mean_{samples}"], extra[f"posterior_spread_{samples}"] = posterior_moments(
+                net, mu, logvar, samples, _likelihood_sigma(loss)
+            )
+    return {"recon": recon, "mu": mu, **terms, "kl_grad": grad, **extra}
+
+
+def _likelihood_sigma(loss: CeVAELoss) -> torch.Tensor:
+    if loss.reconstruction != "gaussian":
+        raise ValueError(
+            f"posterior_samples needs the Gaussian likelihood's sigma; this model was trained with the "
+            f"{loss.reconstruction!r} reconstruction loss: score it without posterior_samples."
+        )
+    return loss.scoring_sigma()
+
+
+IMAGE_KEYS = ("kl_grad", "inpainted_", "posterior_")  # raw images that the maps are made of, not returned as terms
 
 
 def _min_max(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -139,8 +163,15 @@ def _min_max(values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 def score_maps(raw: dict[str, torch.Tensor], x: torch.Tensor, options: ScoreOptions) -> dict[str, torch.Tensor]:
     """The pixel maps of one option set from :func:`raw_scores` of the slices ``x`` ``(B, 1, H, W)`` (cheap: no
     network pass). ``grad_normalization="volume"`` normalises over all ``B`` slices: give it a whole volume."""
-    residual = x - raw[f"inpainted_{options.inpaint_tile}" if options.inpaint_tile else "recon"]
+    if options.inpaint_tile:
+        residual = x - raw[f"inpainted_{options.inpaint_tile}"]
+    elif options.posterior_samples:
+        residual = x - raw[f"posterior_mean_{options.posterior_samples}"]
+    else:
+        residual = x - raw["recon"]
     rec = residual.clamp_min(0) if options.positive_residuals else residual.abs()
+    if options.posterior_samples:
+        rec = rec / raw[f"posterior_spread_{options.posterior_samples}"]
     grad = raw["kl_grad"]
     if options.grad_normalization == "healthy":
         if not options.grad_fitted:
@@ -219,7 +250,7 @@ def _postprocess(
 
 
 def score_volume(
-    raw_of: Callable[[torch.Tensor, Sequence[int]], dict[str, torch.Tensor]],
+    raw_of: Callable[[torch.Tensor, Sequence[int], Sequence[int]], dict[str, torch.Tensor]],
     image: torch.Tensor,
     brainmask: np.ndarray,
     configs: Mapping[str, ScoreOptions],
@@ -233,8 +264,8 @@ def score_volume(
     set from the whole volume's raw scores.
 
     Args:
-        raw_of: ``raw_of(slices, inpaint_tiles)``, the :func:`raw_scores` of a batch of slices ``(B, 1 + 2k, H, W)``
-            (one model's, with its trained loss, whose ``neg_elbo`` is the slice score:
+        raw_of: ``raw_of(slices, inpaint_tiles, posterior_samples)``, the :func:`raw_scores` of a batch of slices
+            ``(B, 1 + 2k, H, W)`` (one model's, with its trained loss, whose ``neg_elbo`` is the slice score:
             :meth:`pipeline.anomaly_map.AnomalyMap.raw_scores`; or an ensemble's).
         image: ``(1, H, W, D)`` volume (axial slices last).
         brainmask: ``(H, W, D)`` boolean brain mask.
@@ -253,12 +284,13 @@ def score_volume(
     slices = volume_to_slices(image)
     network_input = with_context(slices, context_slices)
     tiles = sorted({o.inpaint_tile for o in configs.values() if o.inpaint_tile})
+    samples = sorted({o.posterior_samples for o in configs.values() if o.posterior_samples})
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, slices.shape[0], batch_size):
-        raw = raw_of(network_input[start : start + batch_size].to(device), tiles)
+        raw = raw_of(network_input[start : start + batch_size].to(device), tiles, samples)
         for key, value in raw.items():
             chunks.setdefault(key, []).append(value.cpu())
-    # the images (recon, kl_grad, inpainted_*) of the middle slice; mu and the per-slice terms as they are
+    # the images (recon, kl_grad, inpainted_*, posterior_*) of the middle slice; mu and the per-slice terms as they are
     raw = {
         key: centre_slice(torch.cat(parts), context_slices) if parts[0].ndim == 4 else torch.cat(parts)
         for key, parts in chunks.items()
@@ -281,7 +313,7 @@ def score_volume(
             maps[config][score] = _postprocess(volume, brainmask, options, score, unchanged, config)
             if shared is not None:
                 intensity[shared] = maps[config][score]
-    return {k: v for k, v in raw.items() if k != "kl_grad" and not k.startswith("inpainted_")}, maps
+    return {k: v for k, v in raw.items() if not k.startswith(IMAGE_KEYS)}, maps
 
 
 def _intensity_key(options: ScoreOptions) -> tuple:

@@ -25,7 +25,7 @@ from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_
 
 from pipeline.data.datalist import load_datalist
 from pipeline.networks import CeVAEReconstruction
-from pipeline.release import ZOO_NAME
+from pipeline.release import ZOO_NAME, ship_eval_metrics
 from pipeline.scoring import OPTION_SETS
 
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # copy of the Model Zoo schema, for offline checks
@@ -96,8 +96,9 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(evaluated_run, served, tmp_path_factory):
-    """``scripts/export_bundle.py`` of the tiny trained run with its weights URL on the loopback server, which then
-    serves the zip and the weights: ``(zip, extracted bundle folder)``."""
+    """``scripts/export_bundle.py`` of the tiny trained run with its weights URL on the loopback server and its
+    evaluation on the demo's test subjects (``demo``), which then serves the zip and the weights: ``(zip, extracted
+    bundle folder)``."""
     out, _ = evaluated_run
     folder, url = served
     tmp = tmp_path_factory.mktemp("export")
@@ -105,7 +106,18 @@ def exported(evaluated_run, served, tmp_path_factory):
     checkpoint = str(out / "checkpoints" / "model.pt")
     weights_url = f"{url}/model.pt"
     assert (
-        script_main("export_bundle")(["--out", str(archive), "--checkpoint", checkpoint, "--weights-url", weights_url])
+        script_main("export_bundle")(
+            [
+                "--out",
+                str(archive),
+                "--checkpoint",
+                checkpoint,
+                "--weights-url",
+                weights_url,
+                "--evaluation",
+                f"demo={out}",
+            ]
+        )
         == 0
     )
     with zipfile.ZipFile(archive) as zipped:
@@ -137,6 +149,44 @@ def test_export_ships_plain_weights_bound_thresholds_and_the_weights_url(exporte
         assert not any(name.startswith(f"{ZOO_NAME}/scripts/benchmarks/") for name in names), "benchmarks stay home"
     assert re.fullmatch(r"cevae_brain_mri_[a-z_]+", ZOO_NAME), "method, data and task, as the Zoo names bundles"
     assert "pipeline." not in (root / "configs" / "inference.json").read_text()
+
+
+def test_the_exports_eval_metrics_are_those_of_its_own_checkpoint(exported, evaluated_run, tmp_path):
+    """The exported ``eval_metrics`` are the shipped checkpoint's: its healthy figures from its ``threshold.json`` and
+    its evaluation's (``--evaluation demo=DIR``), read here from the files themselves; none of the checked-in figures of
+    the pretrained weights is carried over. An evaluation of other weights stops the export (exit 2, no zip), and a
+    bundle without weights has no figures."""
+    _, root = exported
+    out, metrics = evaluated_run
+    shipped = json.loads((root / "configs" / "metadata.json").read_text())["eval_metrics"]
+    healthy = json.loads((out / "checkpoints" / "threshold.json").read_text())["healthy"]
+    point = metrics["operating_point"]
+    mapped = f"{point['option_set']}_{point['score']}"
+    expected = {
+        "healthy_validation_mse_vs_mean_brain": healthy["validation"]["rec_vs_mean_brain"],
+        "healthy_validation_synthetic_lesion_dice_operating_point": point["synthetic_dice"],
+        "demo_dice_operating_point": point["dice"],
+        "demo_lesion_recall_operating_point": point["recall"],
+        "demo_false_positive_components_per_volume_operating_point": point["fp_per_volume"],
+        "demo_dice_whole_brain_mask": metrics["baselines"]["dice_whole_brain_all"],
+        f"demo_pixel_auroc_{mapped}": metrics[point["option_set"]]["pixel_auroc"][point["score"]],
+        f"demo_pixel_auprc_{mapped}": metrics[point["option_set"]]["pixel_auprc"][point["score"]],
+        "demo_slice_auroc_elbo": metrics["slice_auroc"]["elbo"],
+    }
+    assert {key: shipped[key] for key in expected} == {key: round(value, 3) for key, value in expected.items()}
+    optional = {"demo_dice_intensity_healthy_q099", f"demo_pixel_auroc_{mapped}_core"}  # read from nested tables
+    assert set(expected) <= set(shipped) <= set(expected) | optional  # no brats2013_t1c_* of the checked-in file
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps({**metrics, "checkpoint_sha256": "0" * 64}))
+    checkpoint = str(out / "checkpoints" / "model.pt")
+    archive = tmp_path / "b.zip"
+    argv = ["--out", str(archive), "--checkpoint", checkpoint, "--evaluation", f"demo={other}"]
+    assert script_main("export_bundle")(argv) == 2 and not archive.exists()
+    configs = shutil.copytree(BUNDLE / "configs", tmp_path / "configs")
+    ship_eval_metrics(None, configs)
+    assert "eval_metrics" not in json.loads((configs / "metadata.json").read_text())
 
 
 def test_the_export_draws_the_training_curves_of_its_own_run_only(exported, evaluated_run, tmp_path):
@@ -357,13 +407,13 @@ def test_export_requires_an_existing_checkpoint(tmp_path):
 
 
 def test_metadata_eval_metrics_are_the_benchmark_figures():
-    """configs/metadata.json's eval_metrics are the figures of the shipped weights in docs/benchmarks.md."""
+    """configs/metadata.json's eval_metrics are the figures of the shipped weights in docs/benchmarks.md, named as
+    the export names a checkpoint's (healthy validation figures, then those of its BraTS2013 T1c evaluation)."""
     metrics = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["eval_metrics"]
     text = (REPO / "docs" / "benchmarks.md").read_text()
-    sections = {"ixi_t1_": text.split("## The pretrained model")[1].split("\n## ")[0]}  # the shipped weights
-    assert metrics and all(any(k.startswith(p) for p in sections) for k in metrics)
+    section = text.split("## The pretrained model")[1].split("\n## ")[0]  # the shipped weights
+    assert metrics and all(k.startswith(("healthy_validation_", "brats2013_t1c_")) for k in metrics)
     for key, value in metrics.items():
-        section = next(s for p, s in sections.items() if key.startswith(p))
         assert f"{value:.3f}" in section, (key, value)
 
 
