@@ -73,14 +73,16 @@ def _figures(metrics: Mapping) -> dict[str, float | None]:
     }
 
 
-def eval_metrics(checkpoint: str | os.PathLike, evaluations: Mapping[str, str | os.PathLike] = ()) -> dict[str, float]:
+def eval_metrics(
+    checkpoint: str | os.PathLike, evaluations: Mapping[str, str | os.PathLike] | None = None
+) -> dict[str, float]:
     """The ``eval_metrics`` of ``checkpoint`` (the module docstring): its healthy figures, and for every
     ``{name: evaluation}`` (an evaluation's output folder or its ``metrics.json``) that evaluation's, each checked to
     be of these weights (:class:`~pipeline.errors.InputError` otherwise)."""
     checkpoint = Path(checkpoint)
     figures = _healthy(checkpoint)
     sha256 = checkpoint_sha256(checkpoint)
-    for name, where in dict(evaluations).items():
+    for name, where in (evaluations or {}).items():
         path = Path(where)
         figures.update(_evaluation(name, path / METRICS_FILENAME if path.is_dir() else path, sha256))
     return {key: round(float(value), 3) for key, value in figures.items()}

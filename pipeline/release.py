@@ -113,7 +113,7 @@ def ship_architecture(checkpoint: Path, configs: Path) -> None:
     atomic_write_text(json.dumps(metadata, indent=4) + "\n", configs / "metadata.json")
 
 
-def ship_eval_metrics(checkpoint: Path | None, configs: Path, evaluations: Mapping[str, Path] = ()) -> None:
+def ship_eval_metrics(checkpoint: Path | None, configs: Path, evaluations: Mapping[str, Path] | None = None) -> None:
     """``metadata.json``'s ``eval_metrics``: those of ``checkpoint`` (:func:`pipeline.eval_metrics.eval_metrics`, from
     its ``threshold.json`` and the ``evaluations`` of it), none without a checkpoint (no weights, no figures); the
     checked-in figures describe the shipped weights only, never another model."""
@@ -189,7 +189,7 @@ def export_training_curves(checkpoint: Path, docs: Path) -> bool:
 
 
 def build(
-    out_dir: Path, checkpoint: Path | None = None, weights_url: str = "", evaluations: Mapping[str, Path] = ()
+    out_dir: Path, checkpoint: Path | None = None, weights_url: str = "", evaluations: Mapping[str, Path] | None = None
 ) -> Path:
     """Write the self-contained bundle folder ``out_dir/<ZOO_NAME>`` and return it; ``evaluations``
     (``{name: run evaluating's output folder}``, of ``checkpoint``) go into ``eval_metrics``."""
