@@ -31,11 +31,12 @@ from pipeline.weights import split_trained
 __all__ = [
     "ZOO_NAME",
     "build",
+    "describe_weights",
     "export_torchscript",
     "export_training_curves",
     "export_weights",
     "ship_architecture",
-    "ship_eval_metrics",
+    "ship_model_card",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,8 @@ NOT_SHIPPED = (
     "release.py",
     "eval_metrics.py",
 )  # tools of this repository, not part of the model
+# the description's sentence on the weights in models/, which an export replaces (describe_weights)
+WEIGHTS_SENTENCE = re.compile(r"The shipped weights: .*?\.(?= eval_metrics are)")
 CURVES = "training_curves.png"  # in the bundle's docs/: the shipped weights' training curves (its README shows it)
 # `pipeline.x` / `import pipeline` / `from pipeline` -> the bundle's own `scripts` package
 PACKAGE_REFERENCE = re.compile(r"\bpipeline(?=[.\s])")
@@ -113,15 +116,31 @@ def ship_architecture(checkpoint: Path, configs: Path) -> None:
     atomic_write_text(json.dumps(metadata, indent=4) + "\n", configs / "metadata.json")
 
 
-def ship_eval_metrics(checkpoint: Path | None, configs: Path, evaluations: Mapping[str, Path] | None = None) -> None:
-    """``metadata.json``'s ``eval_metrics``: those of ``checkpoint`` (:func:`pipeline.eval_metrics.eval_metrics`, from
-    its ``threshold.json`` and the ``evaluations`` of it), none without a checkpoint (no weights, no figures); the
-    checked-in figures describe the shipped weights only, never another model."""
+def ship_model_card(checkpoint: Path | None, configs: Path, evaluations: Mapping[str, Path] | None = None) -> None:
+    """What ``metadata.json`` says of the weights in ``models/``: its ``eval_metrics`` are those of ``checkpoint``
+    (:func:`pipeline.eval_metrics.eval_metrics`, from its ``threshold.json`` and the ``evaluations`` of it) and its
+    description's sentence on the weights is :func:`describe_weights`; without a checkpoint (no weights) no figures.
+    The checked-in figures and sentence describe the shipped weights only, never another model."""
     metadata = json.loads((configs / "metadata.json").read_text())
     metadata.pop("eval_metrics", None)
     if checkpoint is not None:
         metadata["eval_metrics"] = eval_metrics(checkpoint, evaluations)
+        sentence = describe_weights(training_config(checkpoint))
+        metadata["description"] = WEIGHTS_SENTENCE.sub(lambda _: sentence, metadata["description"], count=1)
     atomic_write_text(json.dumps(metadata, indent=4) + "\n", configs / "metadata.json")
+
+
+def describe_weights(trained: dict) -> str:
+    """The description's sentence on the weights in ``models/``, from their training's executed config."""
+    weight = float(trained.get("ce_weight", 0.5))
+    variant = "a plain VAE (ce_weight 0)" if weight == 0 else f"a ceVAE (ce_weight {weight:g})"
+    datalist = "/".join(Path(str(trained.get("datalist", "a datalist"))).parts[-2:])
+    size = trained.get("image_size", "?")
+    return (
+        f"The shipped weights: {variant} trained by this bundle on the healthy subjects of {datalist} (seed "
+        f"{trained.get('seed', '?')}, up to {trained.get('epochs', '?')} epochs, the best validation ELBO kept), "
+        f"{size}x{size} slices, {trained.get('normalization', '?')} intensities."
+    )
 
 
 def export_torchscript(root: Path) -> bool:
@@ -206,7 +225,7 @@ def build(
         target = scripts / source.relative_to(LIBRARY)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(_rewrite_code(source.read_text()))
-    ship_eval_metrics(checkpoint, root / "configs", evaluations)
+    ship_model_card(checkpoint, root / "configs", evaluations)
     if checkpoint is not None:
         models = root / "models"
         models.mkdir(exist_ok=True)

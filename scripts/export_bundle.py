@@ -19,8 +19,9 @@ and ``configs/train.json`` builds the trained network by default (its architectu
 
 ``configs/metadata.json``'s ``eval_metrics`` are the checkpoint's own figures (``pipeline.eval_metrics``): the
 healthy ones from its ``threshold.json`` and, for each ``--evaluation NAME=DIR``, those of the ``run evaluating``
-that wrote ``DIR/metrics.json``, prefixed ``NAME_`` (an evaluation of other weights is refused). Without
-``--checkpoint`` the bundle ships no weights and no ``eval_metrics``.
+that wrote ``DIR/metrics.json``, prefixed ``NAME_`` (an evaluation of other weights is refused); the description's
+sentence on the weights names the checkpoint's training settings. Without ``--checkpoint`` the bundle ships no weights
+and no ``eval_metrics``.
 
 ``large_files.yml`` gets the MD5 of ``model.pt`` and, with ``--weights-url``, the URL it will be served from: a
 Model Zoo pull request carries no weights, its CI downloads them from there.

@@ -25,7 +25,7 @@ from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_
 
 from pipeline.data.datalist import load_datalist
 from pipeline.networks import CeVAEReconstruction
-from pipeline.release import ZOO_NAME, ship_eval_metrics
+from pipeline.release import ZOO_NAME, ship_model_card
 from pipeline.scoring import OPTION_SETS
 
 SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # copy of the Model Zoo schema, for offline checks
@@ -154,8 +154,8 @@ def test_export_ships_plain_weights_bound_thresholds_and_the_weights_url(exporte
 def test_the_exports_eval_metrics_are_those_of_its_own_checkpoint(exported, evaluated_run, tmp_path):
     """The exported ``eval_metrics`` are the shipped checkpoint's: its healthy figures from its ``threshold.json`` and
     its evaluation's (``--evaluation demo=DIR``), read here from the files themselves; none of the checked-in figures of
-    the pretrained weights is carried over. An evaluation of other weights stops the export (exit 2, no zip), and a
-    bundle without weights has no figures."""
+    the pretrained weights is carried over, nor the description's sentence on them (it names the trained settings).
+    An evaluation of other weights stops the export (exit 2, no zip), and a bundle without weights has no figures."""
     _, root = exported
     out, metrics = evaluated_run
     shipped = json.loads((root / "configs" / "metadata.json").read_text())["eval_metrics"]
@@ -176,6 +176,10 @@ def test_the_exports_eval_metrics_are_those_of_its_own_checkpoint(exported, eval
     assert {key: shipped[key] for key in expected} == {key: round(value, 3) for key, value in expected.items()}
     optional = {"demo_dice_intensity_healthy_q099", f"demo_pixel_auroc_{mapped}_core"}  # read from nested tables
     assert set(expected) <= set(shipped) <= set(expected) | optional  # no brats2013_t1c_* of the checked-in file
+    description = json.loads((root / "configs" / "metadata.json").read_text())["description"]
+    trained = json.loads((out / "checkpoints" / "config.json").read_text())
+    assert "IXI T1" not in description and f"seed {trained['seed']}, up to {trained['epochs']} epochs" in description
+    assert description.count("The shipped weights: a ceVAE (ce_weight 0.5) trained by this bundle") == 1
 
     other = tmp_path / "other"
     other.mkdir()
@@ -185,7 +189,7 @@ def test_the_exports_eval_metrics_are_those_of_its_own_checkpoint(exported, eval
     argv = ["--out", str(archive), "--checkpoint", checkpoint, "--evaluation", f"demo={other}"]
     assert script_main("export_bundle")(argv) == 2 and not archive.exists()
     configs = shutil.copytree(BUNDLE / "configs", tmp_path / "configs")
-    ship_eval_metrics(None, configs)
+    ship_model_card(None, configs)
     assert "eval_metrics" not in json.loads((configs / "metadata.json").read_text())
 
 
