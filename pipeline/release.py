@@ -46,12 +46,8 @@ BUNDLE = REPO / "bundles" / "cevae"
 # "spleen_ct_segmentation", "swin_unetr_btcv_segmentation"); metadata.json's "name" is the display name
 ZOO_NAME = "cevae_brain_mri_anomaly_detection"
 LIBRARY = REPO / "pipeline"
-NOT_SHIPPED = (
-    "benchmarks",
-    "experiments",
-    "release.py",
-    "eval_metrics.py",
-)  # tools of this repository, not part of the model
+# tools of this repository, not part of the model
+NOT_SHIPPED = ("benchmarks", "experiments", "release.py", "eval_metrics.py")
 # the description's sentence on the weights in models/, which an export replaces (describe_weights)
 WEIGHTS_SENTENCE = re.compile(r"The shipped weights: .*?\.(?= eval_metrics are)")
 CURVES = "training_curves.png"  # in the bundle's docs/: the shipped weights' training curves (its README shows it)
