@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline.errors import InputError, read_json
+from pipeline.output_dir import METRICS_FILENAME
 from pipeline.thresholds import checkpoint_sha256, read_thresholds, threshold_path
 
-__all__ = ["METRICS_FILENAME", "eval_metrics"]
+__all__ = ["eval_metrics"]
 
-METRICS_FILENAME = "metrics.json"  # what run evaluating writes into its --eval_output_dir
 BASELINE_QUANTILE = "0.99"  # the healthy quantile of the intensity baseline reported beside the operating point
 
 

@@ -32,6 +32,7 @@ from pipeline.io import make_output_folder
 __all__ = [
     "EVALUATION_OUTPUTS",
     "LOCK_FILENAME",
+    "METRICS_FILENAME",
     "TRAINING_OUTPUTS",
     "claim",
     "delete_outputs",
@@ -43,7 +44,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOCK_FILENAME = ".cevae.lock"
-EVALUATION_OUTPUTS = ("metrics.json", "per_subject.csv", "curves.json", "roc_pr.png", "panels.png")
+METRICS_FILENAME = "metrics.json"  # an evaluation's figures, which also mark a folder as holding one
+EVALUATION_OUTPUTS = (METRICS_FILENAME, "per_subject.csv", "curves.json", "roc_pr.png", "panels.png")
 TRAINING_OUTPUTS = ("checkpoints", "reconstructions.png", *EVALUATION_OUTPUTS)  # all derived from the checkpoint
 
 _held: dict[Path, tuple[TextIO, int, bool]] = {}  # folder -> (open lock file, claims by this process, exclusive)
@@ -203,7 +205,7 @@ def prepare_evaluation_dir(output_dir: str | os.PathLike, overwrite: bool = Fals
     """Claim ``output_dir`` for an evaluation and refuse to replace another evaluation's results in it silently
     (``overwrite`` deletes :data:`EVALUATION_OUTPUTS` first). Returns the folder."""
     folder = claim(output_dir, "evaluation")
-    if not (folder / "metrics.json").is_file():
+    if not (folder / METRICS_FILENAME).is_file():
         return folder
     if not overwrite:
         release(folder)

@@ -28,6 +28,7 @@ from pipeline.healthy import active_units
 from pipeline.io import atomic_write_json
 from pipeline.metrics import bootstrap_weights, slice_labels, split_calibration
 from pipeline.operating_point import OperatingPoint
+from pipeline.output_dir import METRICS_FILENAME
 from pipeline.scoring import SCORE_NAMES, brain_voxels
 from pipeline.tracking import tracking_off
 
@@ -291,7 +292,7 @@ class AnomalyEvaluation:
         entry = {**test_set, "subjects": results["calibration_subjects"], "thresholds": calibrated}
         self.model.record(self.configs, calibrated={self.labelled.name: entry})  # refuses if model.pt changed meanwhile
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(results, self.output_dir / "metrics.json")
+        atomic_write_json(results, self.output_dir / METRICS_FILENAME)
         write_per_subject(
             subjects, results, self.configs, self.default["quantile"], self.output_dir / "per_subject.csv"
         )

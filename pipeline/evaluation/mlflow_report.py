@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.output_dir import EVALUATION_OUTPUTS
 from pipeline.scoring import SCORE_NAMES
 
 __all__ = ["log_to_mlflow", "mlflow_metrics"]
@@ -98,7 +99,7 @@ def log_to_mlflow(
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
     log_datalist(client, run_id, datalist, "evaluation")
     folder = f"evaluation/{name}"
-    for name in ("metrics.json", "per_subject.csv", "curves.json", "roc_pr.png", "panels.png"):
+    for name in EVALUATION_OUTPUTS:
         if (output_dir / name).is_file():
             client.log_artifact(run_id, str(output_dir / name), artifact_path=folder)
     client.log_artifact(run_id, str(checkpoint.parent / "threshold.json"), artifact_path=folder)
