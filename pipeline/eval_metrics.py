@@ -27,10 +27,10 @@ __all__ = ["eval_metrics"]
 BASELINE_QUANTILE = "0.99"  # the healthy quantile of the intensity baseline reported beside the operating point
 
 
-def _healthy(checkpoint: Path) -> dict[str, float]:
+def _healthy(checkpoint: Path, sha256: str) -> dict[str, float]:
     if not threshold_path(checkpoint).is_file():
         return {}
-    healthy = read_thresholds(checkpoint).get("healthy") or {}
+    healthy = read_thresholds(checkpoint, sha256).get("healthy") or {}
     figures = {"healthy_validation_mse_vs_mean_brain": (healthy.get("validation") or {}).get("rec_vs_mean_brain")}
     point = (healthy.get("synthetic") or {}).get("operating_point") or {}
     figures["healthy_validation_synthetic_lesion_dice_operating_point"] = point.get("synthetic_dice")
@@ -80,8 +80,8 @@ def eval_metrics(
     ``{name: evaluation}`` (an evaluation's output folder or its ``metrics.json``) that evaluation's, each checked to
     be of these weights (:class:`~pipeline.errors.InputError` otherwise)."""
     checkpoint = Path(checkpoint)
-    figures = _healthy(checkpoint)
     sha256 = checkpoint_sha256(checkpoint)
+    figures = _healthy(checkpoint, sha256)
     for name, where in (evaluations or {}).items():
         path = Path(where)
         figures.update(_evaluation(name, path / METRICS_FILENAME if path.is_dir() else path, sha256))
